@@ -1,0 +1,267 @@
+"""Batching policies: ADBS (MuxServe), FCFS (temporal baseline) and round-robin.
+
+Each is a small object with a `decide(view) -> list[Launch]`. The pieces they share — admitting
+waiting requests FCFS within a KV budget, building a decode batch and choosing whom to preempt —
+are the pure functions at the top.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from policies.placement import SM_UNITS_FULL, blocks_for_tokens
+from policies.view import Launch, LLMView, Request, UnitView
+
+
+def kv_slack(llm: LLMView, view: UnitView) -> int:
+    """Blocks this LLM may still take: bounded by its own quota and by the shared pool."""
+    return min(llm.kv_quota - llm.kv_used, view.kv_blocks_free)
+
+
+def admit_fcfs(llm: LLMView, slack: int, max_tokens: int, max_requests: int) -> list[Request]:
+    """Head of the queue, in order, while it fits the KV slack, the token budget and the batch cap.
+
+    The head request is always admitted when its blocks fit, even past the token budget, so a prompt
+    longer than the budget is still served (alone) rather than starved.
+    """
+    batch: list[Request] = []
+    tokens = 0
+    for r in llm.waiting:
+        need = blocks_for_tokens(r.context_tokens, llm.chunk_blocks)
+        if len(batch) >= max_requests or need > slack or (batch and tokens + r.context_tokens > max_tokens):
+            break
+        batch.append(r)
+        slack -= need
+        tokens += r.context_tokens
+    return batch
+
+
+def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]]:
+    """Idle running requests for one decode step, and those preempted to make their blocks fit.
+
+    Like vLLM, the most recently arrived requests are preempted first (recompute later), so the
+    oldest keep making progress.
+    """
+    batch = [r for r in llm.running if not r.busy][: llm.placement.max_batch]
+    growth = [blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch]
+    need = sum(growth)
+    preempted: list[Request] = []
+    while batch and need > slack:
+        victim = max(range(len(batch)), key=lambda i: (batch[i].arrival_s, batch[i].request_id))
+        need -= growth.pop(victim)
+        slack += batch[victim].blocks
+        preempted.append(batch.pop(victim))
+    return batch, preempted
+
+
+def decode_launch(llm: LLMView, view: UnitView, units: int) -> Launch | None:
+    batch, preempted = decode_batch(llm, kv_slack(llm, view))
+    if not batch:
+        return None
+    return Launch(llm.name, "decode", ids(batch), units, ids(preempted))
+
+
+def mixed_launch(llm: LLMView, view: UnitView, units: int, max_tokens: int) -> Launch | None:
+    """One engine step: running decodes plus newly admitted prefills (stock vLLM execution)."""
+    batch, preempted = decode_batch(llm, kv_slack(llm, view))
+    slack = kv_slack(llm, view) - sum(
+        blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch
+    ) + sum(r.blocks for r in preempted)
+    room = llm.placement.max_batch - len(batch)
+    admitted = [] if preempted else admit_fcfs(llm, slack, max_tokens, room)
+    if not batch and not admitted:
+        return None
+    return Launch(llm.name, "mixed", ids(admitted) + ids(batch), units, ids(preempted))
+
+
+def ids(requests: Iterable[Request]) -> tuple[int, ...]:
+    return tuple(r.request_id for r in requests)
+
+
+def idle_running(llm: LLMView) -> int:
+    return sum(1 for r in llm.running if not r.busy)
+
+
+def rotated(llms: Sequence[LLMView], after: str | None) -> list[LLMView]:
+    """The LLMs in round-robin order starting just after the one named `after`."""
+    names = [x.name for x in llms]
+    start = names.index(after) + 1 if after in names else 0
+    return [*llms[start:], *llms[:start]]
+
+
+def proportional_split(total: int, weights: dict[str, float], floor: dict[str, int]) -> dict[str, int]:
+    """Split `total` blocks ∝ weights, each at least its floor when the total allows; sums ≤ total."""
+    names = list(weights)
+    base = {n: min(floor.get(n, 0), total // max(len(names), 1)) for n in names}
+    rest = total - sum(base.values())
+    wsum = sum(weights.values()) or 1.0
+    out = {n: base[n] + int(rest * weights[n] / wsum) for n in names}
+    return out
+
+
+@dataclass
+class ADBS:
+    """MuxServe's adaptive batch scheduling (paper Alg. 3).
+
+    Prefills go first, round-robin over LLMs, each at its prefill SM share; decodes fill the SM units
+    left, but none starts while a prefill that has KV room is held back for lack of SM units, so
+    units drain towards it. KV quotas start ∝ rate × KV size and move every `quota_period_s` from
+    LLMs with slack to LLMs whose queues are held back by their quota.
+    """
+
+    max_prefill_tokens: int = 2048
+    quota_period_s: float = 5.0
+    high_util: float = 0.9
+    low_util: float = 0.5
+    name: str = "adbs"
+    exclusive: bool = False
+    _last_prefill: dict[int, str] = field(default_factory=dict, repr=False)
+    _last_decode: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def quotas(self, view: UnitView) -> dict[str, int]:
+        pool = view.kv_blocks_total
+        min_blocks = {x.name: blocks_for_tokens(2048, x.chunk_blocks) for x in view.llms}
+        if all(x.kv_quota == 0 for x in view.llms):
+            weights = {x.name: max(x.placement.rate, 1e-3) * x.chunk_blocks for x in view.llms}
+            return proportional_split(pool, weights, min_blocks)
+        quotas = {x.name: x.kv_quota for x in view.llms}
+        # Donors keep what they use plus headroom; their surplus goes to LLMs whose queue is stuck.
+        needy = [x for x in view.llms if x.waiting and (x.kv_used >= self.high_util * x.kv_quota
+                 or blocks_for_tokens(x.waiting[0].context_tokens, x.chunk_blocks) > x.kv_quota - x.kv_used)]
+        if not needy:
+            return quotas
+        freed = 0
+        for x in view.llms:
+            if x in needy or x.kv_used >= self.low_util * x.kv_quota:
+                continue
+            keep = max(min_blocks[x.name], int(x.kv_used / self.low_util))
+            if keep < quotas[x.name]:
+                freed += quotas[x.name] - keep
+                quotas[x.name] = keep
+        freed += pool - sum(quotas.values())  # leftovers go to the longest queues too
+        queue = {x.name: float(len(x.waiting)) for x in needy}
+        for name, extra in proportional_split(freed, queue, {}).items():
+            quotas[name] += extra
+        return quotas
+
+    def decide(self, view: UnitView) -> list[Launch]:
+        if view.mode == "mixed":
+            return self._decide_mixed(view)
+        launches: list[Launch] = []
+        free = view.sm_units_free
+        held_back = False
+        for llm in rotated(view.llms, self._last_prefill.get(view.unit_id)):
+            if llm.prefill_busy or not llm.waiting:
+                continue
+            room = llm.placement.max_batch - len(llm.running)
+            batch = admit_fcfs(llm, kv_slack(llm, view), self.max_prefill_tokens, room)
+            if not batch:
+                continue  # waiting for cache, not for compute
+            units = llm.placement.prefill_units
+            if units > free:
+                held_back = True
+                continue
+            launches.append(Launch(llm.name, "prefill", ids(batch), units))
+            self._last_prefill[view.unit_id] = llm.name
+            free -= units
+        if held_back:
+            return launches
+        for llm in rotated(view.llms, self._last_decode.get(view.unit_id)):
+            units = llm.placement.decode_units
+            if llm.decode_busy or units > free or not idle_running(llm):
+                continue
+            launch = decode_launch(llm, view, units)
+            if launch:
+                launches.append(launch)
+                self._last_decode[view.unit_id] = llm.name
+                free -= units
+        return launches
+
+    def _decide_mixed(self, view: UnitView) -> list[Launch]:
+        launches: list[Launch] = []
+        free = view.sm_units_free
+        for llm in rotated(view.llms, self._last_decode.get(view.unit_id)):
+            units = llm.placement.decode_units
+            if llm.decode_busy or units > free:
+                continue
+            launch = mixed_launch(llm, view, units, self.max_prefill_tokens)
+            if launch:
+                launches.append(launch)
+                self._last_decode[view.unit_id] = llm.name
+                free -= units
+        return launches
+
+
+@dataclass
+class _Exclusive:
+    """Shared shape of the temporal baselines: one job at a time on the whole unit, quota = pool."""
+
+    max_prefill_tokens: int = 2048
+    quota_period_s: float = 0.0
+    exclusive: bool = True
+
+    def quotas(self, view: UnitView) -> dict[str, int]:
+        return {x.name: view.kv_blocks_total for x in view.llms}
+
+    def decide(self, view: UnitView) -> list[Launch]:
+        if any(x.prefill_busy or x.decode_busy for x in view.llms):
+            return []
+        for llm, phase in self.order(view):
+            launch = self.job(llm, phase, view)
+            if launch:
+                return [launch]
+        return []
+
+    def job(self, llm: LLMView, phase: str, view: UnitView) -> Launch | None:
+        if view.mode == "mixed":
+            return mixed_launch(llm, view, SM_UNITS_FULL, self.max_prefill_tokens)
+        if phase == "prefill":
+            room = llm.placement.max_batch - len(llm.running)
+            batch = admit_fcfs(llm, kv_slack(llm, view), self.max_prefill_tokens, room)
+            return Launch(llm.name, "prefill", ids(batch), SM_UNITS_FULL) if batch else None
+        return decode_launch(llm, view, SM_UNITS_FULL)
+
+    def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
+        raise NotImplementedError
+
+
+@dataclass
+class FCFS(_Exclusive):
+    """Temporal multiplexing: the earliest waiting request's prefill, else decodes by oldest request."""
+
+    name: str = "fcfs"
+
+    def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
+        prefills = sorted((x for x in view.llms if x.waiting),
+                          key=lambda x: (x.waiting[0].arrival_s, x.waiting[0].request_id))
+        decodes = sorted((x for x in view.llms if idle_running(x)),
+                         key=lambda x: min((r.arrival_s, r.request_id) for r in x.running))
+        return [(x, "prefill") for x in prefills] + [(x, "decode") for x in decodes]
+
+
+@dataclass
+class RoundRobin(_Exclusive):
+    """The simplest fair baseline: LLMs take turns, one job each (prefill if it can admit, else decode)."""
+
+    name: str = "round_robin"
+    _last: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
+        return [(x, phase) for x in rotated(view.llms, self._last.get(view.unit_id))
+                for phase in ("prefill", "decode")]
+
+    def decide(self, view: UnitView) -> list[Launch]:
+        launches = super().decide(view)
+        if launches:
+            self._last[view.unit_id] = launches[0].llm
+        return launches
+
+
+BATCHING_POLICIES = {"adbs": ADBS, "fcfs": FCFS, "round_robin": RoundRobin}
+
+
+def make_batching(name: str, **kwargs: object) -> ADBS | FCFS | RoundRobin:
+    if name not in BATCHING_POLICIES:
+        raise ValueError(f"unknown batching policy {name!r}; known: {', '.join(BATCHING_POLICIES)}")
+    return BATCHING_POLICIES[name](**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,338 @@
+"""Cost models: how long a prefill or a decode step takes, for placement and for the simulator.
+
+Two kinds, and every result says which it came from:
+- `TableCostModel` interpolates a measured latency table (MuxServe's published A100 JSON, or a
+  profile written by `experiments.profile`). Outside the measured range it either raises or, when
+  asked to, extrapolates linearly and counts/logs every lookup that did, so no figure is a silent
+  guess.
+- `RooflineCostModel` estimates from model shape and GPU datasheet numbers. It is an estimate and is
+  labelled as one; `roofline_gap` reports how far it sits from a measured table.
+
+`CompositeCostModel` asks the table first and falls back to the roofline for models it lacks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import pandas as pd
+
+from policies.specs import GPUSpec, ModelSpec
+
+log = logging.getLogger(__name__)
+
+PhaseName = Literal["prefill", "decode"]
+Extrapolation = Literal["error", "linear"]
+
+
+class CostModelError(ValueError):
+    """A lookup the cost model cannot answer honestly; the message names model, axis and value."""
+
+
+class CostModel(Protocol):
+    kind: str  # "measured" or "estimate"
+    label: str  # what it is, for result tables: e.g. "measured: muxserve_llama_a100.json"
+
+    def supports(self, model: ModelSpec, tp: int) -> bool: ...
+
+    def prefill_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, seq_len: float) -> float: ...
+
+    def decode_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_len: float) -> float: ...
+
+    def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray: ...
+
+
+def mixed_step_time(cost: CostModel, model: ModelSpec, tp: int, sm_pct: int, prefill_batch: int,
+                    prefill_len: float, decode_batch: int, decode_ctx: float) -> float:
+    """One engine step that prefills some requests and decodes others (stock vLLM execution).
+
+    Approximated as the sum of the two parts: the weights are read once but both parts' compute is
+    paid, which matches compute-bound CPU steps and overestimates GPU steps slightly.
+    """
+    t = 0.0
+    if prefill_batch:
+        t += cost.prefill_time(model, tp, sm_pct, prefill_batch, prefill_len)
+    if decode_batch:
+        t += cost.decode_time(model, tp, sm_pct, decode_batch, decode_ctx)
+    return t
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Latency in seconds on a (sm %, batch, seq_len) grid; NaN where not measured."""
+
+    sm: np.ndarray
+    batch: np.ndarray
+    seq: np.ndarray
+    prefill: np.ndarray
+    decode: np.ndarray
+
+
+def _bracket(axis: np.ndarray, x: float) -> tuple[int, int, float]:
+    """Indices i, j and weight w with x ≈ (1-w)·axis[i] + w·axis[j]; w outside [0,1] extrapolates."""
+    if len(axis) == 1:
+        return 0, 0, 0.0
+    j = int(np.clip(np.searchsorted(axis, x), 1, len(axis) - 1))
+    i = j - 1
+    return i, j, float((x - axis[i]) / (axis[j] - axis[i]))
+
+
+@dataclass
+class TableCostModel:
+    """A measured latency table with linear interpolation in SM share, batch and length."""
+
+    grids: dict[tuple[str, int], Grid]
+    label: str
+    extrapolation: Extrapolation = "linear"
+    aliases: dict[str, str] = field(default_factory=dict)
+    kind: str = "measured"
+    extrapolated: Counter = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        self._curve = lru_cache(maxsize=65536)(self._curve_uncached)
+        self._models = {m for m, _ in self.grids}
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_muxserve_json(cls, path: str | Path, **kw: object) -> TableCostModel:
+        """MuxServe's latency JSON as published: model → tp → sm% → batch → seq_len → {prefill, decoding} ms."""
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise CostModelError(f"{path}: latency table not found") from None
+        except json.JSONDecodeError as e:
+            raise CostModelError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        rows = []
+        try:
+            for model, by_tp in raw.items():
+                for tp, by_sm in by_tp.items():
+                    for sm, by_b in by_sm.items():
+                        for b, by_s in by_b.items():
+                            for s, cell in by_s.items():
+                                for phase, key in (("prefill", "prefill"), ("decode", "decoding")):
+                                    v = float(cell[key])
+                                    rows.append((model, int(tp), int(sm), int(b), int(s), phase,
+                                                 np.nan if v < 0 else v))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise CostModelError(f"{path}: unexpected structure ({e!r}); expected model→tp→sm→batch→seq→{{prefill,decoding}}") from None
+        df = pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_ms"])
+        return cls.from_frame(df, label=f"measured: {path.name}", **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_profile(cls, path: str | Path, **kw: object) -> TableCostModel:
+        """The project's own profile table (long form, as written by experiments.profile)."""
+        path = Path(path)
+        if not path.exists():
+            raise CostModelError(f"{path}: profile table not found")
+        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        missing = {"model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_ms"} - set(df.columns)
+        if missing:
+            raise CostModelError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        return cls.from_frame(df, label=f"measured: {path.name}", **kw)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_frame(cls, df: pd.DataFrame, label: str, **kw: object) -> TableCostModel:
+        grids: dict[tuple[str, int], Grid] = {}
+        for (model, tp), g in df.groupby(["model", "tp"]):
+            sm = np.unique(g["sm_pct"].to_numpy(float))
+            b = np.unique(g["batch"].to_numpy(float))
+            s = np.unique(g["seq_len"].to_numpy(float))
+            arrays = {}
+            for phase in ("prefill", "decode"):
+                cube = np.full((len(sm), len(b), len(s)), np.nan)
+                p = g[g["phase"] == phase]
+                cube[np.searchsorted(sm, p["sm_pct"]), np.searchsorted(b, p["batch"]),
+                     np.searchsorted(s, p["seq_len"])] = p["latency_ms"].to_numpy(float) / 1e3
+                arrays[phase] = cube
+            grids[(str(model), int(tp))] = Grid(sm, b, s, arrays["prefill"], arrays["decode"])
+        return cls(grids=grids, label=label, **kw)  # type: ignore[arg-type]
+
+    # ---- lookups ------------------------------------------------------------------------------
+    def key(self, model: ModelSpec | str) -> str:
+        name = model if isinstance(model, str) else model.name
+        return self.aliases.get(name, name)
+
+    def supports(self, model: ModelSpec, tp: int) -> bool:
+        return (self.key(model), tp) in self.grids
+
+    def prefill_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, seq_len: float) -> float:
+        return self._lookup("prefill", model, tp, sm_pct, batch, seq_len)
+
+    def decode_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_len: float) -> float:
+        return self._lookup("decode", model, tp, sm_pct, batch, ctx_len)
+
+    def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray:
+        seq, values = self._curve(self.key(model), tp, int(sm_pct), int(batch), "decode")
+        ctx = np.asarray(ctx_lens, dtype=float)
+        if ctx.size and (ctx[0] < seq[0] or ctx[-1] > seq[-1] or ctx.min() < seq[0] or ctx.max() > seq[-1]):
+            self._note(self.key(model), tp, "seq_len", float(ctx.max() if ctx.max() > seq[-1] else ctx.min()), int(ctx.size))
+        return _interp_linear(ctx, seq, values)
+
+    def _lookup(self, phase: PhaseName, model: ModelSpec, tp: int, sm_pct: int, batch: int, length: float) -> float:
+        seq, values = self._curve(self.key(model), tp, int(sm_pct), int(batch), phase)
+        if length < seq[0] or length > seq[-1]:
+            self._note(self.key(model), tp, "seq_len", float(length))
+        return float(_interp_linear(np.array([float(length)]), seq, values)[0])
+
+    def _note(self, model: str, tp: int, axis: str, value: float, n: int = 1) -> None:
+        if self.extrapolation == "error":
+            raise CostModelError(f"{self.label}: {model} tp={tp}: {axis}={value:g} is outside the measured range "
+                                 "(set extrapolation=linear to allow a logged linear extrapolation)")
+        if not self.extrapolated[(model, tp, axis)]:
+            log.warning("%s: %s tp=%d: extrapolating linearly beyond measured %s (first value %g)",
+                        self.label, model, tp, axis, value)
+        self.extrapolated[(model, tp, axis)] += n
+
+    def _curve_uncached(self, model: str, tp: int, sm_pct: int, batch: int, phase: PhaseName) -> tuple[np.ndarray, np.ndarray]:
+        """Latency along the length axis at one (sm, batch): the unit every lookup interpolates from."""
+        grid = self.grids.get((model, tp))
+        if grid is None:
+            known = ", ".join(sorted(f"{m}/tp{t}" for m, t in self.grids))
+            raise CostModelError(f"{self.label}: no measurements for {model} at tp={tp} (has {known})")
+        if not grid.sm[0] <= sm_pct <= grid.sm[-1]:
+            raise CostModelError(f"{self.label}: {model} tp={tp}: SM share {sm_pct}% outside measured "
+                                 f"{grid.sm[0]:g}..{grid.sm[-1]:g}%")
+        if batch < grid.batch[0]:
+            raise CostModelError(f"{self.label}: {model} tp={tp}: batch {batch} below measured {grid.batch[0]:g}")
+        if batch > grid.batch[-1]:
+            self._note(model, tp, "batch", batch)
+        cube = grid.prefill if phase == "prefill" else grid.decode
+        i, j, w = _bracket(grid.sm, sm_pct)
+        plane = (1 - w) * cube[i] + w * cube[j]
+        bi, bj, bw = _bracket(grid.batch, batch)
+        return grid.seq, (1 - bw) * plane[bi] + bw * plane[bj]
+
+
+def _interp_linear(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
+    """Piecewise-linear in xp, extended linearly past both ends; NaN (unmeasured) becomes +inf."""
+    if len(xp) == 1:
+        y = np.full_like(x, fp[0], dtype=float)
+    else:
+        y = np.interp(x, xp, fp)
+        lo, hi = x < xp[0], x > xp[-1]
+        if lo.any():
+            y[lo] = fp[0] + (x[lo] - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
+        if hi.any():
+            y[hi] = fp[-1] + (x[hi] - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
+    y = np.where(np.isnan(y), np.inf, y)
+    return np.maximum(y, 0.0)
+
+
+@dataclass
+class RooflineCostModel:
+    """An estimate: prefill bound by compute, decode by memory traffic, plus tensor-parallel all-reduce.
+
+    - Compute scales with the SM share. Bandwidth reachable by a fraction f of the SMs is taken as
+      min(1, f / bw_saturation_share): a few SMs already saturate HBM (an assumption, fitted by eye to
+      the A100 table's decode columns, where 30% SM is about 1.4× slower than 100%).
+    - `compute_efficiency` and `bandwidth_efficiency` are 1.0 by default: a pure roofline, i.e. a lower
+      bound on latency. `roofline_gap` says how far that is from a measured table.
+    """
+
+    gpu: GPUSpec
+    compute_efficiency: float = 1.0
+    bandwidth_efficiency: float = 1.0
+    bw_saturation_share: float = 0.4
+    kind: str = "estimate"
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = f"estimate: roofline on {self.gpu.name}"
+
+    def supports(self, model: ModelSpec, tp: int) -> bool:
+        return tp >= 1
+
+    def _rates(self, tp: int, sm_pct: int) -> tuple[float, float]:
+        f = sm_pct / 100.0
+        flops = tp * self.gpu.peak_flops * f * self.compute_efficiency
+        bw = tp * self.gpu.hbm_bandwidth * min(1.0, f / self.bw_saturation_share) * self.bandwidth_efficiency
+        return flops, bw
+
+    def _allreduce(self, model: ModelSpec, tp: int, tokens: np.ndarray | float) -> np.ndarray | float:
+        if tp == 1:
+            return 0.0 * tokens
+        nbytes = tokens * model.hidden_size * model.dtype_bytes
+        one = 2 * (tp - 1) / tp * nbytes / self.gpu.link_bandwidth + self.gpu.link_latency_s
+        return 2 * model.num_layers * one
+
+    def prefill_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, seq_len: float) -> float:
+        flops_rate, bw = self._rates(tp, sm_pct)
+        tokens = batch * seq_len
+        flops = tokens * model.flops_per_token + 2 * model.num_layers * batch * seq_len**2 * model.hidden_size
+        traffic = model.weight_bytes + tokens * model.kv_bytes_per_token
+        return float(max(flops / flops_rate, traffic / bw) + self._allreduce(model, tp, tokens))
+
+    def decode_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_len: float) -> float:
+        return float(self.decode_times(model, tp, sm_pct, batch, np.array([ctx_len]))[0])
+
+    def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray:
+        flops_rate, bw = self._rates(tp, sm_pct)
+        ctx = np.asarray(ctx_lens, dtype=float)
+        flops = batch * model.flops_per_token + 4 * model.num_layers * batch * ctx * model.hidden_size
+        traffic = model.weight_bytes + batch * ctx * model.kv_bytes_per_token
+        return np.maximum(flops / flops_rate, traffic / bw) + self._allreduce(model, tp, float(batch))
+
+
+@dataclass
+class CompositeCostModel:
+    """Measured where a table covers the model and TP degree; the roofline estimate elsewhere."""
+
+    table: TableCostModel
+    fallback: RooflineCostModel
+
+    @property
+    def kind(self) -> str:
+        return "measured+estimate"
+
+    @property
+    def label(self) -> str:
+        return f"{self.table.label}; {self.fallback.label} for models/TP the table lacks"
+
+    def _pick(self, model: ModelSpec, tp: int) -> CostModel:
+        return self.table if self.table.supports(model, tp) else self.fallback
+
+    def supports(self, model: ModelSpec, tp: int) -> bool:
+        return True
+
+    def prefill_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, seq_len: float) -> float:
+        return self._pick(model, tp).prefill_time(model, tp, sm_pct, batch, seq_len)
+
+    def decode_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_len: float) -> float:
+        return self._pick(model, tp).decode_time(model, tp, sm_pct, batch, ctx_len)
+
+    def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray:
+        return self._pick(model, tp).decode_times(model, tp, sm_pct, batch, ctx_lens)
+
+
+def roofline_gap(table: TableCostModel, roofline: RooflineCostModel, specs: dict[str, ModelSpec]) -> pd.DataFrame:
+    """Measured ÷ roofline latency on every measured cell of the models in `specs`.
+
+    A ratio of 2 means the hardware reaches half the roofline's speed there; the summary (by phase)
+    is the number a user of roofline-only results needs to know.
+    """
+    rows = []
+    for (name, tp), grid in table.grids.items():
+        model = specs.get(name)
+        if model is None:
+            continue
+        for phase, cube in (("prefill", grid.prefill), ("decode", grid.decode)):
+            for a, sm in enumerate(grid.sm):
+                for b, batch in enumerate(grid.batch):
+                    for c, seq in enumerate(grid.seq):
+                        measured = cube[a, b, c]
+                        if np.isnan(measured):
+                            continue
+                        fn = roofline.prefill_time if phase == "prefill" else roofline.decode_time
+                        est = fn(model, tp, int(sm), int(batch), float(seq))
+                        rows.append((name, tp, int(sm), int(batch), int(seq), phase, measured, est, measured / est))
+    return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase",
+                                       "measured_s", "roofline_s", "ratio"])
