@@ -8,6 +8,7 @@ trace gives silently wrong throughput numbers.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,44 @@ REQUIRED_COLUMNS: tuple[str, ...] = (
     "output_tokens",
 )
 INT_COLUMNS = ("request_id", "prompt_tokens", "output_tokens")
+# Optional, checked when present: the model type of a served LLM instance ("llama-7b"), which the
+# cost model is keyed by, and the line/record of the source file a request came from (provenance).
+OPTIONAL_COLUMNS: tuple[str, ...] = ("model_type", "source_row")
+
+
+logger = logging.getLogger("traces")
 
 
 class WorkloadError(ValueError):
     """A trace that cannot become a valid Workload. The message is one line naming source and field."""
+
+
+@dataclass
+class DropLog:
+    """Counts of requests dropped per reason, each drop logged: nothing disappears unreported.
+
+    The counts end up in Workload.meta["dropped"] so a result can always be traced back to how
+    much of the source trace it actually used.
+    """
+
+    source: str
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, df: pd.DataFrame, mask: np.ndarray | pd.Series, reason: str) -> pd.DataFrame:
+        """`df` without the rows where `mask` is true; a WARNING says how many and why."""
+        mask = np.asarray(mask, dtype=bool)
+        n = int(mask.sum())
+        if n:
+            logger.warning("%s: dropped %d of %d requests: %s", self.source, n, len(df), reason)
+            self.counts[reason] = self.counts.get(reason, 0) + n
+        return df.loc[~mask]
+
+    def merged_into(self, meta: dict[str, Any]) -> dict[str, int]:
+        """The counts of an earlier step (meta["dropped"]) plus this log's, for the new metadata."""
+        total = dict(meta.get("dropped", {}))
+        for reason, n in self.counts.items():
+            total[reason] = total.get(reason, 0) + n
+        return total
 
 
 @dataclass
@@ -128,7 +163,7 @@ def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise WorkloadError(f"{source}: missing column(s) {', '.join(missing)}")
-    for col in REQUIRED_COLUMNS:
+    for col in REQUIRED_COLUMNS + tuple(c for c in OPTIONAL_COLUMNS if c in df.columns):
         bad = df[col].isna().to_numpy()
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
@@ -147,6 +182,8 @@ def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
         raise WorkloadError(f"{source}: row {row}: column arrival_s is not a number ({out['arrival_s'].iloc[row]!r})")
     out["arrival_s"] = arrival.astype(np.float64)
     out["model"] = out["model"].astype(str)
+    if "model_type" in out.columns:
+        out["model_type"] = out["model_type"].astype(str)
     for col in ("prompt_tokens", "output_tokens"):
         bad = (out[col] <= 0).to_numpy()
         if bad.any():

@@ -1,0 +1,115 @@
+"""Synthetic multi-LLM workloads: a WorkloadSpec plus an arrival process plus a length source.
+
+Arrivals are a renewal process with Gamma inter-arrival times of a given coefficient of variation
+(CV): CV = 1 is exactly the Poisson process (Gamma with shape 1 is the exponential), CV > 1 is
+burstier. Every LLM draws from its own child seed, so adding or re-rating one LLM leaves every
+other LLM's requests unchanged, and the same seed always gives the same table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from traces.lengths import MUXSERVE_LIMITS, SHAREGPT_FIT, LengthLimits, LengthSampler
+from traces.schema import Workload, WorkloadError
+from traces.spec import WorkloadSpec
+
+
+def _check_process(rate: float, cv: float) -> None:
+    if not math.isfinite(rate) or rate < 0:
+        raise WorkloadError(f"arrivals: rate must be a finite number >= 0 (got {rate})")
+    if not math.isfinite(cv) or cv <= 0:
+        raise WorkloadError(f"arrivals: cv must be a finite number > 0 (got {cv})")
+
+
+def _gaps(rng: np.random.Generator, rate: float, cv: float, n: int) -> np.ndarray:
+    """n Gamma inter-arrival times with mean 1/rate and the given CV (shape 1/cv², scale cv²/rate)."""
+    shape = 1.0 / cv**2
+    return rng.gamma(shape, 1.0 / (shape * rate), n)
+
+
+def arrivals_until(
+    rng: np.random.Generator, rate: float, duration_s: float, cv: float = 1.0
+) -> np.ndarray:
+    """Sorted arrival times in [0, duration_s), the process starting fresh at t = 0."""
+    _check_process(rate, cv)
+    if rate == 0 or duration_s <= 0:
+        return np.empty(0)
+    expected = rate * duration_s
+    # Draw a few standard deviations more than expected in one go; extend in the rare case it ran short.
+    batch = int(expected + 6 * cv * math.sqrt(expected) + 16)
+    times = np.cumsum(_gaps(rng, rate, cv, batch))
+    while times[-1] < duration_s:
+        times = np.concatenate([times, times[-1] + np.cumsum(_gaps(rng, rate, cv, batch))])
+    return times[: np.searchsorted(times, duration_s)]
+
+
+def arrivals_count(rng: np.random.Generator, rate: float, n: int, cv: float = 1.0) -> np.ndarray:
+    """The first n arrival times of the process: for traces that have requests but no timestamps."""
+    _check_process(rate, cv)
+    if rate == 0:
+        raise WorkloadError("arrivals: rate must be > 0 to place a fixed number of requests")
+    return np.cumsum(_gaps(rng, rate, cv, n))
+
+
+def generate(
+    spec: WorkloadSpec,
+    duration_s: float,
+    seed: int = 0,
+    *,
+    cv: float = 1.0,
+    lengths: LengthSampler = SHAREGPT_FIT,
+    limits: LengthLimits = MUXSERVE_LIMITS,
+) -> Workload:
+    """Requests for every LLM of `spec` over [0, duration_s), sorted by arrival, ids 0..N−1.
+
+    Lengths are drawn from `lengths` and clipped into `limits` (pass LengthLimits() to keep them
+    as drawn); how many were clipped is recorded in meta["clipped"].
+    """
+    if not math.isfinite(duration_s) or duration_s <= 0:
+        raise WorkloadError(f"generate: duration_s must be a finite number > 0 (got {duration_s})")
+    children = np.random.SeedSequence(seed).spawn(len(spec.llms))
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for child, llm in zip(children, spec.llms, strict=True):
+        rng = np.random.default_rng(child)
+        times = arrivals_until(rng, llm.rate, duration_s, cv)
+        prompt, output = lengths.sample(rng, len(times))
+        parts.append((times, prompt, output))
+    counts = np.array([len(t) for t, _, _ in parts])
+    if counts.sum() == 0:
+        raise WorkloadError(
+            f"generate: {spec.label or 'spec'} produced no requests in {duration_s} s (rates too low?)"
+        )
+    times = np.concatenate([t for t, _, _ in parts])
+    prompt, output, clipped = limits.clip(
+        np.concatenate([p for _, p, _ in parts]), np.concatenate([o for _, _, o in parts])
+    )
+    llm_index = np.repeat(np.arange(len(spec.llms)), counts)
+    order = np.argsort(times, kind="stable")  # ties (never in practice) keep spec order
+    names = np.array([m.name for m in spec.llms], dtype=object)
+    types = np.array([m.model_type for m in spec.llms], dtype=object)
+    df = pd.DataFrame(
+        {
+            "request_id": np.arange(len(order), dtype=np.int64),
+            "model": names[llm_index[order]],
+            "arrival_s": times[order],
+            "prompt_tokens": prompt[order],
+            "output_tokens": output[order],
+            "model_type": types[llm_index[order]],
+        }
+    )
+    meta = {
+        "source": "synthetic",
+        "format": "synthetic",
+        "spec": spec.to_dict(),
+        "duration_s": duration_s,
+        "seed": seed,
+        "cv": cv,
+        "lengths": repr(lengths),
+        "limits": repr(limits),
+        "clipped": clipped,
+    }
+    return Workload(df, meta)
