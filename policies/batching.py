@@ -8,7 +8,7 @@ are the pure functions at the top.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from policies.placement import SM_UNITS_FULL, blocks_for_tokens
 from policies.view import Launch, LLMView, Request, UnitView
@@ -83,11 +83,11 @@ def idle_running(llm: LLMView) -> int:
     return sum(1 for r in llm.running if not r.busy)
 
 
-def rotated(llms: Sequence[LLMView], after: str | None) -> list[LLMView]:
-    """The LLMs in round-robin order starting just after the one named `after`."""
-    names = [x.name for x in llms]
-    start = names.index(after) + 1 if after in names else 0
-    return [*llms[start:], *llms[:start]]
+def least_recently_served(llms: Sequence[LLMView], phase: str) -> list[LLMView]:
+    """Round-robin order: the process idle the longest goes first (ties in placement order)."""
+    if phase == "prefill":
+        return sorted(llms, key=lambda x: x.prefill_idle_since)
+    return sorted(llms, key=lambda x: x.decode_idle_since)
 
 
 def proportional_split(total: int, weights: dict[str, float], floor: dict[str, int]) -> dict[str, int]:
@@ -116,8 +116,6 @@ class ADBS:
     low_util: float = 0.5
     name: str = "adbs"
     exclusive: bool = False
-    _last_prefill: dict[int, str] = field(default_factory=dict, repr=False)
-    _last_decode: dict[int, str] = field(default_factory=dict, repr=False)
 
     def quotas(self, view: UnitView) -> dict[str, int]:
         pool = view.kv_blocks_total
@@ -151,7 +149,7 @@ class ADBS:
         launches: list[Launch] = []
         free = view.sm_units_free
         held_back = False
-        for llm in rotated(view.llms, self._last_prefill.get(view.unit_id)):
+        for llm in least_recently_served(view.llms, "prefill"):
             if llm.prefill_busy or not llm.waiting:
                 continue
             room = llm.placement.max_batch - len(llm.running)
@@ -163,32 +161,29 @@ class ADBS:
                 held_back = True
                 continue
             launches.append(Launch(llm.name, "prefill", ids(batch), units))
-            self._last_prefill[view.unit_id] = llm.name
             free -= units
         if held_back:
             return launches
-        for llm in rotated(view.llms, self._last_decode.get(view.unit_id)):
+        for llm in least_recently_served(view.llms, "decode"):
             units = llm.placement.decode_units
             if llm.decode_busy or units > free or not idle_running(llm):
                 continue
             launch = decode_launch(llm, view, units)
             if launch:
                 launches.append(launch)
-                self._last_decode[view.unit_id] = llm.name
                 free -= units
         return launches
 
     def _decide_mixed(self, view: UnitView) -> list[Launch]:
         launches: list[Launch] = []
         free = view.sm_units_free
-        for llm in rotated(view.llms, self._last_decode.get(view.unit_id)):
+        for llm in least_recently_served(view.llms, "decode"):
             units = llm.placement.decode_units
             if llm.decode_busy or units > free:
                 continue
             launch = mixed_launch(llm, view, units, self.max_prefill_tokens)
             if launch:
                 launches.append(launch)
-                self._last_decode[view.unit_id] = llm.name
                 free -= units
         return launches
 
@@ -245,17 +240,10 @@ class RoundRobin(_Exclusive):
     """The simplest fair baseline: LLMs take turns, one job each (prefill if it can admit, else decode)."""
 
     name: str = "round_robin"
-    _last: dict[int, str] = field(default_factory=dict, repr=False)
 
     def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
-        return [(x, phase) for x in rotated(view.llms, self._last.get(view.unit_id))
-                for phase in ("prefill", "decode")]
-
-    def decide(self, view: UnitView) -> list[Launch]:
-        launches = super().decide(view)
-        if launches:
-            self._last[view.unit_id] = launches[0].llm
-        return launches
+        served = sorted(view.llms, key=lambda x: max(x.prefill_idle_since, x.decode_idle_since))
+        return [(x, phase) for x in served for phase in ("prefill", "decode")]
 
 
 BATCHING_POLICIES = {"adbs": ADBS, "fcfs": FCFS, "round_robin": RoundRobin}

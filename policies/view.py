@@ -77,6 +77,10 @@ class LLMView:
     decode_busy: bool
     kv_used: int
     kv_quota: int
+    # When each process last finished a job: round-robin as "least recently served first", a pure
+    # function of the view, so a policy needs no memory of its own past calls.
+    prefill_idle_since: float = -1.0
+    decode_idle_since: float = -1.0
 
     @property
     def name(self) -> str:
@@ -114,8 +118,9 @@ class BatchingPolicy(Protocol):
     """Decides, from a snapshot of one unit, which jobs to start now.
 
     Contract the executors rely on (and tests check):
-    - `decide` is a function of the view and of state that only changes when it launches something,
-      so asking twice about the same situation gives the same answer;
+    - `decide` is a pure function of the view, so asking twice about the same situation gives the
+      same answer; it does not read the token counts of requests that are `busy` (in a job, these
+      are as of the job's start);
     - it only launches what fits (free SM units, KV quota and pool);
     - if the only runnable work on a unit is one LLM's decode, it launches that decode over all the
       LLM's idle running requests (up to its batch cap), so a run of such steps can be skipped over.

@@ -1,0 +1,484 @@
+"""The SimPy executor: runs a Workload through a Placement and a batching policy in simulated time.
+
+Shape of the model (MuxServe §4):
+- Each unit has `sm_units` compute units (10 × 10% SM plus an overload allowance) and one KV pool
+  shared by its LLMs. Each LLM has a prefill process and a decode process ("split" mode), or one
+  engine process ("mixed" mode, a stock vLLM step serving prefills and decodes together).
+- A job holds its SM units and its requests' KV blocks for its duration, taken from the CostModel.
+- The policy is asked what to launch after every change on a unit (an arrival, a job ending, a
+  quota tick), once all changes at that instant have been applied.
+
+Speed: a decode job may run several steps in one SimPy event. That is exact, not an approximation:
+a run is only extended while no other process on the unit has anything it could start (so any
+policy would relaunch the same decode at each step boundary), and it ends at the first step
+boundary at or after the next thing that could change the unit (an arrival, another job's end, a
+quota tick), when a request in it finishes, or before its KV blocks would overflow. Step latencies
+are summed with numpy in the same order SimPy would add them, so both modes give identical records
+(tests/test_sim_equivalence.py).
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import simpy
+
+from policies.cost import CostModel, mixed_step_time
+from policies.placement import BLOCK_TOKENS, Placement, Unit, blocks_for_tokens, blocks_per_chunk
+from policies.records import RecordWriter
+from policies.specs import ModelSpec
+from policies.view import (
+    BatchingPolicy,
+    ExecutionMode,
+    Launch,
+    LLMView,
+    ReadOnlyQueue,
+    Request,
+    UnitView,
+)
+from traces.schema import Workload
+
+DECIDE_PRIORITY = 2  # after every NORMAL (=1) event at the same instant: decide on settled state
+
+
+class SimulationError(RuntimeError):
+    """A run that cannot be simulated as asked (unplaced LLM, a policy breaking a budget)."""
+
+
+@dataclass(eq=False)
+class LLMState:
+    placement: Any  # LLMPlacement
+    spec: ModelSpec
+    chunk_blocks: int
+    waiting: deque[Request] = field(default_factory=deque)
+    running: list[Request] = field(default_factory=list)
+    prefill_busy: bool = False
+    decode_busy: bool = False
+    kv_used: int = 0
+    kv_quota: int = 0
+    prefill_idle_since: float = -1.0
+    decode_idle_since: float = -1.0
+
+    def view(self) -> LLMView:
+        return LLMView(self.placement, self.chunk_blocks, ReadOnlyQueue(self.waiting),
+                       ReadOnlyQueue(self.running), self.prefill_busy, self.decode_busy,
+                       self.kv_used, self.kv_quota, self.prefill_idle_since, self.decode_idle_since)
+
+
+@dataclass(eq=False)
+class UnitState:
+    unit: Unit
+    llms: dict[str, LLMState]
+    sm_free: int
+    kv_free: int
+    arrivals: np.ndarray  # arrival times of this unit's requests, sorted
+    next_arrival: int = 0  # index into `arrivals` of the first not yet arrived
+    next_tick: float = math.inf
+    jobs: dict[int, Job] = field(default_factory=dict)  # running jobs by id
+    decide_pending: bool = False
+
+
+@dataclass
+class SimResult:
+    records: Any  # DataFrame, or None when streamed to `records_path`
+    records_path: Path | None
+    stats: dict[str, Any]
+
+
+class Simulator:
+    def __init__(self, workload: Workload, placement: Placement, policy: BatchingPolicy,
+                 cost: CostModel, specs: dict[str, ModelSpec], *, mode: ExecutionMode = "split",
+                 skip_steps: bool = True, horizon_s: float | None = None,
+                 records_path: str | Path | None = None,
+                 progress: Callable[[float], None] | None = None) -> None:
+        self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
+        self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
+        self.env = simpy.Environment()
+        self.writer = RecordWriter(records_path)
+        self.records_path = Path(records_path) if records_path else None
+        self.stats: dict[str, Any] = {"decisions": 0, "jobs": 0, "decode_steps": 0, "preemptions": 0}
+        self._job_ids = iter(range(1 << 62))
+        self.units: dict[int, UnitState] = {}
+        self.specs = specs
+        self._check_models(workload, placement, specs)
+        df = workload.df
+        unit_of = placement.unit_of()
+        for unit in placement.units:
+            names = {x.name for x in unit.llms}
+            llms = {x.name: LLMState(x, specs[x.model], blocks_per_chunk(specs[x.model])) for x in unit.llms}
+            arrivals = df["arrival_s"].to_numpy()[df["model"].isin(names).to_numpy()]
+            self.units[unit.unit_id] = UnitState(unit, llms, unit.sm_units, unit.kv_blocks, arrivals)
+        self._unit_of = unit_of
+
+    @staticmethod
+    def _check_models(workload: Workload, placement: Placement, specs: dict[str, ModelSpec]) -> None:
+        placed = placement.unit_of()
+        missing = [m for m in workload.models if m not in placed]
+        if missing:
+            raise SimulationError(f"LLM(s) {', '.join(missing)} in the workload are placed on no unit "
+                                  f"(placement '{placement.policy}' has {', '.join(placed) or 'none'})")
+        unknown = sorted({x.model for u in placement.units for x in u.llms} - set(specs))
+        if unknown:
+            raise SimulationError(f"placement uses unknown model type(s) {', '.join(unknown)}")
+
+    # ---- top level ----------------------------------------------------------------------------
+    def run(self) -> SimResult:
+        try:
+            for us in self.units.values():
+                self._set_quotas(us)
+                if self.policy.quota_period_s > 0:
+                    self.env.process(self._ticker(us))
+            self.env.process(self._arrivals())
+            self.env.run(until=self.horizon_s)
+            self._fail_leftovers()
+        finally:
+            records = self.writer.close()
+        self.stats["records"] = self.writer.count
+        self.stats["sim_time_s"] = self.env.now
+        self.stats["cost_model"] = self.cost.label
+        return SimResult(records, self.records_path, self.stats)
+
+    def _arrivals(self) -> Generator[simpy.Event, None, None]:
+        df = self.workload.df
+        columns = [df[c].to_numpy() for c in ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens")]
+        every = max(1, len(df) // 200)
+        for i, (rid, llm, t, prompt, output) in enumerate(zip(*columns, strict=True)):
+            if t > self.env.now:
+                yield timeout_at(self.env, float(t))
+            us = self.units[self._unit_of[llm]]
+            us.next_arrival += 1
+            self._admit(us, Request(int(rid), str(llm), float(t), int(prompt), int(output)))
+            if self.progress and i % every == 0:
+                self.progress(self.env.now)
+
+    def _admit(self, us: UnitState, r: Request) -> None:
+        llm = us.llms[r.llm]
+        total = r.prompt_tokens + r.output_tokens
+        if total > llm.spec.max_context:
+            self._record(us, r, "failed", f"prompt+output {total} tokens exceeds {llm.spec.name} "
+                                           f"context {llm.spec.max_context}")
+            return
+        if blocks_for_tokens(total, llm.chunk_blocks) > us.unit.kv_blocks:
+            self._record(us, r, "failed", f"needs {blocks_for_tokens(total, llm.chunk_blocks)} KV blocks, "
+                                           f"unit pool has {us.unit.kv_blocks}")
+            return
+        llm.waiting.append(r)
+        self._request_decision(us)
+
+    def _ticker(self, us: UnitState) -> Generator[simpy.Event, None, None]:
+        period = self.policy.quota_period_s
+        while True:
+            us.next_tick = self.env.now + period
+            yield timeout_at(self.env, us.next_tick)
+            busy = any(x.prefill_busy or x.decode_busy for x in us.llms.values())
+            if not busy and us.next_arrival >= len(us.arrivals):
+                before = {n: x.kv_quota for n, x in us.llms.items()}
+                self._set_quotas(us)
+                if all(before[n] == x.kv_quota for n, x in us.llms.items()):
+                    us.next_tick = math.inf
+                    return  # nothing left that a new quota could unblock
+            else:
+                self._set_quotas(us)
+            self._request_decision(us)
+
+    def _set_quotas(self, us: UnitState) -> None:
+        quotas = self.policy.quotas(self._view(us))
+        if not self.policy.exclusive and sum(quotas.values()) > us.unit.kv_blocks:
+            raise SimulationError(f"unit {us.unit.unit_id}: policy {self.policy.name} set KV quotas summing to "
+                                  f"{sum(quotas.values())} > pool {us.unit.kv_blocks}")
+        for name, q in quotas.items():
+            us.llms[name].kv_quota = q
+
+    # ---- decisions ----------------------------------------------------------------------------
+    def _request_decision(self, us: UnitState) -> None:
+        if us.decide_pending:
+            return
+        us.decide_pending = True
+        event = simpy.Event(self.env)
+        event.callbacks.append(lambda _e, us=us: self._decide(us))
+        event._ok = True
+        event._value = None
+        self.env.schedule(event, priority=DECIDE_PRIORITY)
+
+    def _view(self, us: UnitState) -> UnitView:
+        return UnitView(us.unit.unit_id, self.env.now, self.mode, us.unit.sm_units, us.sm_free,
+                        us.unit.kv_blocks, us.kv_free, tuple(x.view() for x in us.llms.values()))
+
+    def _decide(self, us: UnitState) -> None:
+        us.decide_pending = False
+        self.stats["decisions"] += 1
+        launches = self.policy.decide(self._view(us))
+        jobs = [self._start(us, launch) for launch in launches]
+        runs = [job for job in jobs if job.steps is not None]
+        us.jobs.update((job.job_id, job) for job in jobs if job.steps is None)
+        if runs:
+            self._plan_runs(us, runs)
+            us.jobs.update((job.job_id, job) for job in runs)
+        for job in jobs:
+            self.env.process(self._job(us, job))
+
+    def _start(self, us: UnitState, launch: Launch) -> Job:
+        """Apply a launch: check it against the budgets, take units and blocks, time its first step."""
+        llm = us.llms.get(launch.llm)
+        name = self.policy.name
+        if llm is None:
+            raise SimulationError(f"policy {name} launched {launch.llm!r}, which is not on unit {us.unit.unit_id}")
+        if launch.sm_units > us.sm_free:
+            raise SimulationError(f"policy {name} over-committed SM units on unit {us.unit.unit_id}: "
+                                  f"{launch.sm_units} asked, {us.sm_free} free")
+        busy = llm.prefill_busy if launch.phase == "prefill" else llm.decode_busy
+        if busy or (self.policy.exclusive and us.sm_free < us.unit.sm_units):
+            raise SimulationError(f"policy {name} launched {launch.phase} of {llm.placement.name} on a busy process")
+        for rid in launch.preempt:
+            self._preempt(us, llm, rid)
+        new_ids = set(launch.request_ids)
+        admitted = self._take_waiting(llm, new_ids) if launch.phase != "decode" else []
+        decoding = [r for r in llm.running if r.request_id in new_ids and not r.busy] if launch.phase != "prefill" else []
+        if len(admitted) + len(decoding) != len(new_ids):
+            raise SimulationError(f"policy {name} launched unknown or busy request(s) for {llm.placement.name}: "
+                                  f"{sorted(new_ids - {r.request_id for r in admitted + decoding})[:5]}")
+        batch = admitted + decoding
+        growth = [blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch]
+        if sum(growth) > min(llm.kv_quota - llm.kv_used, us.kv_free):
+            raise SimulationError(f"policy {name} over-committed KV blocks on unit {us.unit.unit_id}: "
+                                  f"{llm.placement.name} needs {sum(growth)}, quota slack "
+                                  f"{llm.kv_quota - llm.kv_used}, pool free {us.kv_free}")
+        for r, g in zip(batch, growth, strict=True):
+            r.blocks += g
+            r.busy = True
+        llm.kv_used += sum(growth)
+        us.kv_free -= sum(growth)
+        us.sm_free -= launch.sm_units
+        if launch.phase == "prefill" or self.mode == "mixed":
+            llm.prefill_busy = True
+        if launch.phase == "decode" or self.mode == "mixed":
+            llm.decode_busy = True
+        self.stats["jobs"] += 1
+        sm_pct = min(100, launch.sm_units * 10)
+        p = llm.placement
+        if launch.phase == "prefill":
+            dur = self.cost.prefill_time(llm.spec, p.tp, sm_pct, len(admitted), _mean_context(admitted))
+        elif launch.phase == "mixed" and admitted:
+            dur = mixed_step_time(self.cost, llm.spec, p.tp, sm_pct, len(admitted), _mean_context(admitted),
+                                  len(decoding), _mean_context(decoding))
+        else:
+            dur = math.nan  # a decode run: timed by _plan_runs, which sees the unit after all launches
+        if not math.isnan(dur) and not math.isfinite(dur):
+            raise SimulationError(f"{self.cost.label}: no latency for {p.name} ({llm.spec.name}) {launch.phase} "
+                                  f"batch {len(batch)} at {sm_pct}% SM (unmeasured cell)")
+        job = Job(next(self._job_ids), llm, launch.phase, batch, launch.sm_units, sm_pct, self.env.now + dur,
+                  admitted=len(admitted))
+        if math.isnan(dur):
+            job.steps = 1
+        return job
+
+    def _take_waiting(self, llm: LLMState, ids: set[int]) -> list[Request]:
+        """Remove the admitted requests from the queue; policies admit from its head, so that is fast."""
+        taken: list[Request] = []
+        while llm.waiting and llm.waiting[0].request_id in ids:
+            taken.append(llm.waiting.popleft())
+        if len(taken) < len(ids):
+            rest = [r for r in llm.waiting if r.request_id in ids]
+            llm.waiting = deque(r for r in llm.waiting if r.request_id not in ids)
+            taken += rest
+        return taken
+
+    def _preempt(self, us: UnitState, llm: LLMState, rid: int) -> None:
+        r = next((r for r in llm.running if r.request_id == rid and not r.busy), None)
+        if r is None:
+            raise SimulationError(f"policy {self.policy.name} preempted request {rid}, not idle-running on {llm.placement.name}")
+        llm.running.remove(r)
+        llm.kv_used -= r.blocks
+        us.kv_free += r.blocks
+        r.blocks = 0
+        r.preemptions += 1
+        self.stats["preemptions"] += 1
+        # Back to the front, but behind requests preempted earlier that arrived before it.
+        pos = 0
+        while pos < len(llm.waiting) and llm.waiting[pos].preemptions and \
+                (llm.waiting[pos].arrival_s, llm.waiting[pos].request_id) < (r.arrival_s, r.request_id):
+            pos += 1
+        llm.waiting.insert(pos, r)
+
+    # ---- decode runs --------------------------------------------------------------------------
+    def _plan_runs(self, us: UnitState, runs: list[Job]) -> None:
+        """Time each new decode run: one step, or as many as can be skipped over exactly."""
+        extend = self.skip_steps and not self._pending_work(us)
+        horizon = self._next_event(us)
+        slacks = [min(job.llm.kv_quota - job.llm.kv_used, us.kv_free) for job in runs]
+        for job, slack in zip(runs, slacks, strict=True):
+            job.plan(self.cost, self.env.now, slack, horizon if extend else -math.inf)
+        first_end = min(job.end for job in runs)
+        for job in runs:
+            job.truncate(first_end)  # each run's end is an event for the others launched with it
+            # Blocks for the run's last step are taken now: step-by-step execution would hold them
+            # by the time anything else on the unit can look (the last step contains the next event).
+            for r, blocks in zip(job.batch, job.final_blocks, strict=True):
+                job.llm.kv_used += blocks - r.blocks
+                us.kv_free -= blocks - r.blocks
+                r.blocks = blocks
+
+    def _pending_work(self, us: UnitState) -> bool:
+        """Could any idle process on the unit start something? If not, a lone decode may be repeated."""
+        for llm in us.llms.values():
+            idle_prefill = not (llm.decode_busy if self.mode == "mixed" else llm.prefill_busy)
+            if idle_prefill and llm.waiting and len(llm.running) < llm.placement.max_batch:
+                head = llm.waiting[0]
+                need = blocks_for_tokens(head.context_tokens, llm.chunk_blocks) - head.blocks
+                if need <= min(llm.kv_quota - llm.kv_used, us.kv_free):
+                    return True
+            if any(not r.busy for r in llm.running):
+                return True  # an idle decode process with work, or requests left out of a batch
+        return False
+
+    def _next_event(self, us: UnitState) -> float:
+        t = min((job.end for job in us.jobs.values()), default=math.inf)
+        if us.next_arrival < len(us.arrivals):
+            t = min(t, float(us.arrivals[us.next_arrival]))
+        t = min(t, us.next_tick)
+        return t if self.horizon_s is None else min(t, self.horizon_s)
+
+    # ---- jobs ---------------------------------------------------------------------------------
+    def _job(self, us: UnitState, job: Job) -> Generator[simpy.Event, None, None]:
+        yield timeout_at(self.env, job.end)
+        del us.jobs[job.job_id]
+        llm = job.llm
+        steps = job.steps or 1
+        if job.steps is not None:
+            self.stats["decode_steps"] += steps
+        for r in job.batch:
+            r.generated += steps
+            r.busy = False
+            if math.isnan(r.first_token_s):
+                r.first_token_s = job.end
+        for r in job.batch[: job.admitted]:
+            # Oldest first, whatever order same-instant events were processed in.
+            bisect.insort(llm.running, r, key=_age)
+        if any(r.remaining_tokens <= 0 for r in job.batch):
+            llm.running = [r for r in llm.running if r.remaining_tokens > 0]
+            for r in job.batch:
+                if r.remaining_tokens <= 0:
+                    self._finish(us, llm, r)
+        us.sm_free += job.sm_units
+        if job.phase == "prefill" or self.mode == "mixed":
+            llm.prefill_busy = False
+            llm.prefill_idle_since = job.end
+        if job.phase == "decode" or self.mode == "mixed":
+            llm.decode_busy = False
+            llm.decode_idle_since = job.end
+        self._request_decision(us)
+
+    def _finish(self, us: UnitState, llm: LLMState, r: Request) -> None:
+        llm.kv_used -= r.blocks
+        us.kv_free += r.blocks
+        r.blocks = 0
+        self._record(us, r, "finished", finish_s=self.env.now)
+
+    def _record(self, us: UnitState | None, r: Request, status: str, reason: str = "",
+                finish_s: float = math.nan) -> None:
+        self.writer.add(r.request_id, r.llm, us.unit.unit_id if us else -1, r.arrival_s, r.first_token_s,
+                        finish_s, r.prompt_tokens, r.output_tokens, r.preemptions, status, reason)
+
+    def _fail_leftovers(self) -> None:
+        """Whatever is still in the system when the simulation stops is reported, never dropped."""
+        stopped = self.horizon_s is not None and self.env.now >= self.horizon_s
+        why = f"not finished by horizon {self.horizon_s:g}s" if stopped else "never scheduled (stuck: no KV room)"
+        for us in self.units.values():
+            in_jobs = [r for job in us.jobs.values() for r in job.batch[: job.admitted]]
+            for llm in us.llms.values():
+                for r in [*llm.waiting, *llm.running, *(r for r in in_jobs if r.llm == llm.placement.name)]:
+                    self._record(us, r, "failed", why)
+        if stopped:
+            df = self.workload.df
+            for row in df[df["arrival_s"] > self.env.now].itertuples(index=False):
+                request = Request(int(row.request_id), str(row.model), float(row.arrival_s),
+                                  int(row.prompt_tokens), int(row.output_tokens))
+                self._record(self.units[self._unit_of[request.llm]], request, "failed",
+                             f"arrives after horizon {self.horizon_s:g}s")
+
+
+@dataclass(eq=False)
+class Job:
+    job_id: int
+    llm: LLMState
+    phase: str
+    batch: list[Request]
+    sm_units: int
+    sm_pct: int
+    end: float
+    admitted: int = 0
+    steps: int | None = None  # decode runs only: number of steps in this run
+    boundaries: np.ndarray = field(default_factory=lambda: np.empty(0))
+    final_blocks: list[int] = field(default_factory=list)
+
+    def plan(self, cost: CostModel, now: float, slack: int, horizon: float) -> None:
+        """Choose how many steps this decode run covers and when each ends.
+
+        Steps: at most until the first request finishes, while the batch's KV growth fits `slack`
+        (blocks for step 0 are already held), and up to the first boundary at or after `horizon`
+        (−inf: a single step).
+        """
+        n = len(self.batch)
+        ctx = np.fromiter((r.context_tokens for r in self.batch), dtype=np.int64, count=n)
+        max_steps = min(r.remaining_tokens for r in self.batch)
+        if horizon > -math.inf and max_steps > 1:
+            # Request j needs one more chunk at steps first_j, first_j + BLOCK_TOKENS, ...
+            first = (1 - ctx) % BLOCK_TOKENS
+            first[first == 0] = BLOCK_TOKENS
+            crossings = (first[:, None] + BLOCK_TOKENS * np.arange(max_steps // BLOCK_TOKENS + 1)).ravel()
+            growth = np.cumsum(np.bincount(crossings[crossings < max_steps], minlength=max_steps))
+            over = np.flatnonzero(growth * self.llm.chunk_blocks > slack)
+            if over.size:
+                max_steps = int(over[0])
+        else:
+            max_steps = 1
+        # Integer sums, then one division: the same mean context step-by-step execution computes.
+        means = (int(ctx.sum()) + n * np.arange(max_steps, dtype=np.int64)) / n
+        durations = cost.decode_times(self.llm.spec, self.llm.placement.tp, self.sm_pct, n, means)
+        if not np.all(np.isfinite(durations)):
+            raise SimulationError(f"{cost.label}: no decode latency for {self.llm.placement.name} "
+                                  f"({self.llm.spec.name}) batch {n} at {self.sm_pct}% SM (unmeasured cell)")
+        # Sequential sums from `now`: bit-identical to SimPy adding one step at a time.
+        self.boundaries = np.add.accumulate(np.concatenate(([now], durations)))[1:]
+        self._set_steps(min(self._steps_to(horizon), max_steps), ctx)
+
+    def _steps_to(self, t: float) -> int:
+        """Steps up to and including the first boundary at or after `t`."""
+        return int(np.searchsorted(self.boundaries, t, side="left")) + 1
+
+    def _set_steps(self, k: int, ctx: np.ndarray) -> None:
+        self.steps = k
+        self.end = float(self.boundaries[k - 1])
+        self.final_blocks = [blocks_for_tokens(int(c) + k - 1, self.llm.chunk_blocks) for c in ctx]
+
+    def truncate(self, t: float) -> None:
+        """End at the first step boundary at or after `t`, if that is earlier than planned."""
+        if self.end > t:
+            ctx = np.fromiter((r.context_tokens for r in self.batch), dtype=np.int64, count=len(self.batch))
+            self._set_steps(self._steps_to(t), ctx)
+
+
+def _age(r: Request) -> tuple[float, int]:
+    return (r.arrival_s, r.request_id)
+
+
+def _mean_context(requests: Iterable[Request]) -> float:
+    requests = list(requests)
+    return sum(r.context_tokens for r in requests) / len(requests) if requests else 0.0
+
+
+def timeout_at(env: simpy.Environment, t: float) -> simpy.Timeout:
+    """A timeout that fires at exactly time `t`, whatever rounding `now + (t - now)` would do."""
+    delay = t - env.now
+    while env.now + delay < t:
+        delay = math.nextafter(delay, math.inf)
+    while delay > 0 and env.now + delay > t:
+        delay = math.nextafter(delay, -math.inf)
+    return env.timeout(max(delay, 0.0))
