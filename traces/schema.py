@@ -121,7 +121,9 @@ class Workload:
             self.df.to_csv(path, index=False)
             path.with_suffix(".meta.json").write_text(json.dumps(self.meta, default=str, indent=2))
         else:
-            raise WorkloadError(f"{path}: unknown workload format {path.suffix!r} (use .parquet or .csv)")
+            raise WorkloadError(
+                f"{path}: unknown workload format {path.suffix!r} (use .parquet or .csv)"
+            )
         return path
 
     @classmethod
@@ -151,7 +153,9 @@ class Workload:
             side = path.with_suffix(".meta.json")
             meta = json.loads(side.read_text()) if side.exists() else {}
         else:
-            raise WorkloadError(f"{path}: unknown workload format {path.suffix!r} (use .parquet or .csv)")
+            raise WorkloadError(
+                f"{path}: unknown workload format {path.suffix!r} (use .parquet or .csv)"
+            )
         meta["source"] = str(path)
         return cls(df, meta)
 
@@ -174,12 +178,16 @@ def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
         bad = values.isna().to_numpy() | (values.to_numpy() != np.floor(values.to_numpy()))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise WorkloadError(f"{source}: row {row}: column {col} is not an integer ({out[col].iloc[row]!r})")
+            raise WorkloadError(
+                f"{source}: row {row}: column {col} is not an integer ({out[col].iloc[row]!r})"
+            )
         out[col] = values.astype(np.int64)
     arrival = pd.to_numeric(out["arrival_s"], errors="coerce")
     if arrival.isna().any():
         row = int(np.flatnonzero(arrival.isna().to_numpy())[0])
-        raise WorkloadError(f"{source}: row {row}: column arrival_s is not a number ({out['arrival_s'].iloc[row]!r})")
+        raise WorkloadError(
+            f"{source}: row {row}: column arrival_s is not a number ({out['arrival_s'].iloc[row]!r})"
+        )
     out["arrival_s"] = arrival.astype(np.float64)
     out["model"] = out["model"].astype(str)
     if "model_type" in out.columns:
@@ -188,15 +196,21 @@ def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
         bad = (out[col] <= 0).to_numpy()
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise WorkloadError(f"{source}: row {row}: column {col} must be > 0 (got {out[col].iloc[row]})")
+            raise WorkloadError(
+                f"{source}: row {row}: column {col} must be > 0 (got {out[col].iloc[row]})"
+            )
     if (out["arrival_s"] < 0).any():
         row = int(np.flatnonzero((out["arrival_s"] < 0).to_numpy())[0])
         raise WorkloadError(f"{source}: row {row}: column arrival_s is negative")
     dec = np.flatnonzero(np.diff(out["arrival_s"].to_numpy()) < 0)
     if dec.size:
-        raise WorkloadError(f"{source}: row {int(dec[0]) + 1}: column arrival_s is not sorted (arrives before row {int(dec[0])})")
+        raise WorkloadError(
+            f"{source}: row {int(dec[0]) + 1}: column arrival_s is not sorted (arrives before row {int(dec[0])})"
+        )
     dup = out["request_id"].duplicated().to_numpy()
     if dup.any():
         row = int(np.flatnonzero(dup)[0])
-        raise WorkloadError(f"{source}: row {row}: duplicate request_id {out['request_id'].iloc[row]}")
+        raise WorkloadError(
+            f"{source}: row {row}: duplicate request_id {out['request_id'].iloc[row]}"
+        )
     return out.reset_index(drop=True)

@@ -11,7 +11,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -150,12 +150,17 @@ def read_parquet(path: str | Path) -> Raw:
     return Raw(path, df, "row")
 
 
-def _first_bad(raw: Raw, col: str, bad: np.ndarray, problem: str) -> None:
+def _fail(raw: Raw, col: str, bad: np.ndarray, problem: str) -> NoReturn:
+    """Raise for the first row where `bad` is true (the caller knows there is one)."""
+    i = int(np.flatnonzero(bad)[0])
+    value = raw.df[col].iat[i]
+    shown = "" if _is_blank(value) else f" ({value!r})"
+    raise WorkloadError(f"{raw.where(i)}: column {col} {problem}{shown}")
+
+
+def _check(raw: Raw, col: str, bad: np.ndarray, problem: str) -> None:
     if bad.any():
-        i = int(np.flatnonzero(bad)[0])
-        value = raw.df[col].iat[i]
-        shown = "" if _is_blank(value) else f" ({value!r})"
-        raise WorkloadError(f"{raw.where(i)}: column {col} {problem}{shown}")
+        _fail(raw, col, bad, problem)
 
 
 def _is_blank(value: Any) -> bool:
@@ -168,38 +173,44 @@ def texts(raw: Raw, col: str) -> np.ndarray:
     """A text column (model names, ids) as strings, refusing blanks."""
     column = raw.df[col]
     blank = np.fromiter((_is_blank(v) for v in column), dtype=bool, count=len(column))
-    _first_bad(raw, col, blank, "is empty")
+    _check(raw, col, blank, "is empty")
     return column.astype(str).to_numpy(dtype=object)
 
 
-def numbers(raw: Raw, col: str, *, integer: bool = True) -> np.ndarray:
-    """A numeric column as float64, refusing blanks, text, negatives and (if integer) fractions."""
+def numbers(raw: Raw, col: str, *, integer: bool = True, signed: bool = False) -> np.ndarray:
+    """A numeric column as float64, refusing blanks, text, fractions (if integer), negatives (unless signed)."""
     values = pd.to_numeric(raw.df[col], errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
     nan = ~np.isfinite(values)
     if nan.any():
-        i = int(np.flatnonzero(nan)[0])
-        what = "is empty" if _is_blank(raw.df[col].iat[i]) else "is not a number"
-        _first_bad(raw, col, np.arange(len(values)) == i, what)
-    _first_bad(raw, col, values < 0, "is negative")
+        first = int(np.flatnonzero(nan)[0])
+        what = "is empty" if _is_blank(raw.df[col].iat[first]) else "is not a number"
+        _fail(raw, col, nan, what)
+    if not signed:
+        _check(raw, col, values < 0, "is negative")
     if integer:
-        _first_bad(raw, col, values != np.floor(values), "is not an integer")
+        _check(raw, col, values != np.floor(values), "is not an integer")
     return values
 
 
 def seconds(raw: Raw, col: str, per_unit: float = 1.0) -> np.ndarray:
-    """Timestamps as seconds since the earliest one: numbers (× per_unit) or date-time strings.
+    """Numeric timestamps (in units of `per_unit` seconds) as seconds since the earliest one."""
+    values = numbers(raw, col, integer=False, signed=True)
+    return (values - values.min()) * per_unit
 
-    Date-times are parsed as ISO 8601, which covers Azure 2023 (7 fractional digits, no zone) and
-    Azure 2024 (6 digits, "+00:00"); values without a zone are taken as UTC.
+
+def datetime_seconds(raw: Raw, col: str) -> np.ndarray:
+    """ISO 8601 date-time strings as seconds since the earliest one.
+
+    ISO 8601 covers Azure 2023 ("2023-11-16 18:15:46.6805900", 7 fractional digits, no zone) and
+    Azure 2024 ("2024-05-10 00:00:00.009930+00:00"); values without a zone are taken as UTC.
     """
     column = raw.df[col]
-    numeric = pd.to_numeric(column, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan)
-    if np.isfinite(numeric).all():
-        return (numeric - numeric.min()) * per_unit
-    blank = np.fromiter((_is_blank(v) for v in column), dtype=bool, count=len(column))
-    _first_bad(raw, col, blank, "is empty")
     stamps = pd.to_datetime(column.astype(str), format="ISO8601", utc=True, errors="coerce")
-    _first_bad(raw, col, stamps.isna().to_numpy(), "is neither a number nor an ISO 8601 date-time")
+    bad = stamps.isna().to_numpy()
+    if bad.any():
+        blank = np.fromiter((_is_blank(v) for v in column), dtype=bool, count=len(column))
+        _check(raw, col, blank, "is empty")
+        _fail(raw, col, bad, "is not an ISO 8601 date-time")
     return (stamps - stamps.min()).dt.total_seconds().to_numpy(dtype=np.float64)
 
 
@@ -248,7 +259,7 @@ def finish(
     if start_s is not None or end_s is not None:
         workload = ops.window(workload, start_s, end_s)
     if condense != 1.0:
-        workload = ops.condense(workload, condense)
+        workload = ops.rescale_rate(workload, condense)
     return workload
 
 

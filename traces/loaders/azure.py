@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from traces.loaders._common import finish, numbers, read_csv, seconds
+from traces.loaders._common import datetime_seconds, finish, numbers, read_csv
 from traces.schema import DropLog, Workload
 
 
@@ -28,7 +28,7 @@ def load_azure(
     raw.require("TIMESTAMP", "ContextTokens", "GeneratedTokens")
     frame = pd.DataFrame(
         {
-            "arrival_s": seconds(raw, "TIMESTAMP"),
+            "arrival_s": datetime_seconds(raw, "TIMESTAMP"),
             "prompt_tokens": numbers(raw, "ContextTokens").astype(np.int64),
             "output_tokens": numbers(raw, "GeneratedTokens").astype(np.int64),
             "model": model,
