@@ -13,8 +13,10 @@ Two kinds, and every result says which it came from:
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -170,17 +172,18 @@ class TableCostModel:
         return self._lookup("decode", model, tp, sm_pct, batch, ctx_len)
 
     def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray:
-        seq, values = self._curve(self.key(model), tp, int(sm_pct), int(batch), "decode")
+        curve = self._curve(self.key(model), tp, int(sm_pct), int(batch), "decode")
         ctx = np.asarray(ctx_lens, dtype=float)
-        if ctx.size and (ctx[0] < seq[0] or ctx[-1] > seq[-1] or ctx.min() < seq[0] or ctx.max() > seq[-1]):
-            self._note(self.key(model), tp, "seq_len", float(ctx.max() if ctx.max() > seq[-1] else ctx.min()), int(ctx.size))
-        return _interp_linear(ctx, seq, values)
+        outside = int(np.count_nonzero((ctx < curve.lo) | (ctx > curve.hi)))
+        if outside:
+            self._note(self.key(model), tp, "seq_len", float(ctx.max() if ctx.max() > curve.hi else ctx.min()), outside)
+        return curve.at_many(ctx)
 
     def _lookup(self, phase: PhaseName, model: ModelSpec, tp: int, sm_pct: int, batch: int, length: float) -> float:
-        seq, values = self._curve(self.key(model), tp, int(sm_pct), int(batch), phase)
-        if length < seq[0] or length > seq[-1]:
+        curve = self._curve(self.key(model), tp, int(sm_pct), int(batch), phase)
+        if length < curve.lo or length > curve.hi:
             self._note(self.key(model), tp, "seq_len", float(length))
-        return float(_interp_linear(np.array([float(length)]), seq, values)[0])
+        return curve.at(float(length))
 
     def _note(self, model: str, tp: int, axis: str, value: float, n: int = 1) -> None:
         if self.extrapolation == "error":
@@ -191,7 +194,7 @@ class TableCostModel:
                         self.label, model, tp, axis, value)
         self.extrapolated[(model, tp, axis)] += n
 
-    def _curve_uncached(self, model: str, tp: int, sm_pct: int, batch: int, phase: PhaseName) -> tuple[np.ndarray, np.ndarray]:
+    def _curve_uncached(self, model: str, tp: int, sm_pct: int, batch: int, phase: PhaseName) -> Curve:
         """Latency along the length axis at one (sm, batch): the unit every lookup interpolates from."""
         grid = self.grids.get((model, tp))
         if grid is None:
@@ -208,22 +211,46 @@ class TableCostModel:
         i, j, w = _bracket(grid.sm, sm_pct)
         plane = (1 - w) * cube[i] + w * cube[j]
         bi, bj, bw = _bracket(grid.batch, batch)
-        return grid.seq, (1 - bw) * plane[bi] + bw * plane[bj]
+        return Curve.of(grid.seq, (1 - bw) * plane[bi] + bw * plane[bj])
 
 
-def _interp_linear(x: np.ndarray, xp: np.ndarray, fp: np.ndarray) -> np.ndarray:
-    """Piecewise-linear in xp, extended linearly past both ends; NaN (unmeasured) becomes +inf."""
-    if len(xp) == 1:
-        y = np.full_like(x, fp[0], dtype=float)
-    else:
-        y = np.interp(x, xp, fp)
-        lo, hi = x < xp[0], x > xp[-1]
-        if lo.any():
-            y[lo] = fp[0] + (x[lo] - xp[0]) * (fp[1] - fp[0]) / (xp[1] - xp[0])
-        if hi.any():
-            y[hi] = fp[-1] + (x[hi] - xp[-1]) * (fp[-1] - fp[-2]) / (xp[-1] - xp[-2])
-    y = np.where(np.isnan(y), np.inf, y)
-    return np.maximum(y, 0.0)
+@dataclass(frozen=True)
+class Curve:
+    """Latency along the length axis, piecewise linear and extended linearly past both ends.
+
+    The scalar and the vector evaluation do the same float operations in the same order, so a run
+    of decode steps timed at once equals the same steps timed one by one, bit for bit.
+    """
+
+    xp: tuple[float, ...]
+    fp: tuple[float, ...]
+    slope: tuple[float, ...]
+
+    @classmethod
+    def of(cls, xp: np.ndarray, fp: np.ndarray) -> Curve:
+        if len(xp) == 1:
+            return cls((float(xp[0]),), (float(fp[0]),), (0.0,))
+        slope = np.diff(fp) / np.diff(xp)
+        return cls(tuple(map(float, xp)), tuple(map(float, fp)), tuple(map(float, slope)))
+
+    @property
+    def lo(self) -> float:
+        return self.xp[0]
+
+    @property
+    def hi(self) -> float:
+        return self.xp[-1]
+
+    def at(self, x: float) -> float:
+        j = min(max(bisect.bisect_right(self.xp, x) - 1, 0), max(len(self.xp) - 2, 0))
+        y = self.fp[j] + self.slope[j] * (x - self.xp[j])
+        return math.inf if math.isnan(y) else max(y, 0.0)
+
+    def at_many(self, x: np.ndarray) -> np.ndarray:
+        xp, fp, slope = np.asarray(self.xp), np.asarray(self.fp), np.asarray(self.slope)
+        j = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, max(len(xp) - 2, 0))
+        y = fp[j] + slope[j] * (x - xp[j])
+        return np.maximum(np.where(np.isnan(y), np.inf, y), 0.0)
 
 
 @dataclass

@@ -65,6 +65,7 @@ class LLMState:
     kv_quota: int = 0
     prefill_idle_since: float = -1.0
     decode_idle_since: float = -1.0
+    running_busy: int = 0  # how many of `running` are inside a job
 
     def view(self) -> LLMView:
         return LLMView(self.placement, self.chunk_blocks, ReadOnlyQueue(self.waiting),
@@ -253,6 +254,7 @@ class Simulator:
         for r, g in zip(batch, growth, strict=True):
             r.blocks += g
             r.busy = True
+        llm.running_busy += len(decoding)
         llm.kv_used += sum(growth)
         us.kv_free -= sum(growth)
         us.sm_free -= launch.sm_units
@@ -334,7 +336,7 @@ class Simulator:
                 need = blocks_for_tokens(head.context_tokens, llm.chunk_blocks) - head.blocks
                 if need <= min(llm.kv_quota - llm.kv_used, us.kv_free):
                     return True
-            if any(not r.busy for r in llm.running):
+            if llm.running_busy < len(llm.running):
                 return True  # an idle decode process with work, or requests left out of a batch
         return False
 
@@ -358,6 +360,7 @@ class Simulator:
             r.busy = False
             if math.isnan(r.first_token_s):
                 r.first_token_s = job.end
+        llm.running_busy -= len(job.batch) - job.admitted
         for r in job.batch[: job.admitted]:
             # Oldest first, whatever order same-instant events were processed in.
             bisect.insort(llm.running, r, key=_age)
@@ -417,6 +420,7 @@ class Job:
     steps: int | None = None  # decode runs only: number of steps in this run
     boundaries: np.ndarray = field(default_factory=lambda: np.empty(0))
     final_blocks: list[int] = field(default_factory=list)
+    _ctx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def plan(self, cost: CostModel, now: float, slack: int, horizon: float) -> None:
         """Choose how many steps this decode run covers and when each ends.
@@ -426,43 +430,55 @@ class Job:
         (−inf: a single step).
         """
         n = len(self.batch)
-        ctx = np.fromiter((r.context_tokens for r in self.batch), dtype=np.int64, count=n)
+        self._one_step(cost, now, sum(r.context_tokens for r in self.batch) / n)
+        if self.end >= horizon or min(r.remaining_tokens for r in self.batch) == 1:
+            return  # the first step already reaches the next event: the common case under load
         max_steps = min(r.remaining_tokens for r in self.batch)
-        if horizon > -math.inf and max_steps > 1:
-            # Request j needs one more chunk at steps first_j, first_j + BLOCK_TOKENS, ...
-            first = (1 - ctx) % BLOCK_TOKENS
-            first[first == 0] = BLOCK_TOKENS
-            crossings = (first[:, None] + BLOCK_TOKENS * np.arange(max_steps // BLOCK_TOKENS + 1)).ravel()
-            growth = np.cumsum(np.bincount(crossings[crossings < max_steps], minlength=max_steps))
-            over = np.flatnonzero(growth * self.llm.chunk_blocks > slack)
-            if over.size:
-                max_steps = int(over[0])
-        else:
-            max_steps = 1
+        ctx = np.fromiter((r.context_tokens for r in self.batch), dtype=np.int64, count=n)
+        # Request j needs one more chunk at steps first_j, first_j + BLOCK_TOKENS, ...
+        first = (1 - ctx) % BLOCK_TOKENS
+        first[first == 0] = BLOCK_TOKENS
+        crossings = (first[:, None] + BLOCK_TOKENS * np.arange(max_steps // BLOCK_TOKENS + 1)).ravel()
+        growth = np.cumsum(np.bincount(crossings[crossings < max_steps], minlength=max_steps))
+        over = np.flatnonzero(growth * self.llm.chunk_blocks > slack)
+        if over.size:
+            max_steps = int(over[0])
+            if max_steps == 1:
+                return
         # Integer sums, then one division: the same mean context step-by-step execution computes.
         means = (int(ctx.sum()) + n * np.arange(max_steps, dtype=np.int64)) / n
         durations = cost.decode_times(self.llm.spec, self.llm.placement.tp, self.sm_pct, n, means)
-        if not np.all(np.isfinite(durations)):
-            raise SimulationError(f"{cost.label}: no decode latency for {self.llm.placement.name} "
-                                  f"({self.llm.spec.name}) batch {n} at {self.sm_pct}% SM (unmeasured cell)")
+        self._check(durations.max(), cost)
         # Sequential sums from `now`: bit-identical to SimPy adding one step at a time.
         self.boundaries = np.add.accumulate(np.concatenate(([now], durations)))[1:]
-        self._set_steps(min(self._steps_to(horizon), max_steps), ctx)
+        self._ctx = ctx
+        self._set_steps(min(self._steps_to(horizon), max_steps))
+
+    def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
+        d = cost.decode_time(self.llm.spec, self.llm.placement.tp, self.sm_pct, len(self.batch), mean_ctx)
+        self._check(d, cost)
+        self.steps, self.end = 1, now + d
+        self.final_blocks = [r.blocks for r in self.batch]
+
+    def _check(self, duration: float, cost: CostModel) -> None:
+        if not math.isfinite(duration):
+            raise SimulationError(f"{cost.label}: no decode latency for {self.llm.placement.name} "
+                                  f"({self.llm.spec.name}) batch {len(self.batch)} at {self.sm_pct}% SM "
+                                  "(unmeasured cell)")
 
     def _steps_to(self, t: float) -> int:
         """Steps up to and including the first boundary at or after `t`."""
         return int(np.searchsorted(self.boundaries, t, side="left")) + 1
 
-    def _set_steps(self, k: int, ctx: np.ndarray) -> None:
+    def _set_steps(self, k: int) -> None:
         self.steps = k
         self.end = float(self.boundaries[k - 1])
-        self.final_blocks = [blocks_for_tokens(int(c) + k - 1, self.llm.chunk_blocks) for c in ctx]
+        self.final_blocks = [blocks_for_tokens(int(c) + k - 1, self.llm.chunk_blocks) for c in self._ctx]
 
     def truncate(self, t: float) -> None:
         """End at the first step boundary at or after `t`, if that is earlier than planned."""
-        if self.end > t:
-            ctx = np.fromiter((r.context_tokens for r in self.batch), dtype=np.int64, count=len(self.batch))
-            self._set_steps(self._steps_to(t), ctx)
+        if self.steps is not None and self.steps > 1 and self.end > t:
+            self._set_steps(self._steps_to(t))
 
 
 def _age(r: Request) -> tuple[float, int]:

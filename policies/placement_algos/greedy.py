@@ -130,8 +130,8 @@ def best_group(est: Estimator) -> GroupSearch:
             raise PlacementError("no mesh group offers every LLM a mesh size it fits")
         d = est.demands[stuck[1]]
         raise PlacementError(
-            f"LLM {d.name!r} ({d.model.name}): no mesh has room left for it in any mesh group "
-            f"(memory or the {est.opts.sm_budget}% decode SM budget; {stuck[0]} LLMs placed before it)")
+            f"LLM {d.name!r} ({d.model.name}): the greedy found no mesh with room for it in any mesh group "
+            f"(memory or the {est.opts.sm_budget}% decode SM budget; at best {stuck[0]} LLMs were placed before it)")
     return GroupSearch(best[0], len(groups), evaluated)
 
 
