@@ -48,7 +48,10 @@ def token_counter(tokenizer: str | None = None) -> TokenCounter:
         ) from None
     except Exception as e:  # transformers raises OSError, ValueError, … for missing/broken files
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WorkloadError(f"tokenizer {tokenizer!r}: cannot load it locally ({reason})") from None
+        raise WorkloadError(
+            f"tokenizer {tokenizer!r}: cannot load it locally: not a tokenizer directory and not in the "
+            f"Hugging Face cache ({reason})"
+        ) from None
 
     def count(texts: Sequence[str]) -> np.ndarray:
         if not texts:

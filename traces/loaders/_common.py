@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 import numpy as np
 import pandas as pd
 
+from traces import ops
 from traces.schema import REQUIRED_COLUMNS, DropLog, Workload, WorkloadError
 
 
@@ -38,9 +39,6 @@ class Raw:
             raise WorkloadError(
                 f"{self.path}: missing column(s) {', '.join(missing)} (found: {have})"
             )
-
-    def with_df(self, df: pd.DataFrame) -> Raw:
-        return Raw(self.path, df, self.unit)
 
 
 def existing_file(path: str | Path) -> Path:
@@ -154,6 +152,8 @@ def _fail(raw: Raw, col: str, bad: np.ndarray, problem: str) -> NoReturn:
     """Raise for the first row where `bad` is true (the caller knows there is one)."""
     i = int(np.flatnonzero(bad)[0])
     value = raw.df[col].iat[i]
+    if isinstance(value, np.generic):  # show -3, not np.int64(-3)
+        value = value.item()
     shown = "" if _is_blank(value) else f" ({value!r})"
     raise WorkloadError(f"{raw.where(i)}: column {col} {problem}{shown}")
 
@@ -237,8 +237,6 @@ def finish(
     output_tokens, model and source_row. The window is in those original seconds and is applied
     before `condense` divides every arrival time.
     """
-    from traces import ops
-
     frame = drop_empty_lengths(frame, drops)
     if frame.empty:
         raise WorkloadError(f"{raw.path}: no requests left after dropping {_reasons(drops)}")

@@ -26,7 +26,7 @@ from traces.schema import DropLog, Workload, WorkloadError
 from traces.synthetic import arrivals_count
 from traces.tokens import token_counter
 
-COLUMNS = ("conversation_id", "model", "conversation", "turn", "tstamp")
+COLUMNS = ("model", "conversation", "tstamp")  # also in the data: conversation_id, turn, language
 
 
 def load_lmsys(
@@ -58,6 +58,8 @@ def load_lmsys(
             else "missing column tstamp (pass rate= to draw arrivals)"
         )
         raise WorkloadError(f"{path}: {why}")
+    if rate is not None and not rate > 0:
+        raise WorkloadError(f"{path}: rate must be > 0 req/s (got {rate})")
     frame = pd.DataFrame(
         {
             "pos": np.arange(len(raw.df)),

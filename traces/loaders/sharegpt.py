@@ -33,6 +33,8 @@ def load_sharegpt(
     Hugging Face tokenizer path/name, else token counts are approximate (recorded in meta).
     """
     path = existing_file(path)
+    if not rate > 0:
+        raise WorkloadError(f"{path}: rate must be > 0 req/s (got {rate})")
     records = read_json_list(path)
     for i, rec in enumerate(records):
         if "conversations" not in rec:
