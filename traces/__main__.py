@@ -83,7 +83,8 @@ def _load(args: argparse.Namespace) -> Workload:
 
 def _write(workload: Workload, path: str) -> None:
     workload.write(path)
-    print(f"wrote {len(workload)} requests ({len(workload.models)} models) to {path}")
+    n = len(workload.models)
+    print(f"wrote {len(workload)} requests ({n} model{'s' * (n != 1)}) to {path}")
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
