@@ -32,20 +32,20 @@ from traces.schema import Workload, WorkloadError
 from traces.spec import SETUPS, setup
 from traces.synthetic import generate
 
-# CLI flag destination -> loader keyword; only flags the user actually gave are passed on, so
-# each loader's own defaults apply and a flag a format does not take is reported, not ignored.
-_LOADER_OPTIONS = {
-    "model": "model",
-    "models": "models",
-    "rate": "rate",
-    "seed": "seed",
-    "cv": "cv",
-    "tokenizer": "tokenizer",
-    "start": "start_s",
-    "end": "end_s",
-    "condense": "condense",
-    "duration": "duration_s",
-}
+# Loader keywords the CLI can set. Only flags the user actually gave are passed on, so each
+# loader's own defaults apply, and a flag that a format does not take is reported, not ignored.
+_LOADER_OPTIONS = (
+    "model",
+    "models",
+    "rate",
+    "seed",
+    "cv",
+    "tokenizer",
+    "start_s",
+    "end_s",
+    "condense",
+    "duration_s",
+)
 
 
 def _mapping(text: str) -> dict[str, str]:
@@ -65,19 +65,27 @@ def _loader_flags() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seed for drawn arrivals")
     g.add_argument("--cv", type=float, help="CV of drawn inter-arrival times (1 = Poisson)")
     g.add_argument("--tokenizer", help="local Hugging Face tokenizer (default: approximate count)")
-    g.add_argument("--start", type=float, help="window start, s since the first timestamp")
-    g.add_argument("--end", type=float, help="window end (exclusive), s since the first timestamp")
+    g.add_argument(
+        "--start", dest="start_s", type=float, help="window start, s since the first timestamp"
+    )
+    g.add_argument(
+        "--end",
+        dest="end_s",
+        type=float,
+        help="window end (exclusive), s since the first timestamp",
+    )
     g.add_argument("--condense", type=float, help="divide inter-arrival times by this (MuxServe)")
-    g.add_argument("--duration", type=float, help="seconds of requests to generate (models YAML)")
+    g.add_argument(
+        "--duration",
+        dest="duration_s",
+        type=float,
+        help="seconds of requests to generate (models YAML)",
+    )
     return p
 
 
 def _load(args: argparse.Namespace) -> Workload:
-    options = {
-        kw: getattr(args, flag)
-        for flag, kw in _LOADER_OPTIONS.items()
-        if getattr(args, flag) is not None
-    }
+    options = {k: getattr(args, k) for k in _LOADER_OPTIONS if getattr(args, k) is not None}
     return load(args.input, args.format, **options)
 
 

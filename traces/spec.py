@@ -46,6 +46,7 @@ class WorkloadSpec:
     label: str = ""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "llms", tuple(self.llms))  # a list is accepted, stored immutably
         names = [m.name for m in self.llms]
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
