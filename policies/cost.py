@@ -211,7 +211,10 @@ class TableCostModel:
         i, j, w = _bracket(grid.sm, sm_pct)
         plane = (1 - w) * cube[i] + w * cube[j]
         bi, bj, bw = _bracket(grid.batch, batch)
-        return Curve.of(grid.seq, (1 - bw) * plane[bi] + bw * plane[bj])
+        values = (1 - bw) * plane[bi] + bw * plane[bj]
+        return Curve.of(grid.seq, values) if self.extrapolation == "linear" else Curve(
+            tuple(map(float, grid.seq)), tuple(map(float, values)),
+            tuple(map(float, np.diff(values) / np.diff(grid.seq))) or (0.0,))
 
 
 @dataclass(frozen=True)
@@ -228,6 +231,11 @@ class Curve:
 
     @classmethod
     def of(cls, xp: np.ndarray, fp: np.ndarray) -> Curve:
+        """Curve through the measured points; unmeasured (NaN) points past the last measured one are
+        dropped, so lookups there count as extrapolation rather than as infeasible."""
+        measured = np.flatnonzero(~np.isnan(fp))
+        if measured.size >= 2:
+            xp, fp = xp[: measured[-1] + 1], fp[: measured[-1] + 1]
         if len(xp) == 1:
             return cls((float(xp[0]),), (float(fp[0]),), (0.0,))
         slope = np.diff(fp) / np.diff(xp)

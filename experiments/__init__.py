@@ -1,0 +1,1 @@
+"""Entry points: Hydra apps that turn configs into placements, simulations, tables and figures."""
