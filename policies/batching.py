@@ -129,15 +129,11 @@ class ADBS:
                  or blocks_for_tokens(x.waiting[0].context_tokens, x.chunk_blocks) > x.kv_quota - x.kv_used)]
         if not needy:
             return quotas
-        freed = 0
         for x in view.llms:
             if x in needy or x.kv_used >= self.low_util * x.kv_quota:
                 continue
-            keep = max(min_blocks[x.name], int(x.kv_used / self.low_util))
-            if keep < quotas[x.name]:
-                freed += quotas[x.name] - keep
-                quotas[x.name] = keep
-        freed += pool - sum(quotas.values())  # leftovers go to the longest queues too
+            quotas[x.name] = min(quotas[x.name], max(min_blocks[x.name], int(x.kv_used / self.low_util)))
+        freed = pool - sum(quotas.values())  # what donors gave up, plus any leftovers
         queue = {x.name: float(len(x.waiting)) for x in needy}
         for name, extra in proportional_split(freed, queue, {}).items():
             quotas[name] += extra

@@ -1,0 +1,172 @@
+"""The simulator against hand arithmetic, and its invariants as properties."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from policies.batching import make_batching
+from policies.placement import blocks_for_tokens, blocks_per_chunk
+from sim import Simulator, SimulationError
+from sim.engine import UnitState
+from tests.sim_helpers import SPECS, one_unit, table, workload
+
+
+def simulate(wl, placement, policy="fcfs", cost=None, **kw):
+    return Simulator(wl, placement, make_batching(policy), cost or table(), SPECS, **kw).run()
+
+
+def test_single_request_matches_hand_arithmetic():
+    # prefill 0.1 s, decode 0.01 s/step: first token at 1.1, three decode steps → finish at 1.13.
+    res = simulate(workload([("a", 1.0, 10, 4)]), one_unit(["a"]))
+    r = res.records.iloc[0]
+    assert r.status == "finished"
+    assert r.first_token_s == pytest.approx(1.1)
+    assert r.finish_s == pytest.approx(1.13)
+    assert (r.finish_s - r.first_token_s) / r.output_tokens == pytest.approx(0.0075)
+
+
+def test_batched_requests_share_prefill_and_decode_steps():
+    # Both arrive at 0: one prefill batch (0.1 s), then decode steps together; b has one more token.
+    res = simulate(workload([("a", 0.0, 10, 3), ("a", 0.0, 20, 4)]), one_unit(["a"]))
+    rec = res.records.sort_values("request_id")
+    assert rec.first_token_s.tolist() == pytest.approx([0.1, 0.1])
+    assert rec.finish_s.tolist() == pytest.approx([0.12, 0.13])
+
+
+def test_fcfs_runs_one_job_at_a_time_across_llms():
+    # b arrives while a's prefill runs: it waits for it, then goes before a's decodes (prefill first).
+    res = simulate(workload([("a", 0.0, 10, 2), ("b", 0.05, 10, 2)]), one_unit(["a", "b"]))
+    rec = res.records.set_index("model")
+    assert rec.loc["a", "first_token_s"] == pytest.approx(0.1)
+    assert rec.loc["b", "first_token_s"] == pytest.approx(0.2)
+    assert rec.loc["a", "finish_s"] == pytest.approx(0.21)
+
+
+def test_adbs_overlaps_prefill_of_one_llm_with_decode_of_another():
+    # a decodes (40% SM) while b's prefill (80%) runs beside it: a is not delayed by b's prefill.
+    res = simulate(workload([("a", 0.0, 10, 20), ("b", 0.15, 10, 2)]), one_unit(["a", "b"]), policy="adbs")
+    rec = res.records.set_index("model")
+    assert rec.loc["a", "finish_s"] == pytest.approx(0.1 + 19 * 0.01)
+    assert rec.loc["b", "first_token_s"] == pytest.approx(0.25)
+
+
+def test_unplaced_llm_fails_fast_naming_it():
+    with pytest.raises(SimulationError, match="ghost"):
+        simulate(workload([("ghost", 0.0, 10, 2)]), one_unit(["a"]))
+
+
+def test_request_too_long_for_the_pool_is_reported_failed_with_reason():
+    chunk = blocks_per_chunk(SPECS["llama-7b"])
+    res = simulate(workload([("a", 0.0, 100, 100), ("a", 0.1, 10, 2)]),
+                   one_unit(["a"], kv_blocks=blocks_for_tokens(64, chunk)))
+    rec = res.records.sort_values("request_id")
+    assert rec.status.tolist() == ["failed", "finished"]
+    assert "KV blocks" in rec.reason.iloc[0]
+
+
+def test_full_pool_preempts_and_counts_then_finishes_everything():
+    chunk = blocks_per_chunk(SPECS["llama-7b"])
+    wl = workload([("a", 0.0, 30, 60), ("a", 0.0, 30, 60), ("a", 0.0, 30, 60)])
+    res = simulate(wl, one_unit(["a"], kv_blocks=blocks_for_tokens(200, chunk)))
+    assert set(res.records.status) == {"finished"}
+    assert res.records.preemptions.sum() > 0
+    assert res.stats["preemptions"] == res.records.preemptions.sum()
+
+
+def test_horizon_reports_unfinished_and_later_requests_as_failed():
+    wl = workload([("a", 0.0, 10, 500), ("a", 5.0, 10, 2)])
+    res = simulate(wl, one_unit(["a"]), horizon_s=1.0)
+    rec = res.records.sort_values("request_id")
+    assert rec.status.tolist() == ["failed", "failed"]
+    assert "horizon" in rec.reason.iloc[0] and "after horizon" in rec.reason.iloc[1]
+
+
+def test_policy_overcommitting_sm_units_is_caught():
+    class Greedy:
+        name, exclusive, quota_period_s = "greedy", False, 0.0
+
+        def quotas(self, view):
+            return {x.name: view.kv_blocks_total // len(view.llms) for x in view.llms}
+
+        def decide(self, view):
+            from policies.view import Launch
+            return [Launch(x.name, "prefill", (x.waiting[0].request_id,), 10) for x in view.llms if x.waiting]
+
+    wl = workload([("a", 0.0, 10, 2), ("b", 0.0, 10, 2)])
+    with pytest.raises(SimulationError, match="over-committed SM units"):
+        Simulator(wl, one_unit(["a", "b"]), Greedy(), table(), SPECS).run()
+
+
+# ---- properties -------------------------------------------------------------------------------
+
+requests = st.lists(
+    st.tuples(st.sampled_from(["a", "b", "c"]), st.floats(0, 3, allow_nan=False),
+              st.integers(1, 300), st.integers(1, 80)),
+    min_size=1, max_size=40,
+)
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Checked(Simulator):
+    """Checks the budgets after every decision: SM units and KV blocks never over-committed."""
+
+    def _decide(self, us: UnitState) -> None:
+        super()._decide(us)
+        assert 0 <= us.sm_free <= us.unit.sm_units
+        assert 0 <= us.kv_free <= us.unit.kv_blocks
+        assert sum(x.kv_used for x in us.llms.values()) + us.kv_free == us.unit.kv_blocks
+        if not self.policy.exclusive:
+            assert sum(x.kv_quota for x in us.llms.values()) <= us.unit.kv_blocks
+            assert all(x.kv_used <= x.kv_quota for x in us.llms.values())
+
+
+def _run(rows, policy, mode, skip, kv_blocks, cost):
+    wl = workload(rows)
+    placement = one_unit(["a", "b", "c"], kv_blocks=kv_blocks, max_batch=8, rates=[3.0, 2.0, 1.0])
+    res = Checked(wl, placement, make_batching(policy), cost, SPECS, mode=mode, skip_steps=skip).run()
+    return wl, res.records.sort_values("request_id").reset_index(drop=True)
+
+
+@PROPERTY
+@given(rows=requests, policy=st.sampled_from(["adbs", "fcfs", "round_robin"]),
+       mode=st.sampled_from(["split", "mixed"]), tight=st.booleans())
+def test_every_request_is_reported_exactly_once_and_budgets_hold(rows, policy, mode, tight):
+    chunk = blocks_per_chunk(SPECS["llama-7b"])
+    kv = blocks_for_tokens(2048, chunk) * (3 if tight else 300)
+    wl, rec = _run(rows, policy, mode, True, kv, table(per_token=1e-4))
+    assert sorted(rec.request_id) == sorted(wl.df.request_id)
+    done = rec[rec.status == "finished"]
+    assert (done.first_token_s >= done.arrival_s).all()
+    assert (done.finish_s >= done.first_token_s).all()
+
+
+@PROPERTY
+@given(rows=requests, policy=st.sampled_from(["adbs", "fcfs", "round_robin"]),
+       mode=st.sampled_from(["split", "mixed"]), tight=st.booleans())
+def test_skipping_decode_steps_equals_step_by_step(rows, policy, mode, tight):
+    chunk = blocks_per_chunk(SPECS["llama-7b"])
+    kv = blocks_for_tokens(2048, chunk) * (3 if tight else 300)
+    cost = table(per_token=1e-4)
+    _, fast = _run(rows, policy, mode, True, kv, cost)
+    _, slow = _run(rows, policy, mode, False, kv, cost)
+    pd.testing.assert_frame_equal(fast, slow)
+
+
+def test_same_seed_gives_identical_records():
+    from traces.spec import power_law_spec
+    from traces.synthetic import generate
+
+    spec = power_law_spec(["llama-7b"] * 3, 1.0, top_rate=4.0)
+    placement = one_unit(["llm-0", "llm-1", "llm-2"], kv_blocks=200_000)
+    runs = [simulate(generate(spec, 20, seed=7), placement, policy="adbs", cost=table(per_token=1e-4)).records
+            for _ in range(2)]
+    pd.testing.assert_frame_equal(runs[0], runs[1])
+    assert len(runs[0]) > 20 and not math.isnan(runs[0].finish_s.max())
+    other = simulate(generate(spec, 20, seed=8), placement, policy="adbs", cost=table(per_token=1e-4)).records
+    assert not np.array_equal(other.finish_s.to_numpy(), runs[0].finish_s.to_numpy())
