@@ -196,7 +196,7 @@ class _Exclusive:
         return {x.name: view.kv_blocks_total for x in view.llms}
 
     def decide(self, view: UnitView) -> list[Launch]:
-        if any(x.prefill_busy or x.decode_busy for x in view.llms):
+        if view.sm_units_free < SM_UNITS_FULL or any(x.prefill_busy or x.decode_busy for x in view.llms):
             return []
         for llm, phase in self.order(view):
             launch = self.job(llm, phase, view)
