@@ -1,0 +1,177 @@
+"""Compute partitioning: how a placement's SM share becomes a worker process's slice of a device.
+
+- NVIDIA GPU: every worker is an MPS client whose `CUDA_MPS_ACTIVE_THREAD_PERCENTAGE` is its
+  share, under an MPS control daemon that the runner starts and stops itself (`MPSDaemon`), with
+  its pipe and log folders in a temporary folder it owns, so it never touches a daemon it did not
+  start.
+- CPU: the CPU analogue of an SM share is a set of cores. The whole worker process is pinned to
+  them (affinity set before torch is imported, OpenMP told to use exactly those cores), because
+  measured on the project's 2-core machine, two engines whose OpenMP threads share cores run 4.5×
+  slower than either alone (DESIGN.md). Shares round *down* to whole cores (at least one), so a
+  worker never gets more compute than its share; workers whose core sets still overlap must not
+  run at the same time, and the runner time-slices them (`overlapping`).
+
+Everything here is pure except `MPSDaemon`, so the env a worker gets is unit-testable anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from policies.placement import SM_UNIT_PCT, LLMPlacement
+
+Device = Literal["cpu", "cuda"]
+
+
+class PartitionError(RuntimeError):
+    """A share that cannot be given (no cores, no MPS daemon); the message names worker and cause."""
+
+
+@dataclass(frozen=True)
+class Slice:
+    """One worker's part of a unit: the SM share it was started with and, on CPU, its cores."""
+
+    share_pct: int
+    cores: tuple[int, ...] = ()  # CPU only
+    gpus: tuple[int, ...] = ()  # CUDA only: the unit's GPU indices
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def worker_share_pct(llm: LLMPlacement, exclusive: bool) -> int:
+    """The fixed share a mixed-mode worker runs at: whole units, as the policy launches it.
+
+    A process's MPS percentage (or core set) cannot change once it runs, so the runner has to know
+    the share of all of its future launches at start: temporal policies (`exclusive`) launch every
+    job on the whole unit; ADBS launches a mixed step at the LLM's decode share.
+    """
+    if exclusive:
+        return 100
+    return min(100, -(-llm.decode_sm // SM_UNIT_PCT) * SM_UNIT_PCT)
+
+
+def cores_for_share(share_pct: int, ncores: int) -> int:
+    """Whole cores for a share: rounded down, at least one."""
+    if ncores < 1:
+        raise PartitionError("a unit needs at least one CPU core")
+    return max(1, min(ncores, share_pct * ncores // 100))
+
+
+def assign_cores(shares: Sequence[int], cores: Sequence[int]) -> list[tuple[int, ...]]:
+    """Core sets for workers in placement order: consecutive, wrapping round the unit's cores.
+
+    Disjoint whenever the shares fit (Σ cores ≤ len(cores)); beyond that the later workers wrap onto
+    cores already given out, and `overlapping` says which pairs must take turns.
+    """
+    out: list[tuple[int, ...]] = []
+    start = 0
+    for share in shares:
+        k = cores_for_share(share, len(cores))
+        out.append(tuple(cores[(start + i) % len(cores)] for i in range(k)))
+        start = (start + k) % len(cores)
+    return out
+
+
+def overlapping(a: Sequence[int], b: Sequence[int]) -> bool:
+    return bool(set(a) & set(b))
+
+
+def cpu_env(cores: Sequence[int]) -> dict[str, str]:
+    """OpenMP settings for a process pinned to `cores`: one thread per core.
+
+    The process affinity (set by the worker before torch loads) keeps every thread on these cores.
+    `OMP_NUM_THREADS` must be set, or vLLM drops torch to one thread for serving
+    (vllm.utils.torch_utils). `VLLM_CPU_OMP_THREADS_BIND` is only read by vLLM's multiprocess
+    executor; it is set too so that an engine started that way binds the same cores.
+    """
+    return {
+        "OMP_NUM_THREADS": str(len(cores)),
+        "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores),
+    }
+
+
+def mps_env(share_pct: int, gpus: Sequence[int], pipe_dir: str | Path, log_dir: str | Path) -> dict[str, str]:
+    """Env of one MPS client: its GPUs, its SM percentage, and the daemon it must talk to."""
+    if not 1 <= share_pct <= 100:
+        raise PartitionError(f"MPS thread percentage must be within 1..100, got {share_pct}")
+    return {
+        "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus),
+        "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": str(share_pct),
+        "CUDA_MPS_PIPE_DIRECTORY": str(pipe_dir),
+        "CUDA_MPS_LOG_DIRECTORY": str(log_dir),
+    }
+
+
+def available_cores() -> tuple[int, ...]:
+    """The cores this process may run on (respects taskset/cgroups, unlike os.cpu_count)."""
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+def cpu_slices(llms: Sequence[LLMPlacement], exclusive: bool, cores: Sequence[int]) -> list[Slice]:
+    shares = [worker_share_pct(x, exclusive) for x in llms]
+    return [Slice(s, c, env=cpu_env(c)) for s, c in zip(shares, assign_cores(shares, cores), strict=True)]
+
+
+def cuda_slices(llms: Sequence[LLMPlacement], exclusive: bool, gpus: Sequence[int],
+                daemon: MPSDaemon | None) -> list[Slice]:
+    """Without a daemon the workers share the GPUs unpartitioned (e.g. the spatial baseline)."""
+    out = []
+    for x in llms:
+        share = worker_share_pct(x, exclusive)
+        env = (mps_env(share, gpus, daemon.pipe_dir, daemon.log_dir) if daemon
+               else {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)})
+        out.append(Slice(share, gpus=tuple(gpus), env=env))
+    return out
+
+
+class MPSDaemon:
+    """An MPS control daemon owned by this process: started in a private folder, stopped on exit.
+
+    Using private pipe/log folders keeps it apart from any system-wide daemon; `stop` is idempotent
+    and safe to call from cleanup paths after a crash.
+    """
+
+    def __init__(self, root: str | Path | None = None, control: str = "nvidia-cuda-mps-control") -> None:
+        self.control = control
+        self._own_root = root is None
+        self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="muxsim-mps-"))
+        self.pipe_dir = self.root / "pipe"
+        self.log_dir = self.root / "log"
+        self.running = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"CUDA_MPS_PIPE_DIRECTORY": str(self.pipe_dir), "CUDA_MPS_LOG_DIRECTORY": str(self.log_dir)}
+
+    def start(self) -> None:
+        if shutil.which(self.control) is None:
+            raise PartitionError(f"{self.control} not found: MPS needs the NVIDIA driver's MPS tools on PATH")
+        self.pipe_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([self.control, "-d"], env={**os.environ, **self.env},
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            raise PartitionError(f"MPS daemon failed to start (exit {done.returncode}): "
+                                 f"{(done.stderr or done.stdout).strip()[-500:]}")
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            self.running = False
+            subprocess.run([self.control], input="quit\n", env={**os.environ, **self.env},
+                           capture_output=True, text=True, timeout=30, check=False)
+        if self._own_root:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def __enter__(self) -> MPSDaemon:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
