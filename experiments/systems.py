@@ -64,9 +64,11 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
                placement_opts: dict[str, Any] | None = None, batching_opts: dict[str, Any] | None = None,
                mode: ExecutionMode = "split", skip_steps: bool = True, horizon_s: float | None = None,
                records_path: str | Path | None = None, extra_specs: dict[str, ModelSpec] | None = None,
-               progress: Callable[[float], None] | None = None, placement: Placement | None = None) -> SystemRun:
-    """Place, simulate and summarise one system on one workload."""
+               progress: Callable[[float], None] | None = None, placement: Placement | None = None,
+               batching: str | None = None) -> SystemRun:
+    """Place, simulate and summarise one system on one workload; `batching` swaps its batcher (ablations)."""
     placer, batcher = SYSTEMS[system]
+    batcher = batching or batcher
     t0 = time.perf_counter()
     if placement is None:
         placement = make_placement(placer, demands_from_workload(workload, extra_specs), cluster, cost,

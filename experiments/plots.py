@@ -1,0 +1,170 @@
+"""The paper's figure types, drawn from muxsim's summary tables, shared by run.py and plot.py.
+
+Every function takes a tidy DataFrame (one row per run × system, or per run × system × LLM) and a
+path, writes one PNG and returns the path, so a figure can be remade from a collected table alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: runs on headless machines and inside joblib workers
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+
+# One colour per system in every figure, so figures can be read side by side.
+SYSTEM_COLORS = {"muxserve": "#1f77b4", "spatial": "#ff7f0e", "temporal": "#2ca02c", "search": "#9467bd"}
+_MARKERS = "osD^vP*X"
+SLO_COLUMN = re.compile(r"^slo_attainment@(?P<scale>[0-9.]+)$")
+
+
+def _color(system: str, i: int) -> str:
+    return SYSTEM_COLORS.get(system, f"C{(i + 4) % 10}")
+
+
+def _save(fig: plt.Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def _systems(df: pd.DataFrame) -> list[str]:
+    return list(pd.unique(df["system"]))
+
+
+def slo_long(summary: pd.DataFrame) -> pd.DataFrame:
+    """The slo_attainment@k columns of a summary table as rows (system, scale, attainment, …)."""
+    cols = {c: float(m["scale"]) for c in summary.columns if (m := SLO_COLUMN.match(c))}
+    keep = [c for c in summary.columns if c not in cols]
+    long = summary.melt(id_vars=keep, value_vars=list(cols), var_name="column", value_name="attainment")
+    long["scale"] = long["column"].map(cols)
+    return long.drop(columns="column").sort_values("scale")
+
+
+def line_per_system(df: pd.DataFrame, x: str, y: str, path: str | Path, *, xlabel: str, ylabel: str,
+                    title: str, logy: bool = False, ylim: tuple[float, float] | None = None) -> Path:
+    """y against x, one line per system; repeated x (other swept values) are averaged, so say so."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    data = df.dropna(subset=[x, y])
+    repeated = bool(data.duplicated(subset=["system", x]).any())
+    for i, system in enumerate(_systems(data)):
+        g = data[data["system"] == system].groupby(x, as_index=False)[y].mean().sort_values(x)
+        ax.plot(g[x], g[y], marker=_MARKERS[i % len(_MARKERS)], color=_color(system, i), label=system)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title + (" (mean over other swept values)" if repeated else ""), fontsize=10)
+    if logy:
+        ax.set_yscale("log")
+    if ylim is not None:
+        ax.set_ylim(*ylim)
+    ax.grid(True, alpha=0.3)
+    ax.legend(title="system")
+    return _save(fig, path)
+
+
+def throughput_vs_alpha(summary: pd.DataFrame, path: str | Path, alpha: str = "alpha") -> Path:
+    """Paper Fig. 5 (top): aggregate throughput as popularity gets more skewed."""
+    return line_per_system(summary, alpha, "throughput_rps", path, xlabel="popularity skew α",
+                           ylabel="throughput (req/s)", title="Throughput vs α")
+
+
+def p99_vs_rate(summary: pd.DataFrame, path: str | Path, rate: str = "rate_rps") -> Path:
+    """Tail latency as offered load grows; a log scale keeps the knee visible next to the flat part."""
+    return line_per_system(summary, rate, "latency_p99_s", path, xlabel="offered rate (req/s)",
+                           ylabel="P99 request latency (s)", title="P99 latency vs rate", logy=True)
+
+
+def slo_curves(summary: pd.DataFrame, path: str | Path, title: str = "SLO attainment vs SLO scale") -> Path:
+    """Paper Fig. 5 (bottom): share of requests within k × their standalone latency."""
+    long = slo_long(summary)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, system in enumerate(_systems(long)):
+        g = long[long["system"] == system].groupby("scale", as_index=False)["attainment"].mean()
+        ax.plot(g["scale"], 100 * g["attainment"], marker=_MARKERS[i % len(_MARKERS)],
+                color=_color(system, i), label=system)
+    ax.set_xscale("log")
+    ax.set_xlabel("SLO scale (× standalone latency, log)")
+    ax.set_ylabel("SLO attainment (%)")
+    ax.set_ylim(-2, 102)
+    ax.axhline(99, color="grey", lw=0.8, ls="--")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(title="system", loc="lower right")
+    return _save(fig, path)
+
+
+def bars_per_system(summary: pd.DataFrame, y: str, path: str | Path, *, ylabel: str, title: str) -> Path:
+    """One bar per system (mean over runs), value printed on top."""
+    g = summary.groupby("system", sort=False)[y].mean()
+    fig, ax = plt.subplots(figsize=(5.2, 4.0))
+    bars = ax.bar(g.index, g.to_numpy(), color=[_color(s, i) for i, s in enumerate(g.index)])
+    ax.bar_label(bars, fmt="%.2f", fontsize=9)
+    ax.set_xlabel("system")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.margins(y=0.15)
+    return _save(fig, path)
+
+
+def max_rate(summary: pd.DataFrame, path: str | Path, column: str = "max_rate_within_slo_rps") -> Path:
+    """Paper Fig. 6 style: the highest rate each system serves at ≥ 99% SLO attainment."""
+    return bars_per_system(summary, column, path, ylabel="highest rate within 99% SLO (req/s)",
+                           title="Highest rate within 99% SLO attainment")
+
+
+def per_llm_throughput(per_llm: pd.DataFrame, path: str | Path, title: str = "Per-LLM throughput") -> Path:
+    """Grouped bars: each LLM's served throughput per system, against its offered rate."""
+    models = list(pd.unique(per_llm["model"]))
+    systems = _systems(per_llm)
+    width = 0.8 / max(len(systems), 1)
+    x = np.arange(len(models))
+    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(models) * max(len(systems), 1) + 2), 4.2))
+    for i, system in enumerate(systems):
+        g = per_llm[per_llm["system"] == system].groupby("model")["throughput_rps"].mean()
+        ax.bar(x + (i - (len(systems) - 1) / 2) * width, g.reindex(models).to_numpy(), width,
+               color=_color(system, i), label=system)
+    if "rate_rps" in per_llm.columns and per_llm["rate_rps"].notna().any():
+        offered = per_llm.groupby("model")["rate_rps"].mean().reindex(models).to_numpy()
+        ax.scatter(x, offered, marker="_", s=400, color="black", zorder=3, label="offered rate")
+    ax.set_xticks(x, models, rotation=45 if len(models) > 8 else 0, ha="right" if len(models) > 8 else "center")
+    ax.set_xlabel("LLM (popularity order)")
+    ax.set_ylabel("throughput (req/s)")
+    if len(models) > 6:
+        ax.set_yscale("log")
+        ax.set_ylabel("throughput (req/s, log)")
+    ax.set_title(title, fontsize=10)
+    ax.legend(title="system", fontsize=8)
+    return _save(fig, path)
+
+
+def latency_cdfs(records: dict[str, pd.DataFrame], path: str | Path) -> Path:
+    """TTFT and TPOT distributions per system: where the P50/P99 in the table come from."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    panels: Sequence[tuple[Axes, str]] = ((axes[0], "TTFT (s, log)"), (axes[1], "TPOT (s/token, log)"))
+    for i, (system, df) in enumerate(records.items()):
+        done = df[df["status"] == "finished"]
+        ttft = (done["first_token_s"] - done["arrival_s"]).to_numpy()
+        tpot = ((done["finish_s"] - done["first_token_s"]) / done["output_tokens"]).to_numpy()
+        for (ax, _), values in zip(panels, (ttft, tpot), strict=True):
+            v = np.sort(values[values > 0])
+            if len(v):
+                ax.plot(v, 100 * np.arange(1, len(v) + 1) / len(v), color=_color(system, i), label=system)
+    for ax, label in panels:
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("requests (%)")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(title="system")
+    axes[0].set_title("Time to first token", fontsize=10)
+    axes[1].set_title("Time per output token", fontsize=10)
+    return _save(fig, path)

@@ -1,0 +1,258 @@
+"""Run one configuration: several systems on the same workload and cluster, with a report.
+
+    python -m experiments.run                                  # the demo (experiment=demo)
+    python -m experiments.run workload.alpha=2.1 systems=[muxserve,spatial]
+    python -m experiments.run -m workload.alpha=0.7,2.1       # a sweep (joblib launcher)
+    python -m experiments.run -m experiment=paper_synthetic    # MuxServe's synthetic figure
+
+Writes into Hydra's run folder: records_<system>.parquet (streamed while simulating, so an
+interrupted run keeps them), summary.csv/.json (one row per system), per_llm.csv, placement_<system>.json
+and PNG figures. Config errors are reported in one line before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pandas as pd
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from experiments import plots
+from experiments.config import (
+    ConfigError,
+    batching_opts,
+    build_cluster,
+    build_cost,
+    build_workload,
+    placement_opts,
+    resolve_runner,
+    system_policies,
+    validate,
+)
+
+log = logging.getLogger("muxsim.run")
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "this input cannot work": reported in one line, not as a traceback."""
+    from policies.cost import CostModelError
+    from policies.placement import PlacementError
+    from policies.specs import SpecError
+    from traces import WorkloadError
+
+    return (ConfigError, CostModelError, PlacementError, SpecError, WorkloadError)
+
+
+# ---- results ------------------------------------------------------------------------------------
+
+@dataclass
+class Results:
+    """What a run produced, per system, in the order the systems ran."""
+
+    out_dir: Path
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    per_llm: pd.DataFrame = field(default_factory=pd.DataFrame)
+    records: dict[str, pd.DataFrame] = field(default_factory=dict)
+    interrupted: bool = False
+    plots: list[Path] = field(default_factory=list)
+
+
+def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
+    """Columns that make a summary row self-describing once sweeps are collected into one table."""
+    df = workload.df
+    span = float(df["arrival_s"].max() - df["arrival_s"].min()) if len(df) > 1 else math.nan
+    facts: dict[str, Any] = {
+        "preset": cfg.preset,
+        "cluster_gpus": int(cfg.cluster.nnodes) * int(cfg.cluster.gpus_per_node),
+        "models": cfg.models.name,
+        "n_llms": int(df["model"].nunique()),
+        "workload": cfg.workload.get("format", "synthetic"),
+        "cost": cfg.cost.kind,
+        "rate_rps": len(df) / span if span and span > 0 else math.nan,
+        "trace_s": span,
+    }
+    if cfg.workload.kind == "synthetic":
+        facts |= {k: cfg.workload[k] for k in ("alpha", "scale", "cv", "duration_s", "seed")}
+    return facts
+
+
+def summary_row(system: str, run: Any, facts: dict[str, Any]) -> dict[str, Any]:
+    placer, batcher = system_policies(system)
+    stats = {k: v for k, v in run.stats.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {"system": system, "placer": placer, "batcher": batcher, **facts, **run.summary.overall,
+            **{f"stat_{k}": v for k, v in stats.items()},
+            "gpus_used": sum(len(u.gpus) for u in run.placement.units)}
+
+
+# ---- progress ------------------------------------------------------------------------------------
+
+class SimProgress:
+    """A tqdm bar of simulated time against the trace end (the simulator reports while arrivals run)."""
+
+    def __init__(self, system: str, total_s: float, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=round(total_s, 1), desc=f"{system:>9}", unit="sim s", disable=not enabled,
+                        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} sim s "
+                                   "[{elapsed}<{remaining}]", leave=True, file=sys.stderr)
+
+    def __call__(self, now: float) -> None:
+        self.bar.update(max(0.0, min(now, self.bar.total) - self.bar.n))
+
+    def close(self) -> None:
+        self(self.bar.total)
+        self.bar.close()
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+def run(cfg: DictConfig, out_dir: Path) -> Results:
+    """Every system of cfg.systems on one workload; partial results are kept on Ctrl-C."""
+    validate(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runner = resolve_runner(cfg)
+    cluster = build_cluster(cfg)
+    cost = build_cost(cfg, cluster)
+    workload = build_workload(cfg)
+    facts = workload_facts(cfg, workload)
+    log.info("%d requests of %d LLMs over %.1f s (%.1f req/s) on %d GPUs; cost model: %s",
+             len(workload.df), facts["n_llms"], facts["trace_s"], facts["rate_rps"], facts["cluster_gpus"],
+             getattr(cost, "label", cost))
+    horizon = cfg.sim.horizon_s
+    bar_total = float(horizon) if horizon is not None else float(workload.df["arrival_s"].max())
+    res = Results(out_dir)
+    rows, per_llm = [], []
+    try:
+        for system in cfg.systems:
+            placer, batcher = system_policies(system)
+            progress = SimProgress(system, bar_total, bool(cfg.report.progress))
+            t0 = time.perf_counter()
+            try:
+                sr = runner(system if "+" not in system else placer, workload, cluster, cost,
+                            placement_opts=placement_opts(cfg, placer), batching_opts=batching_opts(cfg, batcher),
+                            mode=cfg.sim.mode, skip_steps=bool(cfg.sim.skip_steps), horizon_s=horizon,
+                            records_path=out_dir / f"records_{system}.parquet" if cfg.report.records else None,
+                            progress=progress, **_batcher_override(system, batcher))
+            finally:
+                progress.close()
+            log.info("%s: %.1f s wall, %.2f req/s", system, time.perf_counter() - t0,
+                     sr.summary.overall["throughput_rps"])
+            rows.append(summary_row(system, sr, facts))
+            per_llm.append(sr.summary.per_llm.assign(system=system))
+            res.records[system] = sr.records
+            (out_dir / f"placement_{system}.json").write_text(json.dumps(sr.placement.to_dict(), indent=1, default=str))
+    except KeyboardInterrupt:
+        res.interrupted = True
+        log.warning("interrupted: writing the %d system(s) that finished", len(rows))
+    res.summary = pd.DataFrame(rows)
+    res.per_llm = pd.concat(per_llm, ignore_index=True) if per_llm else pd.DataFrame()
+    write_results(res, cfg)
+    return res
+
+
+def _batcher_override(system: str, batcher: str) -> dict[str, Any]:
+    """A "placer+batcher" system tells run_system which batcher to use; named systems need nothing."""
+    return {"batching": batcher} if "+" in system else {}
+
+
+def write_results(res: Results, cfg: DictConfig) -> None:
+    if res.summary.empty:
+        return
+    res.summary.to_csv(res.out_dir / "summary.csv", index=False)
+    (res.out_dir / "summary.json").write_text(json.dumps(
+        {"config": OmegaConf.to_container(cfg, resolve=True), "interrupted": res.interrupted,
+         "systems": res.summary.to_dict(orient="records")}, indent=1, default=_json_default))
+    res.per_llm.to_csv(res.out_dir / "per_llm.csv", index=False)
+    if cfg.report.plots:
+        res.plots = [
+            plots.slo_curves(res.summary, res.out_dir / "slo_attainment.png"),
+            plots.per_llm_throughput(res.per_llm, res.out_dir / "per_llm_throughput.png"),
+            plots.latency_cdfs(res.records, res.out_dir / "latency_cdf.png"),
+        ]
+
+
+def _json_default(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+# ---- the report -----------------------------------------------------------------------------------
+
+def _fmt(value: Any, spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def report(res: Results, cfg: DictConfig) -> None:
+    """The comparison table and ratios; systems that did not run are simply absent."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(stderr=False)
+    if res.summary.empty:
+        console.print("[yellow]no system finished[/]")
+        return
+    s = res.summary.set_index("system")
+    table = Table(title=f"muxsim: {cfg.preset} — {s['n_llms'].iloc[0]} LLMs, {s['cluster_gpus'].iloc[0]} GPUs, "
+                        f"{s['rate_rps'].iloc[0]:.1f} req/s offered")
+    columns = [("throughput", "throughput_rps", ".2f", " req/s"), ("tokens", "tokens_per_s", ".0f", " tok/s"),
+               ("TTFT p50", "ttft_p50_s", ".3f", " s"), ("TTFT p99", "ttft_p99_s", ".2f", " s"),
+               ("TPOT p50", "tpot_p50_s", ".3f", " s"), ("TPOT p99", "tpot_p99_s", ".3f", " s")]
+    columns += [(f"SLO@{k:g}", f"slo_attainment@{k:g}", ".1%", "") for k in cfg.report.slo_scales]
+    columns += [("preempt.", "preemptions", ".0f", ""), ("failed", "failed", ".0f", ""),
+                ("GPUs", "gpus_used", ".0f", "")]
+    table.add_column("system", style="bold")
+    for name, *_ in columns:
+        table.add_column(name, justify="right")
+    for system, row in s.iterrows():
+        table.add_row(str(system), *(_fmt(row.get(key), spec) + unit for _, key, spec, unit in columns))
+    console.print(table)
+    for base in ("spatial", "temporal"):
+        if "muxserve" in s.index and base in s.index and s.loc[base, "throughput_rps"] > 0:
+            t = s.loc["muxserve", "throughput_rps"] / s.loc[base, "throughput_rps"]
+            p99 = s.loc[base, "latency_p99_s"] / s.loc["muxserve", "latency_p99_s"]
+            console.print(f"muxserve vs {base}: {t:.2f}× throughput, {p99:.2f}× lower P99 latency")
+    if res.interrupted:
+        console.print("[yellow]interrupted: partial results[/]")
+    console.print(f"results: {res.out_dir}")
+    for p in res.plots:
+        console.print(f"plot: {p}")
+
+
+# ---- entry points ---------------------------------------------------------------------------------
+
+@hydra.main(config_path="../conf", config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        res = run(cfg, out_dir)
+    except _user_errors() as e:
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            raise
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+    report(res, cfg)
+    if res.interrupted:
+        sys.exit(130)
+    # The sweep's objective, for optimising sweepers: the first system's throughput.
+    return float(res.summary["throughput_rps"].iloc[0]) if not res.summary.empty else None
+
+
+def main() -> None:
+    from experiments.precheck import precheck
+
+    error = precheck(sys.argv[1:], CONF_DIR)
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
