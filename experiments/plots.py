@@ -38,6 +38,11 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
     return path
 
 
+def natural_key(name: str) -> tuple[object, ...]:
+    """llm-2 before llm-10: LLM names carry their popularity rank."""
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name)))
+
+
 def _systems(df: pd.DataFrame) -> list[str]:
     return list(pd.unique(df["system"]))
 
@@ -124,11 +129,11 @@ def max_rate(summary: pd.DataFrame, path: str | Path, column: str = "max_rate_wi
 
 def per_llm_throughput(per_llm: pd.DataFrame, path: str | Path, title: str = "Per-LLM throughput") -> Path:
     """Grouped bars: each LLM's served throughput per system, against its offered rate."""
-    models = list(pd.unique(per_llm["model"]))
+    models = sorted(pd.unique(per_llm["model"]), key=natural_key)
     systems = _systems(per_llm)
     width = 0.8 / max(len(systems), 1)
     x = np.arange(len(models))
-    fig, ax = plt.subplots(figsize=(max(6.4, 0.45 * len(models) * max(len(systems), 1) + 2), 4.2))
+    fig, ax = plt.subplots(figsize=(min(14.0, max(6.4, 0.4 * len(models) + 2)), 4.4))
     for i, system in enumerate(systems):
         g = per_llm[per_llm["system"] == system].groupby("model")["throughput_rps"].mean()
         ax.bar(x + (i - (len(systems) - 1) / 2) * width, g.reindex(models).to_numpy(), width,

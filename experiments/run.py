@@ -112,6 +112,25 @@ class SimProgress:
         self.bar.close()
 
 
+class FileOnly(logging.Filter):
+    """Keeps a noisy logger's warnings out of the console (they still reach run.log), counting them."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix, self.count = prefix, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith(self.prefix) and record.levelno <= logging.WARNING:
+            self.count += 1
+            return False
+        return True
+
+
+def console_handlers() -> list[logging.Handler]:
+    return [h for h in logging.getLogger().handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
 # ---- the run ------------------------------------------------------------------------------------
 
 def run(cfg: DictConfig, out_dir: Path) -> Results:
@@ -130,6 +149,10 @@ def run(cfg: DictConfig, out_dir: Path) -> Results:
     bar_total = float(horizon) if horizon is not None else float(workload.df["arrival_s"].max())
     res = Results(out_dir)
     rows, per_llm = [], []
+    # One extrapolation warning per (model, TP) of the table: worth keeping, not worth a screenful.
+    quiet = FileOnly("policies.cost")
+    for h in console_handlers():
+        h.addFilter(quiet)
     try:
         for system in cfg.systems:
             placer, batcher = system_policies(system)
@@ -152,6 +175,12 @@ def run(cfg: DictConfig, out_dir: Path) -> Results:
     except KeyboardInterrupt:
         res.interrupted = True
         log.warning("interrupted: writing the %d system(s) that finished", len(rows))
+    finally:
+        for h in console_handlers():
+            h.removeFilter(quiet)
+    if quiet.count:
+        log.info("cost model: %d warning(s) (extrapolation past the measured table), see %s",
+                 quiet.count, out_dir / "run.log")
     res.summary = pd.DataFrame(rows)
     res.per_llm = pd.concat(per_llm, ignore_index=True) if per_llm else pd.DataFrame()
     write_results(res, cfg)
@@ -194,25 +223,28 @@ def report(res: Results, cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(stderr=False)
+    console = Console(width=max(Console().width, 110))  # a pipe reports 80 columns
     if res.summary.empty:
         console.print("[yellow]no system finished[/]")
         return
     s = res.summary.set_index("system")
-    table = Table(title=f"muxsim: {cfg.preset} — {s['n_llms'].iloc[0]} LLMs, {s['cluster_gpus'].iloc[0]} GPUs, "
-                        f"{s['rate_rps'].iloc[0]:.1f} req/s offered")
-    columns = [("throughput", "throughput_rps", ".2f", " req/s"), ("tokens", "tokens_per_s", ".0f", " tok/s"),
-               ("TTFT p50", "ttft_p50_s", ".3f", " s"), ("TTFT p99", "ttft_p99_s", ".2f", " s"),
-               ("TPOT p50", "tpot_p50_s", ".3f", " s"), ("TPOT p99", "tpot_p99_s", ".3f", " s")]
-    columns += [(f"SLO@{k:g}", f"slo_attainment@{k:g}", ".1%", "") for k in cfg.report.slo_scales]
-    columns += [("preempt.", "preemptions", ".0f", ""), ("failed", "failed", ".0f", ""),
-                ("GPUs", "gpus_used", ".0f", "")]
-    table.add_column("system", style="bold")
-    for name, *_ in columns:
-        table.add_column(name, justify="right")
-    for system, row in s.iterrows():
-        table.add_row(str(system), *(_fmt(row.get(key), spec) + unit for _, key, spec, unit in columns))
-    console.print(table)
+    first = s.iloc[0]
+    console.print(f"[bold]muxsim {cfg.preset}[/]: {first['n_llms']} LLMs on {first['cluster_gpus']} GPUs, "
+                  f"{first['rate_rps']:.1f} req/s offered over {first['trace_s']:.0f} s of trace")
+    perf = [("throughput\nreq/s", "throughput_rps", ".2f"), ("throughput\ntok/s", "tokens_per_s", ".0f"),
+            ("TTFT p50\ns", "ttft_p50_s", ".3f"), ("TTFT p99\ns", "ttft_p99_s", ".2f"),
+            ("TPOT p50\ns/tok", "tpot_p50_s", ".3f"), ("TPOT p99\ns/tok", "tpot_p99_s", ".3f"),
+            ("latency p99\ns", "latency_p99_s", ".2f")]
+    health = [(f"SLO@{k:g}\n%", f"slo_attainment@{k:g}", ".1%") for k in cfg.report.slo_scales]
+    health += [("preemptions", "preemptions", ".0f"), ("failed", "failed", ".0f"), ("GPUs\nused", "gpus_used", ".0f")]
+    for title, columns in (("throughput and latency", perf), ("SLO attainment within k × standalone latency; preemptions, failures", health)):
+        table = Table(title=title)
+        table.add_column("system", style="bold")
+        for name, *_ in columns:
+            table.add_column(name, justify="right")
+        for system, row in s.iterrows():
+            table.add_row(str(system), *(_fmt(row.get(key), spec).rstrip("%") for _, key, spec in columns))
+        console.print(table)
     for base in ("spatial", "temporal"):
         if "muxserve" in s.index and base in s.index and s.loc[base, "throughput_rps"] > 0:
             t = s.loc["muxserve", "throughput_rps"] / s.loc[base, "throughput_rps"]
