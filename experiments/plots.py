@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
+from matplotlib.ticker import FuncFormatter
 
 # One colour per system in every figure, so figures can be read side by side.
 SYSTEM_COLORS = {"muxserve": "#1f77b4", "spatial": "#ff7f0e", "temporal": "#2ca02c", "search": "#9467bd"}
@@ -41,6 +42,13 @@ def _save(fig: plt.Figure, path: str | Path) -> Path:
 def natural_key(name: str) -> tuple[object, ...]:
     """llm-2 before llm-10: LLM names carry their popularity rank."""
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(name)))
+
+
+def _plain_log(axis: object) -> None:
+    """A log axis labelled 20, 30 rather than 2×10¹, 3×10¹."""
+    fmt = FuncFormatter(lambda v, _: f"{v:g}")
+    axis.set_major_formatter(fmt)  # type: ignore[attr-defined]
+    axis.set_minor_formatter(fmt)  # type: ignore[attr-defined]
 
 
 def _systems(df: pd.DataFrame) -> list[str]:
@@ -70,6 +78,7 @@ def line_per_system(df: pd.DataFrame, x: str, y: str, path: str | Path, *, xlabe
     ax.set_title(title + (" (mean over other swept values)" if repeated else ""), fontsize=10)
     if logy:
         ax.set_yscale("log")
+        _plain_log(ax.yaxis)
     if ylim is not None:
         ax.set_ylim(*ylim)
     ax.grid(True, alpha=0.3)
@@ -89,22 +98,34 @@ def p99_vs_rate(summary: pd.DataFrame, path: str | Path, rate: str = "rate_rps")
                            ylabel="P99 request latency (s)", title="P99 latency vs rate", logy=True)
 
 
-def slo_curves(summary: pd.DataFrame, path: str | Path, title: str = "SLO attainment vs SLO scale") -> Path:
-    """Paper Fig. 5 (bottom): share of requests within k × their standalone latency."""
+def slo_curves(summary: pd.DataFrame, path: str | Path, by: str | None = None,
+               title: str = "SLO attainment vs SLO scale") -> Path:
+    """Paper Fig. 5 (bottom): share of requests within k × their standalone latency; a panel per `by`."""
     long = slo_long(summary)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, system in enumerate(_systems(long)):
-        g = long[long["system"] == system].groupby("scale", as_index=False)["attainment"].mean()
-        ax.plot(g["scale"], 100 * g["attainment"], marker=_MARKERS[i % len(_MARKERS)],
-                color=_color(system, i), label=system)
-    ax.set_xscale("log")
-    ax.set_xlabel("SLO scale (× standalone latency, log)")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_ylim(-2, 102)
-    ax.axhline(99, color="grey", lw=0.8, ls="--")
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, alpha=0.3, which="both")
-    ax.legend(title="system", loc="lower right")
+    panels = sorted(pd.unique(long[by])) if by and by in long.columns and long[by].nunique() > 1 else [None]
+    ncols = min(len(panels), 3)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.6 * ncols + 0.8, 3.6 * nrows + 0.4), squeeze=False,
+                             sharey=True)
+    for ax, value in zip(axes.flat, panels, strict=False):
+        part = long if value is None else long[long[by] == value]
+        for i, system in enumerate(_systems(long)):
+            g = part[part["system"] == system].groupby("scale", as_index=False)["attainment"].mean()
+            ax.plot(g["scale"], 100 * g["attainment"], marker=_MARKERS[i % len(_MARKERS)], markersize=4,
+                    color=_color(system, i), label=system)
+        ax.set_xscale("log")
+        ax.set_ylim(-2, 102)
+        ax.axhline(99, color="grey", lw=0.8, ls="--")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.set_title(title if value is None else f"{by} = {value}", fontsize=10)
+        ax.set_xlabel("SLO scale (× standalone latency)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("SLO attainment (%)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    axes.flat[0].legend(title="system", loc="lower right", fontsize=8)
+    if panels != [None]:
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
 
@@ -146,6 +167,7 @@ def per_llm_throughput(per_llm: pd.DataFrame, path: str | Path, title: str = "Pe
     ax.set_ylabel("throughput (req/s)")
     if len(models) > 6:
         ax.set_yscale("log")
+        _plain_log(ax.yaxis)
         ax.set_ylabel("throughput (req/s, log)")
     ax.set_title(title, fontsize=10)
     ax.legend(title="system", fontsize=8)

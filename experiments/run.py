@@ -133,7 +133,7 @@ def console_handlers() -> list[logging.Handler]:
 
 # ---- the run ------------------------------------------------------------------------------------
 
-def run(cfg: DictConfig, out_dir: Path) -> Results:
+def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     """Every system of cfg.systems on one workload; partial results are kept on Ctrl-C."""
     validate(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def run(cfg: DictConfig, out_dir: Path) -> Results:
     try:
         for system in cfg.systems:
             placer, batcher = system_policies(system)
-            progress = SimProgress(system, bar_total, bool(cfg.report.progress))
+            progress = SimProgress(system, bar_total, bool(cfg.report.progress) and progress_bars)
             t0 = time.perf_counter()
             try:
                 sr = runner(system if "+" not in system else placer, workload, cluster, cost,
@@ -262,14 +262,22 @@ def report(res: Results, cfg: DictConfig) -> None:
 @hydra.main(config_path="../conf", config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Parallel sweep jobs share one terminal: no bars, one line per system instead of tables.
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
     try:
-        res = run(cfg, out_dir)
+        res = run(cfg, out_dir, progress_bars=not multirun)
     except _user_errors() as e:
-        if HydraConfig.get().mode.name == "MULTIRUN":
+        if multirun:
             raise
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
-    report(res, cfg)
+    if multirun:
+        overrides = " ".join(HydraConfig.get().overrides.task)
+        for row in res.summary.itertuples():
+            log.info("[%s] %s: %.2f req/s, P99 latency %.2f s → %s", overrides, row.system, row.throughput_rps,
+                     row.latency_p99_s, out_dir)
+    else:
+        report(res, cfg)
     if res.interrupted:
         sys.exit(130)
     # The sweep's objective, for optimising sweepers: the first system's throughput.

@@ -1,0 +1,91 @@
+"""The paper's figures from a sweep folder (collected on the fly) or a collected table.
+
+    python -m experiments.plot multirun/…/12-00-00            # or muxsim-plot
+    python -m experiments.plot collected.parquet --out figs/
+
+Draws what the table supports: throughput vs α and the SLO curves per α (α swept), P99 latency vs
+offered rate (rate swept), the highest rate within 99% SLO (a max_rate_within_slo_rps column), and
+per-LLM throughput bars for one job's placements (--job, default the first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from experiments import plots
+from experiments.collect import collect, is_override
+
+
+def read_tables(source: Path) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
+    """(summary, per-LLM, default output folder) from a sweep folder or a collected table file."""
+    if source.is_dir():
+        c = collect(source)
+        return c.summary, c.per_llm, source / "figures"
+    if not source.is_file():
+        raise FileNotFoundError(f"{source}: no such file or folder")
+    read = pd.read_parquet if source.suffix == ".parquet" else pd.read_csv
+    summary = read(source)
+    sibling = source.with_name(source.stem + "_per_llm" + source.suffix)
+    per_llm = read(sibling) if sibling.exists() else pd.DataFrame()
+    return summary, per_llm, source.parent / "figures"
+
+
+def swept(df: pd.DataFrame, *names: str) -> str | None:
+    """The first of `names` that is a column with more than one value."""
+    return next((n for n in names if n in df.columns and df[n].nunique() > 1), None)
+
+
+def make_figures(summary: pd.DataFrame, per_llm: pd.DataFrame, out: Path, job: str | None = None) -> list[Path]:
+    if summary.empty:
+        raise ValueError("the table is empty")
+    paths = []
+    alpha = swept(summary, "workload.alpha", "alpha")
+    if alpha:
+        paths.append(plots.throughput_vs_alpha(summary, out / "throughput_vs_alpha.png", alpha=alpha))
+    paths.append(plots.slo_curves(summary, out / "slo_attainment.png", by=alpha))
+    rate = swept(summary, "rate_rps")
+    if rate and swept(summary, "workload.scale", "scale", "workload.alpha", "alpha"):
+        paths.append(plots.p99_vs_rate(summary, out / "p99_latency_vs_rate.png"))
+    if "max_rate_within_slo_rps" in summary.columns:
+        paths.append(plots.max_rate(summary, out / "max_rate_within_slo.png"))
+    if not per_llm.empty:
+        chosen = job if job is not None else str(per_llm["job"].iloc[0]) if "job" in per_llm.columns else None
+        part = per_llm if chosen is None else per_llm[per_llm["job"].astype(str) == chosen]
+        if part.empty:
+            raise ValueError(f"no job {chosen!r} in the per-LLM table (jobs: {', '.join(map(str, per_llm['job'].unique()))})")
+        paths.append(plots.per_llm_throughput(part, out / "per_llm_throughput.png",
+                                              title=f"Per-LLM throughput ({_describe_job(summary, chosen)})"))
+    return paths
+
+
+def _describe_job(summary: pd.DataFrame, job: str | None) -> str:
+    """The job's overrides, e.g. "workload.alpha=0.7", so the bars say which placement they show."""
+    if job is None or "job" not in summary.columns:
+        return "all runs"
+    row = summary[summary["job"].astype(str) == job].iloc[0]
+    keys = [c for c in summary.columns if is_override(c)]
+    return ", ".join(f"{k}={row[k]}" for k in keys) or f"job {job}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="muxsim-plot", description=__doc__.splitlines()[0])
+    parser.add_argument("source", type=Path, help="a multirun folder, or collected.csv/.parquet")
+    parser.add_argument("--out", type=Path, help="output folder (default: figures/ next to the source)")
+    parser.add_argument("--job", help="job whose per-LLM throughput to draw (default: the first)")
+    args = parser.parse_args(argv)
+    try:
+        summary, per_llm, default_out = read_tables(args.source)
+        paths = make_figures(summary, per_llm, args.out or default_out, args.job)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for p in paths:
+        print(f"plot: {p}")
+
+
+if __name__ == "__main__":
+    main()
