@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from policies.batching import make_batching
 from policies.placement import blocks_for_tokens, blocks_per_chunk
-from sim import Simulator, SimulationError
+from sim import SimulationError, Simulator
 from sim.engine import UnitState
 from tests.sim_helpers import SPECS, one_unit, table, workload
 
