@@ -52,11 +52,11 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {rule} (got {value!r})")
 
 
-def _number(cfg: DictConfig, key: str, rule: str = "a finite number",
-            ok: Callable[[float], bool] = lambda v: True) -> float:
+def _number(cfg: DictConfig, key: str, rule: str = "", ok: Callable[[float], bool] = lambda v: True) -> float:
     value = _require(cfg, key)
-    _check(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-           and ok(value), key, rule, value)
+    _check(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
+           key, "a finite number", value)
+    _check(ok(value), key, rule, value)
     return float(value)
 
 
@@ -155,15 +155,15 @@ def check_models(cfg: DictConfig) -> list[str]:
             model_spec(t)
         except SpecError as e:
             raise ConfigError(f"models.types: {e}") from None
-    _number(cfg, "models.top_rate", "a number > 0", lambda v: v > 0)
+    _number(cfg, "models.top_rate", "> 0", lambda v: v > 0)
     return types
 
 
 def check_workload(cfg: DictConfig) -> None:
     w = cfg.workload
     if w.kind == "synthetic":
-        for key, rule, ok in (("alpha", "a number ≥ 0", lambda v: v >= 0), ("scale", "a number > 0", lambda v: v > 0),
-                              ("cv", "a number > 0", lambda v: v > 0), ("duration_s", "a number > 0", lambda v: v > 0)):
+        for key, rule, ok in (("alpha", "≥ 0", lambda v: v >= 0), ("scale", "> 0", lambda v: v > 0),
+                              ("cv", "> 0", lambda v: v > 0), ("duration_s", "> 0", lambda v: v > 0)):
             _number(cfg, f"workload.{key}", rule, ok)
         _check(isinstance(w.seed, int), "workload.seed", "an integer", w.seed)
     elif w.kind == "trace":

@@ -15,9 +15,11 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from experiments import plots
-from experiments.collect import collect, is_override
+from experiments.collect import collect, is_override, write
 
 
 def read_tables(source: Path) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
@@ -69,6 +71,26 @@ def _describe_job(summary: pd.DataFrame, job: str | None) -> str:
     row = summary[summary["job"].astype(str) == job].iloc[0]
     keys = [c for c in summary.columns if is_override(c)]
     return ", ".join(f"{k}={row[k]}" for k in keys) or f"job {job}"
+
+
+class CollectAndPlot(Callback):
+    """Hydra callback (hydra.callbacks): at the end of a multirun, collect it and draw its figures."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: object) -> None:
+        sweep = Path(config.hydra.sweep.dir)
+        try:
+            c = collect(sweep)
+            if c.summary.empty:
+                print(f"collect: {sweep}: no job finished", file=sys.stderr)
+                return
+            tables = write(c, sweep)
+            paths = make_figures(c.summary, c.per_llm, sweep / "figures")
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"collect/plot: {e}", file=sys.stderr)
+            return
+        print(f"sweep: {len(c.summary)} rows → {tables[0]}")
+        for p in paths:
+            print(f"plot: {p}")
 
 
 def main(argv: list[str] | None = None) -> None:
