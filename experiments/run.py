@@ -164,6 +164,9 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
                             mode=cfg.sim.mode, skip_steps=bool(cfg.sim.skip_steps), horizon_s=horizon,
                             records_path=out_dir / f"records_{system}.parquet" if cfg.report.records else None,
                             progress=progress, **_batcher_override(system, batcher))
+            except _user_errors() as e:
+                # The SLO baseline places every LLM spatially, so name the system that was running.
+                raise type(e)(f"while running {system}: {e}") from None
             finally:
                 progress.close()
             log.info("%s: %.1f s wall, %.2f req/s", system, time.perf_counter() - t0,
@@ -214,6 +217,10 @@ def _json_default(value: Any) -> Any:
 
 # ---- the report -----------------------------------------------------------------------------------
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
 def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
 
@@ -229,7 +236,7 @@ def report(res: Results, cfg: DictConfig) -> None:
         return
     s = res.summary.set_index("system")
     first = s.iloc[0]
-    console.print(f"[bold]muxsim {cfg.preset}[/]: {first['n_llms']} LLMs on {first['cluster_gpus']} GPUs, "
+    console.print(f"[bold]muxsim {cfg.preset}[/]: {_count(first['n_llms'], 'LLM')} on {_count(first['cluster_gpus'], 'GPU')}, "
                   f"{first['rate_rps']:.1f} req/s offered over {first['trace_s']:.0f} s of trace")
     perf = [("throughput\nreq/s", "throughput_rps", ".2f"), ("throughput\ntok/s", "tokens_per_s", ".0f"),
             ("TTFT p50\ns", "ttft_p50_s", ".3f"), ("TTFT p99\ns", "ttft_p99_s", ".2f"),

@@ -143,3 +143,11 @@ def test_interrupted_run_keeps_the_finished_systems(tmp_path: Path) -> None:
     assert summary["system"].tolist() == ["muxserve"] and summary["throughput_rps"].iloc[0] > 0
     assert (tmp_path / "records_muxserve.parquet").exists()
     assert (tmp_path / "slo_attainment.png").exists()
+
+
+def test_a_placer_batcher_pair_runs_as_one_system(tmp_path: Path) -> None:
+    cfg = composed([*TINY, "systems=[muxserve+round_robin]", "report.progress=false", "report.plots=false"])
+    res = run(cfg, tmp_path)
+    row = res.summary.iloc[0]
+    assert (row["system"], row["placer"], row["batcher"]) == ("muxserve+round_robin", "muxserve", "round_robin")
+    assert row["finished"] > 0 and (tmp_path / "records_muxserve+round_robin.parquet").exists()
