@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -101,6 +101,7 @@ class RunnerConfig:
     use_mps: bool = True  # CUDA only
     cuda_memory_fraction: float | None = None  # CUDA only: per engine; None = 0.9 / engines per GPU
     flush_every_s: float = 5.0
+    progress: Callable[[float], None] | None = None  # called with the replay time about once a second
 
 
 @dataclass
@@ -184,6 +185,7 @@ class Runner:
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._mps: MPSDaemon | None = None
         self.units: dict[int, UnitState] = {}
+        self.workers: list[WorkerHandle] = []  # every engine process this run started
         self._by_conn: dict[Any, LLMState] = {}
         self._llms: dict[str, LLMState] = {}
         self._deferred: deque[Job] = deque()
@@ -263,12 +265,11 @@ class Runner:
 
     # ---- top level ------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        handles: list[WorkerHandle] = []
         failure = "run interrupted"
         try:
             with _sigterm_raises():
                 work = self._work_dir()
-                handles = self._build(work)
+                handles = self.workers = self._build(work)
                 t = time.monotonic()
                 readies = start_workers(handles, self.config.startup_timeout_s)
                 self.stats["startup_s"] = time.monotonic() - t
@@ -296,7 +297,7 @@ class Runner:
                 if failure:
                     self._fail_leftovers(failure)
             finally:
-                self._shutdown(handles)
+                self._shutdown(self.workers)
         return self._result()
 
     def _shutdown(self, handles: list[WorkerHandle]) -> None:
@@ -333,6 +334,7 @@ class Runner:
             self._set_quotas(us)
             us.next_tick = period if period > 0 else math.inf
         next_flush = self.config.flush_every_s
+        next_progress = 0.0
         while True:
             now = self._now()
             if now >= horizon:
@@ -352,6 +354,9 @@ class Runner:
             if now >= next_flush:
                 self.writer.flush()
                 next_flush = now + self.config.flush_every_s
+            if self.config.progress and now >= next_progress:
+                self.config.progress(now)
+                next_progress = now + 1.0
             if not self._by_conn and self._next_arrival == len(arrivals):
                 if self._all_done():
                     return
@@ -359,7 +364,8 @@ class Runner:
                     self._fail_leftovers("never scheduled (stuck: no KV room)")
                     return
             wake = min(float(arrivals[self._next_arrival]) if self._next_arrival < len(arrivals) else math.inf,
-                       min(us.next_tick for us in self.units.values()), horizon, next_flush)
+                       min(us.next_tick for us in self.units.values()), horizon, next_flush,
+                       next_progress if self.config.progress else math.inf)
             busy = [*self._by_conn]
             timeout = max(0.0, wake - self._now())
             if busy:

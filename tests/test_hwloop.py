@@ -1,0 +1,188 @@
+"""The hardware loop on real vLLM engines (CPU, a tiny Llama with dummy weights): no mocks.
+
+Each test starts real engine processes (about 10–30 s on a 2-core machine, most of it importing
+vLLM), so there are few of them and their traces are short.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hwloop.engine import engine_config, write_model_dir
+from hwloop.partition import cpu_env
+from hwloop.runner import Runner, RunnerConfig
+from hwloop.worker import (
+    Admit,
+    StepCmd,
+    StepDone,
+    WorkerError,
+    WorkerHandle,
+    WorkerSpec,
+    start_workers,
+)
+from policies.batching import make_batching
+from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
+from policies.records import RECORD_COLUMNS, read_records
+from policies.specs import ModelSpec
+from traces.schema import Workload
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.hw, pytest.mark.slow, pytest.mark.timeout(300)]
+
+TINY = ModelSpec("tiny", 2, 128, 2, 2, 344, 1024, max_context=512)
+SPECS = {"tiny": TINY}
+CHUNK = blocks_per_chunk(TINY)
+
+
+def workload(n: int, span_s: float, seed: int = 0, too_long: bool = False) -> Workload:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({
+        "request_id": np.arange(n),
+        "model": [f"llm{i % 2}" for i in range(n)],
+        "arrival_s": np.sort(rng.uniform(0, span_s, n)),
+        "prompt_tokens": rng.integers(16, 200, n),
+        "output_tokens": rng.integers(4, 40, n),
+    })
+    if too_long:
+        df.loc[n - 1, ["prompt_tokens", "output_tokens"]] = [500, 100]  # > the 512-token context
+    return Workload(df)
+
+
+def placement(decode_sm: int = 50) -> Placement:
+    llms = tuple(LLMPlacement(f"llm{i}", "tiny", 1, 100, decode_sm, 8, rate=1.0) for i in range(2))
+    return Placement("test", (Unit(0, 0, (0,), llms, kv_blocks=64 * CHUNK * 16),))
+
+
+def two_cores() -> dict[int, tuple[int, ...]]:
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    if len(cores) < 2:
+        pytest.skip("needs 2 CPU cores")
+    return {0: cores[:2]}
+
+
+def assert_all_reaped(runner: Runner) -> None:
+    assert runner.workers and all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
+
+
+def test_worker_runs_exactly_the_launched_steps_and_recomputes_after_preemption(tmp_path: Path) -> None:
+    core = min(os.sched_getaffinity(0))
+    cfg = engine_config(TINY, write_model_dir(TINY, tmp_path), max_batch=4, pool_blocks=512 * CHUNK,
+                        chunk_blocks=CHUNK, prefill_tokens=1024)
+    worker = WorkerHandle(WorkerSpec("w", cfg, (core,), cpu_env((core,))), tmp_path / "w.log")
+    try:
+        (ready,) = start_workers([worker], timeout_s=240)
+        assert ready.cores == (core,) and ready.torch_threads == 1
+
+        def step(*admit: Admit, preempt: tuple[int, ...] = ()) -> StepDone:
+            worker.send(StepCmd(admit, preempt))
+            done = worker.recv(timeout_s=60)
+            assert done.anomalies == () and done.t_end > done.t_start
+            return done
+
+        first = step(Admit(1, 40, 40, 3), Admit(2, 70, 70, 5))
+        assert first.tokens == {1: 1, 2: 1}  # both prefilled in one step, one token each
+        step()
+        assert step().finished == (1,)  # request 1: 3 tokens, in 3 steps
+        step(preempt=(2,))  # nothing left running: the step is empty
+        again = step(Admit(2, 70, 73, 2))  # recompute prompt + the 3 tokens generated before
+        assert again.tokens == {2: 1}
+        assert step().finished == (2,)
+        worker.send(StepCmd((Admit(3, 30, 31, 1),)))  # context that does not match: reported
+        assert worker.recv(timeout_s=60).anomalies
+    finally:
+        worker.stop()
+    assert worker.proc is not None and worker.proc.returncode == 0
+
+
+def test_replay_of_two_llms_under_adbs_records_every_request(tmp_path: Path) -> None:
+    wl = workload(30, span_s=10.0, too_long=True)
+    runner = Runner(wl, placement(), make_batching("adbs"), SPECS,
+                    RunnerConfig(records_path=tmp_path / "records.parquet", work_dir=tmp_path,
+                                 gpu_cores=two_cores()))
+    result = runner.run()
+    assert_all_reaped(runner)
+    rec = read_records(tmp_path / "records.parquet")
+    assert tuple(rec.columns) == RECORD_COLUMNS
+    assert sorted(rec.request_id) == list(range(30))
+    failed = rec[rec.status == "failed"]
+    assert list(failed.request_id) == [29] and "exceeds tiny context 512" in failed.reason.iloc[0]
+    ok = rec[rec.status == "finished"]
+    assert (ok.reason == "").all() and (ok.unit == 0).all() and (ok.preemptions == 0).all()
+    assert (ok.arrival_s <= ok.first_token_s).all() and (ok.first_token_s <= ok.finish_s).all()
+    assert result.stats["anomalies"] == [] and result.stats["steps"] > 0
+    workers = result.stats["workers"]
+    assert {tuple(w["cores"]) for w in workers.values()} == {(c,) for c in two_cores()[0]}  # 50% = 1 core
+
+
+def test_a_killed_worker_stops_the_run_with_its_name_and_every_record_saved(tmp_path: Path) -> None:
+    wl = workload(40, span_s=20.0, seed=1)
+    replaying = threading.Event()
+    runner = Runner(wl, placement(), make_batching("adbs"), SPECS,
+                    RunnerConfig(records_path=tmp_path / "records.parquet", work_dir=tmp_path,
+                                 gpu_cores=two_cores(), progress=lambda t: t > 1.0 and replaying.set()))
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            runner.run()
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    assert replaying.wait(timeout=240), "the replay never started"
+    victim = runner.workers[1]
+    assert victim.proc is not None
+    os.kill(victim.proc.pid, signal.SIGKILL)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], WorkerError)
+    message = str(errors[0])
+    assert "'llm1'" in message and "SIGKILL" in message
+    assert_all_reaped(runner)
+    rec = read_records(tmp_path / "records.parquet")
+    assert sorted(rec.request_id) == list(range(40))
+    failed = rec[rec.status == "failed"]
+    assert len(failed) > 0 and failed.reason.str.contains("llm1").all()
+
+
+def replay_until_killed(folder: str) -> None:
+    """Run in a child interpreter by the SIGTERM test: a long replay that prints its progress."""
+    wl = workload(60, span_s=60.0, seed=2)
+    config = RunnerConfig(records_path=Path(folder) / "records.parquet", work_dir=folder,
+                          gpu_cores=two_cores(), progress=lambda t: print(f"progress {t:.1f}", flush=True))
+    Runner(wl, placement(), make_batching("fcfs"), SPECS, config).run()
+
+
+def test_sigterm_saves_records_and_leaves_no_engine_behind(tmp_path: Path) -> None:
+    code = (f"import importlib.util; s = importlib.util.spec_from_file_location('t', {__file__!r}); "
+            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.replay_until_killed({str(tmp_path)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("progress") and float(line.split()[1]) > 1.0:
+            break
+    else:
+        pytest.fail(f"the replay never started: {proc.stderr.read() if proc.stderr else ''}")
+    import psutil
+
+    engines = [p.pid for p in psutil.Process(proc.pid).children()]
+    assert len(engines) == 2
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "SIGTERM" in err
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                   for pid in engines)
+    rec = read_records(tmp_path / "records.parquet")
+    assert sorted(rec.request_id) == list(range(60))
+    failed = rec[rec.status == "failed"]
+    assert len(failed) > 0 and failed.reason.str.contains("SIGTERM").all()

@@ -1,0 +1,104 @@
+"""Compute partitioning and engine sizing: pure functions, no engine started."""
+
+from __future__ import annotations
+
+import pytest
+
+from hwloop.engine import engine_config, synthetic_prompt, write_model_dir
+from hwloop.partition import (
+    MPSDaemon,
+    PartitionError,
+    assign_cores,
+    cores_for_share,
+    cpu_env,
+    cpu_slices,
+    cuda_slices,
+    mps_env,
+    overlapping,
+    worker_share_pct,
+)
+from policies.placement import BLOCK_TOKENS, LLMPlacement, blocks_per_chunk
+from policies.specs import ModelSpec
+
+TINY = ModelSpec("tiny", 2, 128, 2, 2, 344, 1024, max_context=512)
+
+
+def llm(name: str, decode: int, prefill: int = 100) -> LLMPlacement:
+    return LLMPlacement(name, "tiny", 1, prefill, decode, 8)
+
+
+def test_shares_round_down_to_whole_cores_and_never_to_none() -> None:
+    assert [cores_for_share(p, 2) for p in (10, 49, 50, 90, 100)] == [1, 1, 1, 1, 2]
+    assert [cores_for_share(p, 8) for p in (10, 30, 50, 100)] == [1, 2, 4, 8]
+
+
+def test_cores_are_disjoint_while_shares_fit_and_wrap_beyond() -> None:
+    assert assign_cores([50, 50], [0, 1]) == [(0,), (1,)]
+    sets = assign_cores([50, 40, 30], [4, 5, 6, 7])
+    assert sets == [(4, 5), (6,), (7,)]
+    wrapped = assign_cores([100, 60], [0, 1])
+    assert wrapped == [(0, 1), (0,)] and overlapping(*wrapped)
+
+
+def test_worker_share_is_the_share_the_policy_launches_at() -> None:
+    assert worker_share_pct(llm("a", decode=45), exclusive=False) == 50  # ADBS: whole SM units
+    assert worker_share_pct(llm("a", decode=45), exclusive=True) == 100  # temporal: the whole unit
+
+
+def test_cpu_slices_pin_openmp_to_the_process_cores() -> None:
+    a, b = cpu_slices([llm("a", 50), llm("b", 50)], exclusive=False, cores=[0, 1])
+    assert (a.cores, b.cores) == ((0,), (1,))
+    assert a.env["OMP_NUM_THREADS"] == "1" and a.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert cpu_env([2, 3])["OMP_NUM_THREADS"] == "2"
+
+
+def test_mps_env_per_worker(tmp_path) -> None:
+    env = mps_env(30, [2, 3], tmp_path / "pipe", tmp_path / "log")
+    assert env == {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_MPS_ACTIVE_THREAD_PERCENTAGE": "30",
+                   "CUDA_MPS_PIPE_DIRECTORY": str(tmp_path / "pipe"),
+                   "CUDA_MPS_LOG_DIRECTORY": str(tmp_path / "log")}
+    with pytest.raises(PartitionError):
+        mps_env(0, [0], "p", "l")
+
+
+def test_cuda_slices_point_every_client_at_the_runners_own_daemon(tmp_path) -> None:
+    daemon = MPSDaemon(tmp_path)  # not started: only its folders are read
+    a, b = cuda_slices([llm("a", 40), llm("b", 70)], exclusive=False, gpus=[0], daemon=daemon)
+    assert a.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "40"
+    assert b.env["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "70"
+    assert a.env["CUDA_MPS_PIPE_DIRECTORY"] == str(tmp_path / "pipe") == daemon.env["CUDA_MPS_PIPE_DIRECTORY"]
+    bare = cuda_slices([llm("a", 40)], exclusive=False, gpus=[1], daemon=None)[0]
+    assert bare.env == {"CUDA_VISIBLE_DEVICES": "1"}
+
+
+def test_mps_daemon_without_the_driver_tools_fails_clearly(tmp_path) -> None:
+    daemon = MPSDaemon(tmp_path, control="no-such-mps-control")
+    with pytest.raises(PartitionError, match="no-such-mps-control not found"):
+        daemon.start()
+    daemon.stop()  # idempotent, safe in cleanup paths
+
+
+def test_engine_holds_what_the_pool_can_hand_out_and_a_whole_prompt_per_step(tmp_path) -> None:
+    chunk = blocks_per_chunk(TINY)
+    cfg = engine_config(TINY, tmp_path, max_batch=4, pool_blocks=100 * chunk, chunk_blocks=chunk,
+                        prefill_tokens=2048)
+    assert cfg.kv_blocks == 4 * TINY.max_context // BLOCK_TOKENS  # batch cap binds before the pool
+    assert cfg.max_batched_tokens == 2048 + 4
+    small = engine_config(TINY, tmp_path, max_batch=4, pool_blocks=3 * chunk, chunk_blocks=chunk,
+                          prefill_tokens=0)
+    assert small.kv_blocks == TINY.max_context // BLOCK_TOKENS  # vLLM needs one full-length request
+    assert small.engine_args()["num_gpu_blocks_override"] == small.kv_blocks + 1
+
+
+def test_model_folder_holds_the_specs_config(tmp_path) -> None:
+    import json
+
+    path = write_model_dir(TINY, tmp_path)
+    assert write_model_dir(TINY, tmp_path) == path
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["vocab_size"] == 1024
+
+
+def test_synthetic_prompts_stay_in_vocab_and_differ() -> None:
+    a, b = synthetic_prompt(1, 64, 1024), synthetic_prompt(2, 64, 1024)
+    assert a != b and all(3 <= t < 1024 for t in a + b)
