@@ -29,11 +29,16 @@ def read_tables(source: Path) -> tuple[pd.DataFrame, pd.DataFrame, Path]:
         return c.summary, c.per_llm, source / "figures"
     if not source.is_file():
         raise FileNotFoundError(f"{source}: no such file or folder")
-    read = pd.read_parquet if source.suffix == ".parquet" else pd.read_csv
-    summary = read(source)
-    sibling = source.with_name(source.stem + "_per_llm" + source.suffix)
-    per_llm = read(sibling) if sibling.exists() else pd.DataFrame()
+    summary = _read(source)
+    # collected.csv has collected_per_llm.csv beside it; a single run's summary.csv has per_llm.csv.
+    siblings = [source.with_name(source.stem + "_per_llm" + source.suffix), source.with_name("per_llm.csv")]
+    sibling = next((p for p in siblings if p.exists()), None)
+    per_llm = _read(sibling) if sibling else pd.DataFrame()
     return summary, per_llm, source.parent / "figures"
+
+
+def _read(path: Path) -> pd.DataFrame:
+    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
 
 
 def swept(df: pd.DataFrame, *names: str) -> str | None:
@@ -59,15 +64,16 @@ def make_figures(summary: pd.DataFrame, per_llm: pd.DataFrame, out: Path, job: s
         part = per_llm if chosen is None else per_llm[per_llm["job"].astype(str) == chosen]
         if part.empty:
             raise ValueError(f"no job {chosen!r} in the per-LLM table (jobs: {', '.join(map(str, per_llm['job'].unique()))})")
+        about = _describe_job(summary, chosen)
         paths.append(plots.per_llm_throughput(part, out / "per_llm_throughput.png",
-                                              title=f"Per-LLM throughput ({_describe_job(summary, chosen)})"))
+                                              title="Per-LLM throughput" + (f" ({about})" if about else "")))
     return paths
 
 
 def _describe_job(summary: pd.DataFrame, job: str | None) -> str:
     """The job's overrides, e.g. "workload.alpha=0.7", so the bars say which placement they show."""
     if job is None or "job" not in summary.columns:
-        return "all runs"
+        return ""  # a single run's table
     row = summary[summary["job"].astype(str) == job].iloc[0]
     keys = [c for c in summary.columns if is_override(c)]
     return ", ".join(f"{k}={row[k]}" for k in keys) or f"job {job}"

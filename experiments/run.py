@@ -232,7 +232,7 @@ def report(res: Results, cfg: DictConfig) -> None:
 
     console = Console(width=max(Console().width, 110))  # a pipe reports 80 columns
     if res.summary.empty:
-        console.print("[yellow]no system finished[/]")
+        console.print(f"[yellow]no system finished[/]; records of the interrupted one, if any: {res.out_dir}")
         return
     s = res.summary.set_index("system")
     first = s.iloc[0]
