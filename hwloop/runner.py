@@ -17,6 +17,14 @@ Execution semantics ("mixed" mode, the only one a stock vLLM engine can run):
   running requests; `preempt` aborts requests in the engine, which later come back with their
   whole context as the prompt (recompute), as in the simulator.
 - Token times are the end of the engine step that produced them, read in the worker.
+- Decode runs (`decode_runs`, the counterpart of the simulator's step skipping): when a launch is
+  a pure decode and no other engine on the unit is busy or could start anything, the policy would
+  relaunch the same step after each one, so the worker repeats it without a round trip, up to the
+  first request's finish and as far as the KV slack allows. A change on the unit (an arrival, a
+  quota tick) asks the run to stop after its current step, and the unit's next decision waits for
+  that step boundary, so the KV accounting is exact at every decision. The one difference from
+  step-by-step execution: an arrival for another, idle LLM of the unit is launched at the run's
+  next step boundary instead of at once (at most one decode step later).
 - CPU: workers whose core sets overlap never step at the same time; a launch whose cores are busy
   waits for them (counted in `stats["deferred_launches"]`). The policy sees it as running.
 - Requests that cannot be served (longer than the model's context, or needing more KV blocks than
@@ -35,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -60,9 +68,11 @@ from hwloop.worker import (
     WorkerError,
     WorkerHandle,
     WorkerSpec,
+    Yield,
     start_workers,
 )
 from policies.placement import (
+    BLOCK_TOKENS,
     SM_UNIT_PCT,
     LLMPlacement,
     Placement,
@@ -102,6 +112,7 @@ class RunnerConfig:
     cuda_memory_fraction: float | None = None  # CUDA only: per engine; None = 0.9 / engines per GPU
     flush_every_s: float = 5.0
     progress: Callable[[float], None] | None = None  # called with the replay time about once a second
+    decode_runs: bool = True  # let a lone decode repeat in the worker without a round trip (exact)
 
 
 @dataclass
@@ -164,6 +175,11 @@ class Job:
     cmd: StepCmd
     t_launch: float
     dispatched: bool = False
+    yielded: bool = False
+
+    @property
+    def decode_only(self) -> bool:
+        return not self.admitted and not self.cmd.preempt
 
 
 def _age(r: Request) -> tuple[float, int]:
@@ -175,10 +191,11 @@ class Runner:
                  specs: dict[str, ModelSpec], config: RunnerConfig | None = None) -> None:
         self.workload, self.placement, self.policy, self.specs = workload, placement, policy, specs
         self.config = config or RunnerConfig()
-        self.stats: dict[str, Any] = {"decisions": 0, "steps": 0, "preemptions": 0, "anomalies": [],
+        self.stats: dict[str, Any] = {"decisions": 0, "steps": 0, "decode_runs": 0, "preemptions": 0, "anomalies": [],
                                       "deferred_launches": 0, "policy": policy.name, "mode": "mixed",
                                       "device": self.config.device}
-        self._decide_s: list[float] = []
+        self._decide_s: list[float] = []  # wall time of each decision: view, policy, launch, send
+        self._decide_cpu_s: list[float] = []  # the same in this thread's CPU time (immune to other load)
         self._step_s: list[float] = []
         self._check_inputs()
         self.writer = RecordWriter(self.config.records_path)
@@ -317,6 +334,7 @@ class Runner:
     def _result(self) -> RunResult:
         self.stats["records"] = self.writer.count
         self.stats["decide_ms"] = _summary(self._decide_s, 1e3)
+        self.stats["decide_cpu_ms"] = _summary(self._decide_cpu_s, 1e3)
         self.stats["step_ms"] = _summary(self._step_s, 1e3)
         path = Path(self.config.records_path) if self.config.records_path else None
         return RunResult(self._records, path, self.stats)
@@ -330,6 +348,14 @@ class Runner:
         horizon = self.config.horizon_s if self.config.horizon_s is not None else math.inf
         period = self.policy.quota_period_s
         self._t0 = time.monotonic()
+        cpu0 = time.process_time()
+        try:
+            self._loop(arrivals, horizon, period)
+        finally:
+            self.stats["replay_s"] = self._now()
+            self.stats["runner_cpu_s"] = time.process_time() - cpu0
+
+    def _loop(self, arrivals: np.ndarray, horizon: float, period: float) -> None:
         for us in self.units.values():
             self._set_quotas(us)
             us.next_tick = period if period > 0 else math.inf
@@ -349,7 +375,7 @@ class Runner:
                     us.next_tick += period
                     us.dirty = True
             for us in self.units.values():
-                if us.dirty:
+                if us.dirty and not self._yield_runs(us):
                     self._decide(us)
             if now >= next_flush:
                 self.writer.flush()
@@ -425,14 +451,18 @@ class Runner:
         us.dirty = False
         if self.policy.exclusive and us.busy():
             return
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.thread_time()
         launches = self.policy.decide(us.view(self._now()))
         if self.policy.exclusive and len(launches) > 1:
             raise RunnerError(f"exclusive policy {self.policy.name} launched {len(launches)} jobs at once "
                               f"on unit {us.unit.unit_id}")
-        for launch in launches:
-            self._dispatch(self._start(us, launch))
+        jobs = [self._start(us, launch) for launch in launches]
+        if self.config.decode_runs and len(jobs) == 1 and jobs[0].decode_only and self._alone(us, jobs[0].llm):
+            self._plan_run(us, jobs[0])
+        for job in jobs:
+            self._dispatch(job)
         self._decide_s.append(time.perf_counter() - t)
+        self._decide_cpu_s.append(time.thread_time() - cpu)
         self.stats["decisions"] += 1
 
     def _start(self, us: UnitState, launch: Launch) -> Job:
@@ -485,6 +515,45 @@ class Runner:
         llm.job = job
         return job
 
+    def _alone(self, us: UnitState, llm: LLMState) -> bool:
+        """Is `llm` the only engine on the unit with anything to do? Then its decode may repeat as is."""
+        for other in us.llms.values():
+            if other is llm:
+                continue
+            if other.busy or other.running:
+                return False
+            if other.waiting and other.placement.max_batch > 0:
+                head = other.waiting[0]
+                need = blocks_for_tokens(head.context_tokens, other.chunk_blocks) - head.blocks
+                if need <= min(other.kv_quota - other.kv_used, us.kv_free):
+                    return False
+        return True
+
+    def _plan_run(self, us: UnitState, job: Job) -> None:
+        """How many steps a decode run may take: until its first request finishes, and as long as
+        its KV growth fits the slack (its first step's blocks are charged already)."""
+        llm = job.llm
+        slack = min(llm.kv_quota - llm.kv_used, us.kv_free)
+        steps = decode_run_length([r.context_tokens for r in job.batch],
+                                  min(r.remaining_tokens for r in job.batch), slack // llm.chunk_blocks)
+        if steps > 1:
+            job.cmd = replace(job.cmd, max_steps=steps)
+
+    def _yield_runs(self, us: UnitState) -> bool:
+        """Ask the unit's decode runs to stop at their next step boundary; True if any is running."""
+        held = False
+        for llm in us.llms.values():
+            job = llm.job
+            if job is None or job.cmd.max_steps == 1:
+                continue
+            if not job.dispatched:
+                job.cmd = replace(job.cmd, max_steps=1)
+            elif not job.yielded:
+                job.yielded = True
+                llm.worker.send(Yield())
+            held = held or job.dispatched
+        return held
+
     def _preempt(self, us: UnitState, llm: LLMState, rid: int) -> None:
         r = next((r for r in llm.running if r.request_id == rid), None)
         if r is None:
@@ -520,6 +589,7 @@ class Runner:
         return running or any(overlapping(cores, j.llm.slice.cores) for j in self._deferred)
 
     def _send(self, job: Job) -> None:
+        job.dispatched = True
         job.llm.worker.send(job.cmd)
         assert job.llm.worker.conn is not None
         self._by_conn[job.llm.worker.conn] = job.llm
@@ -538,17 +608,24 @@ class Runner:
         job = llm.job
         assert llm.worker.conn is not None and job is not None
         del self._by_conn[llm.worker.conn]
-        self.stats["steps"] += 1
-        self._step_s.append(reply.t_end - reply.t_start)
+        steps = reply.steps
+        self.stats["steps"] += steps
+        self.stats["decode_runs"] += steps > 1
+        self._step_s.extend(reply.step_s)
         self._check_step(llm, job, reply)
         llm.job = None
         us = self.units[llm.unit_id]
         t_end = reply.t_end - self._t0
         for r in job.batch:
-            r.generated += 1
+            r.generated += steps
             r.busy = False
             if math.isnan(r.first_token_s):
-                r.first_token_s = t_end
+                r.first_token_s = reply.t_first_end - self._t0
+            if steps > 1:  # the blocks its last step held; the first step's were charged at launch
+                grown = blocks_for_tokens(r.context_tokens - 1, llm.chunk_blocks) - r.blocks
+                r.blocks += grown
+                llm.kv_used += grown
+                us.kv_free -= grown
         for r in job.admitted:
             bisect.insort(llm.running, r, key=_age)
         done = [r for r in job.batch if r.remaining_tokens <= 0]
@@ -571,10 +648,14 @@ class Runner:
         Checked before any state changes, so a strict stop still records the step's requests.
         """
         anomalies = list(reply.anomalies)
+        steps = reply.steps
+        if not 1 <= steps <= job.cmd.max_steps:
+            anomalies.append(f"ran {steps} steps, launched for at most {job.cmd.max_steps}")
         for r in job.batch:
-            if reply.tokens.get(r.request_id, 0) != 1:
-                anomalies.append(f"request {r.request_id} got {reply.tokens.get(r.request_id, 0)} tokens")
-        expected = {r.request_id for r in job.batch if r.remaining_tokens <= 1}
+            if reply.tokens.get(r.request_id, 0) != steps:
+                anomalies.append(f"request {r.request_id} got {reply.tokens.get(r.request_id, 0)} tokens "
+                                 f"in {steps} step(s)")
+        expected = {r.request_id for r in job.batch if r.remaining_tokens <= steps}
         if expected != set(reply.finished):
             anomalies.append(f"engine finished {sorted(reply.finished)}, runner expected {sorted(expected)}")
         if anomalies:
@@ -608,6 +689,18 @@ def run(workload: Workload, placement: Placement, policy: BatchingPolicy, specs:
         **config: Any) -> RunResult:
     """Replay `workload` on real engines; keyword arguments are `RunnerConfig` fields."""
     return Runner(workload, placement, policy, specs, RunnerConfig(**config)).run()
+
+
+def decode_run_length(contexts: Sequence[int], max_steps: int, chunks: int) -> int:
+    """Steps a decode batch can take, at most `max_steps`, growing by at most `chunks` new KV chunks.
+
+    Step s (0-based; step 0's blocks are already held) computes context c + s, which needs a new
+    chunk for a request when it enters a new block: at s ≡ 1 - c (mod BLOCK_TOKENS), s ≥ 1.
+    """
+    first = [(1 - c) % BLOCK_TOKENS or BLOCK_TOKENS for c in contexts]
+    crossings = sorted(f + BLOCK_TOKENS * m for f in first for m in range(max_steps // BLOCK_TOKENS + 1)
+                       if f + BLOCK_TOKENS * m < max_steps)
+    return crossings[chunks] if len(crossings) > chunks else max_steps
 
 
 def _summary(values: list[float], scale: float) -> dict[str, float]:

@@ -17,6 +17,8 @@ admitted ones and runs one `LLMEngine.step()`, which prefills the new requests (
 decodes every running one (one token each). The worker checks that this is what happened and
 reports any deviation (vLLM preempting, chunking a prefill, a missing or extra token) in
 `StepDone.anomalies`, so the runner can refuse to record a run vLLM reordered behind its back.
+A decode run (`max_steps > 1`) is the same step repeated without a round trip to the runner, which
+only asks for one when the policy would relaunch that same step anyway (see hwloop.runner).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,17 +72,34 @@ class Admit:
 
 @dataclass(frozen=True)
 class StepCmd:
+    """Preempt, admit, then run one engine step, or up to `max_steps` for a decode run.
+
+    A run stops early after a step in which a request finished, or when a `Yield` is waiting.
+    """
+
     admit: tuple[Admit, ...]
     preempt: tuple[int, ...] = ()
+    max_steps: int = 1
+
+
+@dataclass(frozen=True)
+class Yield:
+    """End the current run after the step in progress (something changed on the unit)."""
 
 
 @dataclass(frozen=True)
 class StepDone:
     t_start: float  # time.monotonic() in the worker; CLOCK_MONOTONIC is system-wide on Linux
     t_end: float
-    tokens: dict[int, int]  # request id -> tokens produced in this step
+    t_first_end: float  # end of the first step: the first-token time of admitted requests
+    step_s: tuple[float, ...]  # duration of each step
+    tokens: dict[int, int]  # request id -> tokens produced over the run
     finished: tuple[int, ...]
     anomalies: tuple[str, ...] = ()
+
+    @property
+    def steps(self) -> int:
+        return len(self.step_s)
 
 
 @dataclass(frozen=True)
@@ -131,7 +150,7 @@ class EngineServer:
     def key(self, rid: int) -> str:
         return f"{rid}.{self.attempt.get(rid, 0)}"
 
-    def step(self, cmd: StepCmd) -> StepDone:
+    def step(self, cmd: StepCmd, interrupted: Callable[[], bool] = lambda: False) -> StepDone:
         anomalies: list[str] = []
         gone = [rid for rid in cmd.preempt if rid in self.resident]
         if gone:
@@ -146,11 +165,24 @@ class EngineServer:
                                  f"worker holds {len(ids)} tokens")
             self.engine.add(self.key(a.request_id), list(ids), a.max_new_tokens)
             self.resident.add(a.request_id)
-        t0 = time.monotonic()
-        outputs = self.engine.step()
-        t1 = time.monotonic()
-        produced, finished = self._apply(outputs, anomalies)
-        return StepDone(t0, t1, produced, tuple(finished), tuple(anomalies))
+        durations: list[float] = []
+        total: dict[int, int] = {}
+        finished: list[int] = []
+        t_start = t1 = t_first = time.monotonic()
+        for i in range(cmd.max_steps):
+            t0 = time.monotonic()
+            outputs = self.engine.step()
+            t1 = time.monotonic()
+            durations.append(t1 - t0)
+            if i == 0:
+                t_start, t_first = t0, t1
+            produced, done = self._apply(outputs, anomalies)
+            for rid, n in produced.items():
+                total[rid] = total.get(rid, 0) + n
+            finished += done
+            if done or not self.resident or interrupted():
+                break
+        return StepDone(t_start, t1, t_first, tuple(durations), total, tuple(finished), tuple(anomalies))
 
     def _apply(self, outputs: Sequence[StepOutput], anomalies: list[str]) -> tuple[dict[int, int], list[int]]:
         produced: dict[int, int] = {}
@@ -204,15 +236,18 @@ def serve(conn: mpc.Connection) -> int:
         conn.send(Ready(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), engine.import_s,
                         engine.build_s, torch.get_num_threads(), _versions()))
         server = EngineServer(engine)
+        inbox = Inbox(conn)
         while True:
             try:
-                msg = conn.recv()
+                msg = inbox.next()
             except EOFError:
                 return 0  # the runner is gone
             if isinstance(msg, Stop):
                 return 0
+            if isinstance(msg, Yield):
+                continue  # it came after the run it was meant for had ended
             if isinstance(msg, StepCmd):
-                conn.send(server.step(msg))
+                conn.send(server.step(msg, inbox.interrupted))
             elif isinstance(msg, ProfileCmd):
                 from hwloop.profiler import VLLMStepEngine, time_cell
 
@@ -222,6 +257,25 @@ def serve(conn: mpc.Connection) -> int:
     except Exception:
         conn.send(Failed(traceback.format_exc()))
         return 1
+
+
+class Inbox:
+    """Messages from the runner; `interrupted` peeks between the steps of a run without losing any."""
+
+    def __init__(self, conn: mpc.Connection) -> None:
+        self.conn = conn
+        self.pending: list[object] = []
+
+    def next(self) -> object:
+        return self.pending.pop(0) if self.pending else self.conn.recv()
+
+    def interrupted(self) -> bool:
+        if not self.conn.poll(0):
+            return False
+        msg = self.conn.recv()
+        if not isinstance(msg, Yield):
+            self.pending.append(msg)
+        return True
 
 
 def warm_up(engine: Any) -> None:

@@ -1,4 +1,4 @@
-"""Compute partitioning and engine sizing: pure functions, no engine started."""
+"""hwloop pieces that need no engine: compute partitioning, engine sizing, decode-run length."""
 
 from __future__ import annotations
 
@@ -102,3 +102,18 @@ def test_model_folder_holds_the_specs_config(tmp_path) -> None:
 def test_synthetic_prompts_stay_in_vocab_and_differ() -> None:
     a, b = synthetic_prompt(1, 64, 1024), synthetic_prompt(2, 64, 1024)
     assert a != b and all(3 <= t < 1024 for t in a + b)
+
+
+@pytest.mark.parametrize("contexts,max_steps,chunks", [
+    ([1], 100, 0), ([32], 100, 1), ([33, 64, 100], 200, 2), ([5, 6, 7, 8], 40, 3), ([31, 32], 3, 0),
+    ([10, 200, 64, 65], 500, 7), ([1, 2], 1, 0),
+])
+def test_decode_runs_stop_before_the_kv_they_cannot_have(contexts: list[int], max_steps: int, chunks: int) -> None:
+    from hwloop.runner import decode_run_length
+    from policies.placement import blocks_for_tokens
+
+    def grown(s: int) -> int:  # chunks held at step s beyond those of step 0
+        return sum(blocks_for_tokens(c + s, 1) - blocks_for_tokens(c, 1) for c in contexts)
+
+    brute = next((s for s in range(1, max_steps) if grown(s) > chunks), max_steps)
+    assert decode_run_length(contexts, max_steps, chunks) == brute

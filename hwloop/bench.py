@@ -1,0 +1,133 @@
+"""Overhead of the hardware runner against a bare vLLM engine on the same requests.
+
+    python -m hwloop.bench                 # 1-core and 2-core engines, prints a table
+    python -m hwloop.bench --cores 1 --requests 32 --json out.json
+
+For each core count it replays one batch of requests (all arriving at t=0, one LLM, ADBS in mixed
+mode) through the runner, then feeds the same requests to a bare in-process `LLMEngine` with the
+same engine configuration, pinned the same way, stepping it back to back. It reports:
+- throughput (output tokens/s) of both and their ratio (target ≥ 95%);
+- the runner's decision time per policy call (view + decide + launch bookkeeping; target ≤ 0.5 ms);
+- the runner's overhead per step: the makespan not spent inside engine steps, per step.
+The bare engine runs in a child process so that it gets a fresh, pinned interpreter too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hwloop.engine import EngineConfig, synthetic_prompt, write_model_dir
+from hwloop.partition import available_cores, cpu_env
+from hwloop.runner import Runner, RunnerConfig
+from policies.batching import make_batching
+from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
+from policies.specs import ModelSpec
+from traces.schema import Workload
+
+SPEC = ModelSpec("bench-llama", 4, 256, 4, 4, 688, 1024, max_context=1024)
+
+
+def requests(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"request_id": np.arange(n), "model": "llm0", "arrival_s": 0.0,
+                         "prompt_tokens": rng.integers(64, 256, n), "output_tokens": rng.integers(64, 192, n)})
+
+
+def bench_runner(df: pd.DataFrame, cores: tuple[int, ...], max_batch: int, work: Path) -> dict[str, Any]:
+    share = 100 * len(cores) // len(available_cores())  # the runner turns it back into len(cores)
+    llm = LLMPlacement("llm0", SPEC.name, 1, share, share, max_batch, rate=1.0)
+    pool = max_batch * blocks_per_chunk(SPEC) * (SPEC.max_context // 32)  # never the bottleneck
+    placement = Placement("bench", (Unit(0, 0, (0,), (llm,), kv_blocks=pool),))
+    runner = Runner(Workload(df), placement, make_batching("adbs"), {SPEC.name: SPEC},
+                    RunnerConfig(work_dir=work, gpu_cores={0: tuple(available_cores())}))
+    result = runner.run()
+    rec = result.records
+    assert (rec.status == "finished").all(), rec[rec.status != "finished"].reason.unique()
+    makespan = float(rec.finish_s.max())
+    steps = result.stats["steps"]
+    in_steps = result.stats["step_ms"]["mean"] * steps / 1e3
+    return {"makespan_s": makespan, "tokens_per_s": float(df.output_tokens.sum()) / makespan, "steps": steps,
+            "decide_ms": result.stats["decide_ms"], "decide_cpu_ms": result.stats["decide_cpu_ms"],
+            "overhead_per_step_ms": 1e3 * (makespan - in_steps) / steps,
+            "runner_cpu_per_step_ms": 1e3 * result.stats["runner_cpu_s"] / steps,
+            "cores": result.stats["workers"]["llm0"]["cores"], "engine": runner.workers[0].spec.engine}
+
+
+def bench_bare(df: pd.DataFrame, cfg: EngineConfig, cores: tuple[int, ...]) -> dict[str, Any]:
+    """The same requests through a bare engine in a fresh pinned interpreter (see `_bare_main`)."""
+    job = {"cfg": cfg.to_dict(), "cores": list(cores),
+           "requests": df[["request_id", "prompt_tokens", "output_tokens"]].to_numpy().tolist()}
+    env = {**os.environ, **cpu_env(cores)}
+    out = subprocess.run([sys.executable, "-m", "hwloop.bench", "--bare"], input=json.dumps(job), env=env,
+                         capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"bare engine failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _bare_main() -> None:
+    job = json.loads(sys.stdin.read())
+    os.sched_setaffinity(0, job["cores"])
+    from hwloop.engine import VLLMEngine
+    from hwloop.worker import warm_up
+
+    engine = VLLMEngine(EngineConfig(**job["cfg"]))
+    warm_up(engine)
+    t0 = time.perf_counter()
+    tokens = steps = 0
+    for rid, prompt, output in job["requests"]:
+        engine.add(str(rid), synthetic_prompt(int(rid), int(prompt), engine.config.vocab_size), int(output))
+    while engine.has_work():
+        tokens += sum(len(o.new_tokens) for o in engine.step())
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"makespan_s": elapsed, "tokens_per_s": tokens / elapsed, "steps": steps}), flush=True)
+    os._exit(0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cores", type=int, nargs="*", default=[1, 2], help="engine core counts to measure")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.bare:
+        _bare_main()
+    df = requests(args.requests)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="muxsim-bench-") as tmp:
+        write_model_dir(SPEC, Path(tmp) / "models")
+        for k in args.cores:
+            cores = tuple(available_cores()[:k])
+            hw = bench_runner(df, cores, args.max_batch, Path(tmp))
+            assert tuple(hw["cores"]) == cores
+            bare = bench_bare(df, hw["engine"], cores)
+            rows.append({"cores": k, "requests": len(df), "output_tokens": int(df.output_tokens.sum()),
+                         "bare_tok_s": bare["tokens_per_s"], "runner_tok_s": hw["tokens_per_s"],
+                         "ratio": hw["tokens_per_s"] / bare["tokens_per_s"], "bare_steps": bare["steps"],
+                         "runner_steps": hw["steps"], "decide_ms_mean": hw["decide_ms"]["mean"],
+                         "decide_ms_p99": hw["decide_ms"]["p99"], "decide_cpu_ms": hw["decide_cpu_ms"]["mean"],
+                         "runner_cpu_per_step_ms": hw["runner_cpu_per_step_ms"],
+                         "overhead_per_step_ms": hw["overhead_per_step_ms"]})
+    table = pd.DataFrame(rows)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"load average during the run: {os.getloadavg()}")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg()}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,280 @@
+"""Step-latency profiler: measures prefill and decode steps over a grid and writes the profile table
+the simulator's cost model reads (`policies.cost.TableCostModel.from_profile`).
+
+Table format (long form, one row per cell): `model, tp, sm_pct, batch, seq_len, phase,
+latency_ms, std_ms, repeats` plus `min_ms, max_ms`; `.parquet` with its metadata as JSON under the
+schema key `muxsim.meta`, or `.csv` with a `.meta.json` sidecar. The metadata records the device
+and host, torch and vLLM versions, the date, the exact command and how the grid was measured.
+
+- prefill(batch, seq_len): one engine step over `batch` new sequences of `seq_len` tokens.
+- decode(batch, seq_len): one engine step for `batch` sequences whose KV cache holds `seq_len`
+  tokens. The timed steps are consecutive steps of one batch, so their contexts run from
+  `seq_len - repeats // 2` upwards, centred on `seq_len`.
+
+Shares: each SM share runs in its own engine process with the share the runner would give it
+(`hwloop.partition`): on CPU a core set (50% of 2 cores = 1 core), on NVIDIA an MPS percentage.
+Shares that map to the same core count are measured once and written once per share, so the table
+steps exactly where the hardware does. Workers run one at a time: a measurement never shares its
+cores with another engine.
+
+Engines plug in through `StepEngine`; `VLLMStepEngine` is the vLLM one. A pure-PyTorch engine for
+GPUs without vLLM only has to implement the same two methods.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from hwloop.engine import EngineConfig, VLLMEngine, synthetic_prompt, write_model_dir
+from hwloop.partition import Device, MPSDaemon, available_cores, cores_for_share, cpu_env, mps_env
+from hwloop.worker import ProfileCmd, ProfileDone, WorkerHandle, WorkerSpec, start_workers
+from policies.placement import BLOCK_TOKENS
+from policies.specs import ModelSpec
+
+PROFILE_COLUMNS = ("model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_ms", "std_ms", "repeats",
+                   "min_ms", "max_ms")
+
+
+class ProfileError(RuntimeError):
+    """A cell the engine could not measure as asked (e.g. it split the step); names the cell."""
+
+
+class StepEngine(Protocol):
+    """What the profiler needs from an inference engine: wall time of single steps, in seconds."""
+
+    def prefill(self, batch: int, seq_len: int) -> float: ...
+
+    def decode(self, batch: int, ctx_len: int, steps: int) -> list[float]:
+        """Times of `steps` consecutive decode steps of one batch whose context starts at `ctx_len`."""
+        ...
+
+
+class VLLMStepEngine:
+    """`StepEngine` over an in-process vLLM engine (the runner's own, so timings match the runner's)."""
+
+    def __init__(self, engine: VLLMEngine) -> None:
+        self.engine = engine
+        self._n = 0
+
+    def _add(self, batch: int, length: int, max_tokens: int) -> list[str]:
+        keys = []
+        for _ in range(batch):
+            self._n += 1
+            key = f"profile-{self._n}"
+            self.engine.add(key, synthetic_prompt(self._n, length, self.engine.config.vocab_size), max_tokens)
+            keys.append(key)
+        return keys
+
+    def _timed_step(self, keys: Sequence[str], what: str) -> float:
+        t0 = time.perf_counter()
+        outputs = self.engine.step()
+        elapsed = time.perf_counter() - t0
+        got = {o.key for o in outputs if len(o.new_tokens) == 1}
+        if got != set(keys):
+            raise ProfileError(f"{what}: {len(got)} of {len(keys)} sequences got a token in one step "
+                               f"(the engine split or preempted the batch)")
+        return elapsed
+
+    def prefill(self, batch: int, seq_len: int) -> float:
+        keys = self._add(batch, seq_len, 1)
+        return self._timed_step(keys, f"prefill batch {batch} × {seq_len}")
+
+    def decode(self, batch: int, ctx_len: int, steps: int) -> list[float]:
+        keys = self._add(batch, ctx_len, steps + 1)
+        self._timed_step(keys, f"decode batch {batch} at {ctx_len} (prefill)")
+        return [self._timed_step(keys, f"decode batch {batch} at {ctx_len + i}") for i in range(steps)]
+
+
+def time_cell(engine: StepEngine, cmd: ProfileCmd) -> tuple[float, ...]:
+    """Warm-up plus repeats of one cell; returns the timed samples only."""
+    n = cmd.warmup + cmd.repeats
+    if cmd.phase == "prefill":
+        samples = [engine.prefill(cmd.batch, cmd.seq_len) for _ in range(n)]
+    else:
+        start = max(1, cmd.seq_len - cmd.repeats // 2 - cmd.warmup)
+        samples = engine.decode(cmd.batch, start, n)
+    return tuple(samples[cmd.warmup:])
+
+
+@dataclass(frozen=True)
+class Grid:
+    batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
+    seq_lens: tuple[int, ...] = (32, 64, 128, 256, 512)
+    sm_pcts: tuple[int, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90, 100)
+    phases: tuple[str, ...] = ("prefill", "decode")
+    warmup: int = 2
+    repeats: int = 5
+
+    def cells(self) -> list[ProfileCmd]:
+        return [ProfileCmd(phase, b, s, self.warmup, self.repeats)  # type: ignore[arg-type]
+                for phase in self.phases for b in self.batches for s in self.seq_lens]
+
+
+def profile_engine_config(spec: ModelSpec, model_dir: str | Path, grid: Grid, dummy: bool = True) -> EngineConfig:
+    """An engine large enough for every cell in one step: no chunking, no preemption."""
+    steps = grid.warmup + grid.repeats + 1
+    max_len = min(spec.max_context, max(grid.seq_lens) + steps + 1)
+    if max(grid.seq_lens) + steps + 1 > spec.max_context:
+        raise ProfileError(f"{spec.name}: seq_len {max(grid.seq_lens)} plus {steps} decode steps exceeds its "
+                           f"context {spec.max_context}")
+    per_seq = -(-max_len // BLOCK_TOKENS)
+    return EngineConfig(
+        model_dir=str(model_dir), dummy=dummy, dtype="float32" if spec.dtype_bytes == 4 else "bfloat16",
+        max_model_len=max_len, kv_blocks=max(grid.batches) * per_seq, kv_bytes_per_token=spec.kv_bytes_per_token,
+        max_num_seqs=max(grid.batches), max_batched_tokens=max(max(grid.batches) * max(grid.seq_lens), max_len),
+        vocab_size=spec.vocab_size)
+
+
+@dataclass
+class ProfileResult:
+    table: pd.DataFrame
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def share_groups(sm_pcts: Sequence[int], device: Device, ncores: int) -> dict[int, list[int]]:
+    """Shares that run identically on this device, keyed by what they get (cores on CPU, % on GPU)."""
+    groups: dict[int, list[int]] = {}
+    for pct in sorted(set(sm_pcts)):
+        key = cores_for_share(pct, ncores) if device == "cpu" else pct
+        groups.setdefault(key, []).append(pct)
+    return groups
+
+
+def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", cores: Sequence[int] | None = None,
+            gpus: Sequence[int] = (0,), model_dir: str | Path | None = None, dummy: bool = True,
+            work_dir: str | Path | None = None,
+            startup_timeout_s: float = 600.0, cell_timeout_s: float = 600.0,
+            progress: Callable[[str], None] | None = None) -> ProfileResult:
+    """Measure every cell of `grid` for one model, one share group at a time.
+
+    `model_dir`: a folder vLLM loads (a real checkpoint with `dummy=False`); without it a folder
+    holding `spec`'s config.json is written and the weights are random.
+    """
+    cores = tuple(cores or available_cores())
+    with tempfile.TemporaryDirectory(prefix="muxsim-profile-") as tmp:
+        work = Path(work_dir or tmp)
+        folder = Path(model_dir) if model_dir else write_model_dir(spec, work / "models")
+        cfg = profile_engine_config(spec, folder, grid, dummy=dummy or model_dir is None)
+        groups = share_groups(grid.sm_pcts, device, len(cores))
+        mps = MPSDaemon(work / "mps") if device == "cuda" else None
+        rows: list[tuple[Any, ...]] = []
+        versions: dict[str, str] = {}
+        try:
+            if mps:
+                mps.start()
+            for key, pcts in groups.items():
+                if device == "cpu":
+                    mine = cores[:key]
+                    wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine))
+                else:
+                    assert mps is not None
+                    wspec = WorkerSpec(f"profile-{key}pct", cfg, (), mps_env(key, gpus, mps.pipe_dir, mps.log_dir))
+                samples, versions = _measure(wspec, grid, work, startup_timeout_s, cell_timeout_s, progress)
+                for pct in pcts:
+                    rows += [(spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
+        finally:
+            if mps:
+                mps.stop()
+    table = pd.DataFrame(rows, columns=list(PROFILE_COLUMNS))
+    meta = {
+        "kind": "measured",
+        "engine": "vllm",
+        "device": device,
+        "host": host_info(),
+        "cores_used": list(cores),
+        "share_groups": {str(k): v for k, v in groups.items()},
+        "share_unit": "cores" if device == "cpu" else "mps_pct",
+        "versions": versions,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "model_spec": asdict(spec),
+        "grid": asdict(grid),
+        "engine_config": cfg.to_dict(),
+        "decode_context": "timed decode steps are consecutive: contexts seq_len - repeats//2 .. + repeats",
+        "load_average": list(os.getloadavg()),
+    }
+    return ProfileResult(table, meta)
+
+
+def _measure(wspec: WorkerSpec, grid: Grid, work: Path, startup_timeout_s: float, cell_timeout_s: float,
+             progress: Callable[[str], None] | None) -> tuple[list[tuple[ProfileCmd, tuple[float, ...]]], dict[str, str]]:
+    worker = WorkerHandle(wspec, work / "logs" / f"{wspec.name}.log")
+    try:
+        (ready,) = start_workers([worker], startup_timeout_s)
+        out = []
+        for cell in grid.cells():
+            worker.send(cell)
+            done: ProfileDone = worker.recv(cell_timeout_s, what=f"{cell.phase} b={cell.batch} s={cell.seq_len}")
+            out.append((cell, done.samples_s))
+            if progress:
+                progress(f"{wspec.name} {cell.phase} batch={cell.batch} seq={cell.seq_len}: "
+                         f"{1e3 * float(np.mean(done.samples_s)):.2f} ms")
+        return out, ready.versions
+    finally:
+        worker.stop()
+
+
+def _stats(samples: Sequence[float]) -> tuple[float, float, int, float, float]:
+    ms = 1e3 * np.asarray(samples, dtype=float)
+    std = float(ms.std(ddof=1)) if len(ms) > 1 else 0.0
+    return float(ms.mean()), std, len(ms), float(ms.min()), float(ms.max())
+
+
+def host_info() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"hostname": platform.node(), "cpu_model": model, "cpu_count": os.cpu_count(),
+            "cores_available": len(available_cores()), "platform": platform.platform(),
+            "python": platform.python_version()}
+
+
+def write_profile(result: ProfileResult, path: str | Path) -> Path:
+    """Parquet (metadata under `muxsim.meta`) or CSV (+ `.meta.json`), like the Workload files."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = json.dumps(result.meta, default=str)
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pa.Table.from_pandas(result.table, preserve_index=False)
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), b"muxsim.meta": meta.encode()})
+        pq.write_table(table, path)
+    elif path.suffix == ".csv":
+        result.table.to_csv(path, index=False)
+        path.with_suffix(".meta.json").write_text(json.dumps(result.meta, default=str, indent=2))
+    else:
+        raise ProfileError(f"{path}: unknown profile format {path.suffix!r} (use .parquet or .csv)")
+    return path
+
+
+def read_profile(path: str | Path) -> ProfileResult:
+    path = Path(path)
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        raw = (table.schema.metadata or {}).get(b"muxsim.meta")
+        return ProfileResult(table.to_pandas(), json.loads(raw) if raw else {})
+    side = path.with_suffix(".meta.json")
+    return ProfileResult(pd.read_csv(path), json.loads(side.read_text()) if side.exists() else {})
