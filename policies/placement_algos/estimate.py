@@ -23,11 +23,14 @@ batches depend on each other through the blocking term; they are solved by a mon
 
 Score. A mesh is worth Σ_i rate_i · min(tpt_i, rate_i): an LLM cannot serve more than arrives,
 and weighting by rate makes the cluster total, divided by Σ rate, the rate-weighted mean
-throughput that the metrics report for a run.
+throughput that the metrics report for a run. Sums are taken with math.fsum (exactly rounded,
+so independent of order): once every rate is met the estimate saturates, and placements that
+serve everything must tie exactly for the tie-breaks (spread load, use every GPU) to apply.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -86,11 +89,15 @@ class Candidate:
 class MeshEstimate:
     """The estimate of one mesh; per-LLM tuples follow the members' order."""
 
-    value: float  # Σ rate_i · min(tpt_i, rate_i)
+    terms: tuple[float, ...]  # rate_i · min(tpt_i, rate_i)
     kv_blocks: int
     batch: tuple[int, ...]  # the operating batch (Little's law)
-    cap: tuple[int, ...]  # the batch ceiling: KV share and per-GPU limit
+    cap: tuple[int, ...]  # the batch the estimate allows: KV share and per-GPU limit
     tpt: tuple[float, ...]
+
+    @property
+    def value(self) -> float:
+        return math.fsum(self.terms)
 
 
 @cache
@@ -218,8 +225,17 @@ class Estimator:
         total = sum(block)
         tpt = tuple(b / (self._cycle(m, n, b) + total - own)
                     for m, b, own in zip(members, batch, block, strict=True))
-        value = sum(self.demands[m[0]].rate * min(t, self.demands[m[0]].rate) for m, t in zip(members, tpt, strict=True))
-        return MeshEstimate(value, pool, tuple(batch), cap, tpt)
+        rates = [self.demands[m[0]].rate for m in members]
+        terms = tuple(r * min(t, r) for r, t in zip(rates, tpt, strict=True))
+        return MeshEstimate(terms, pool, tuple(batch), cap, tpt)
+
+    def batch_ceiling(self, i: int, n: int, kv_blocks: int) -> int:
+        """The most requests LLM i could run with the whole pool: its runtime `max_batch`.
+
+        Not the estimate's cap: ADBS moves KV quota to busy LLMs, and a ceiling at the share an
+        LLM starts with would starve it in a burst.
+        """
+        return max(1, min(self.opts.batch_limit_per_gpu * n, kv_blocks // self.demands[i].request_blocks))
 
     # ---- MuxServe's per-LLM candidates ----------------------------------------------------------
     def _candidates(self, i: int) -> dict[int, Candidate]:
@@ -247,23 +263,27 @@ class Estimator:
         """The MuxServe members of a mesh: each LLM at its prefill share and candidate decode share."""
         return tuple((i, self.prefill_sm[i], self.candidates[i][n].decode_sm) for i in sorted(llms))
 
-    def value(self, n: int, llms: tuple[int, ...]) -> float | None:
-        """Score of LLMs sharing an n-GPU mesh under MuxServe; None if infeasible.
+    def terms(self, n: int, llms: tuple[int, ...]) -> tuple[float, ...] | None:
+        """Score terms of LLMs sharing an n-GPU mesh under MuxServe; None if infeasible.
 
         Infeasible: an LLM without a candidate at n (too big, or no latencies), decode shares over
         the SM budget, or a KV pool that cannot hold one request per LLM.
         """
         if not llms:
-            return 0.0
+            return ()
         if any(n not in self.candidates[i] for i in llms):
             return None
         if sum(self.candidates[i][n].decode_sm for i in llms) > self.opts.sm_budget:
             return None
         est = self.mesh(n, self.members(n, llms))
-        return None if est is None else est.value
+        return None if est is None else est.terms
+
+    def value(self, n: int, llms: tuple[int, ...]) -> float | None:
+        terms = self.terms(n, llms)
+        return None if terms is None else math.fsum(terms)
 
     def upper_bound(self, i: int, sizes: set[int]) -> float:
-        """Best score LLM i can reach on any of these mesh sizes: alone with its candidate share.
+        """Best score term LLM i can reach on any of these mesh sizes: alone at its candidate share.
 
         Company only lowers it (less KV, more blocking), which makes group pruning exact.
         """

@@ -8,6 +8,7 @@ search is fast (memoised estimates, duplicate groups dropped, groups that cannot
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -17,7 +18,16 @@ from policies.specs import ClusterSpec
 
 from .demand import Demand, check_demands
 from .estimate import Estimator, PlacerOptions
-from .meshes import Mesh, Solution, empty_meshes, mesh_groups, score, to_placement, with_llm
+from .meshes import (
+    Mesh,
+    Solution,
+    empty_meshes,
+    idle_gpus,
+    mesh_groups,
+    score,
+    to_placement,
+    with_llm,
+)
 
 GiB = 2**30
 
@@ -56,28 +66,31 @@ def greedy_order(est: Estimator) -> list[int]:
 def greedy_fill(est: Estimator, meshes: tuple[Mesh, ...], order: list[int]) -> Solution | int:
     """Place LLMs one by one on the mesh with the largest gain; the LLM that found none on failure.
 
-    Ties go to the smaller mesh, then the earlier one. Meshes in the same state (same size and
-    LLMs, e.g. all empty 1-GPU meshes) give the same gain, so each state is evaluated once.
+    Equal gains (common once rates are met) go to the emptier mesh, which spreads load, then to
+    the smaller one, which keeps large meshes for large models (MuxServe's rule), then the first.
+    Meshes in the same state (e.g. all empty 1-GPU meshes) give the same gain and are evaluated
+    once.
     """
-    meshes, values = list(meshes), [0.0] * len(meshes)
+    meshes = list(meshes)
+    terms: list[tuple[float, ...]] = [()] * len(meshes)
     for i in order:
-        best: tuple[float, int, int, float] | None = None  # gain, size, mesh index, new value
+        best: tuple[tuple[float, int, int], int, tuple[float, ...]] | None = None  # key, mesh, terms
         seen: set[tuple[int, tuple[int, ...]]] = set()
         for k, m in enumerate(meshes):
             if (m.size, m.llms) in seen:
                 continue
             seen.add((m.size, m.llms))
-            v = est.value(m.size, with_llm(m, i).llms)
-            if v is None:
+            new = est.terms(m.size, with_llm(m, i).llms)
+            if new is None:
                 continue
-            gain = v - values[k]
-            if best is None or gain > best[0] or (gain == best[0] and m.size < best[1]):
-                best = (gain, m.size, k, v)
+            key = (math.fsum((*new, *(-t for t in terms[k]))), -len(m.llms), -m.size)
+            if best is None or key > best[0]:
+                best = (key, k, new)
         if best is None:
             return i
-        _, _, k, v = best
-        meshes[k], values[k] = with_llm(meshes[k], i), v
-    return Solution(tuple(meshes), sum(values))
+        _, k, new = best
+        meshes[k], terms[k] = with_llm(meshes[k], i), new
+    return Solution(tuple(meshes), math.fsum(t for ts in terms for t in ts))
 
 
 @dataclass(frozen=True)
@@ -92,11 +105,13 @@ def _sizes(group: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
 
 
 def best_group(est: Estimator) -> GroupSearch:
-    """The best greedy fill over all mesh groups (Alg. 2), first in enumeration order on ties.
+    """The best greedy fill over all mesh groups (Alg. 2).
 
-    With `prune`, groups with the same multiset of mesh sizes are filled once (the meshes are
-    independent, so their result is the same), and groups are visited best upper bound first,
-    stopping once no remaining bound can beat the best score. Both keep the unpruned answer.
+    Best means the highest score, then the fewest idle GPUs (ties are common once every rate is
+    met), then the first group in enumeration order. With `prune`, groups with the same multiset
+    of mesh sizes are filled once (meshes are independent, so the results are the same), and
+    groups are visited by decreasing upper bound, stopping when no remaining group can win. Both
+    keep the unpruned answer.
     """
     groups = mesh_groups(est.cluster)
     order = greedy_order(est)
@@ -105,17 +120,17 @@ def best_group(est: Estimator) -> GroupSearch:
         first: dict[tuple[int, ...], int] = {}
         for idx, g in enumerate(groups):
             first.setdefault(_sizes(g), idx)
-        bounds = {idx: sum(est.upper_bound(i, set(sizes)) for i in range(len(est.demands)))
+        bounds = {idx: math.fsum(est.upper_bound(i, set(sizes)) for i in range(len(est.demands)))
                   for sizes, idx in first.items()}
         visit = sorted(((b, idx) for idx, b in bounds.items() if b > float("-inf")), key=lambda t: (-t[0], t[1]))
     else:
-        visit = [(float("inf"), idx) for idx in range(len(groups))]
-    best: tuple[Solution, int] | None = None
+        visit = [(math.inf, idx) for idx in range(len(groups))]
+    best: tuple[tuple[float, int, int], Solution] | None = None  # (score, -idle, -index), solution
     stuck: tuple[int, int] | None = None  # (LLMs placed, LLM that found no mesh) of the furthest failure
     evaluated = 0
     for bound, idx in visit:
-        if best is not None and bound < best[0].score - 1e-9 * max(1.0, abs(best[0].score)):
-            break
+        if best is not None and (bound, 0, -idx) < best[0]:
+            break  # visited by decreasing bound, then index: no later group can win either
         evaluated += 1
         res = greedy_fill(est, empty_meshes(groups[idx]), order)
         if isinstance(res, int):
@@ -123,8 +138,9 @@ def best_group(est: Estimator) -> GroupSearch:
             if stuck is None or placed > stuck[0]:
                 stuck = (placed, res)
             continue
-        if best is None or res.score > best[0].score or (res.score == best[0].score and idx < best[1]):
-            best = (res, idx)
+        key = (res.score, -idle_gpus(res.meshes, est.cluster), -idx)
+        if best is None or key > best[0]:
+            best = (key, res)
     if best is None:
         if stuck is None:
             raise PlacementError("no mesh group offers every LLM a mesh size it fits")
@@ -132,7 +148,7 @@ def best_group(est: Estimator) -> GroupSearch:
         raise PlacementError(
             f"LLM {d.name!r} ({d.model.name}): the greedy found no mesh with room for it in any mesh group "
             f"(memory or the {est.opts.sm_budget}% decode SM budget; at best {stuck[0]} LLMs were placed before it)")
-    return GroupSearch(best[0], len(groups), evaluated)
+    return GroupSearch(best[1], len(groups), evaluated)
 
 
 def absorb_idle(meshes: tuple[Mesh, ...], est: Estimator) -> tuple[Mesh, ...]:

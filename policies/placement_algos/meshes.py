@@ -6,6 +6,7 @@ meshes. Meshes never span nodes, and sizes are powers of two so each can run ten
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from itertools import combinations_with_replacement
@@ -68,13 +69,18 @@ def empty_meshes(group: tuple[tuple[int, ...], ...]) -> tuple[Mesh, ...]:
 
 
 def score(meshes: tuple[Mesh, ...] | list[Mesh], est: Estimator) -> float | None:
-    total = 0.0
+    """Total of the meshes' score terms (exactly rounded, so order does not matter); None if infeasible."""
+    terms = []
     for m in meshes:
-        v = est.value(m.size, m.llms)
-        if v is None:
+        t = est.terms(m.size, m.llms)
+        if t is None:
             return None
-        total += v
-    return total
+        terms.extend(t)
+    return math.fsum(terms)
+
+
+def idle_gpus(meshes: tuple[Mesh, ...] | list[Mesh], cluster: ClusterSpec) -> int:
+    return cluster.num_gpus - sum(m.size for m in meshes if m.llms)
 
 
 def to_placement(policy: str, meshes: tuple[Mesh, ...], est: Estimator,
@@ -85,7 +91,7 @@ def to_placement(policy: str, meshes: tuple[Mesh, ...], est: Estimator,
     Powers of two laid out largest first are always aligned, so a mesh of n GPUs starts at a
     multiple of n (the NVLink-friendly position). Idle GPUs are counted in `meta`.
     """
-    units, per_llm, served, weighted = [], {}, 0.0, 0.0
+    units, per_llm, served, terms = [], {}, [], []
     for node in sorted({m.node for m in meshes}):
         offset = 0
         for m in sorted((m for m in meshes if m.node == node), key=lambda m: -m.size):
@@ -99,21 +105,21 @@ def to_placement(policy: str, meshes: tuple[Mesh, ...], est: Estimator,
             llms = []
             for (i, psm, dsm), batch, cap, tpt in zip(members, e.batch, e.cap, e.tpt, strict=True):
                 d = est.demands[i]
-                llms.append(LLMPlacement(d.name, d.model.name, m.size, psm, dsm, cap, 0, d.rate,
+                ceiling = est.batch_ceiling(i, m.size, e.kv_blocks)
+                llms.append(LLMPlacement(d.name, d.model.name, m.size, psm, dsm, ceiling, 0, d.rate,
                                          d.avg_prompt, d.avg_output))
-                per_llm[d.name] = {"est_batch": batch, "est_tpt": round(float(tpt), 6)}
-                served += min(tpt, d.rate)
-                weighted += d.rate * min(tpt, d.rate)
+                per_llm[d.name] = {"est_batch": batch, "est_cap": cap, "est_tpt": round(float(tpt), 6)}
+                served.append(min(tpt, d.rate))
+                terms.append(d.rate * min(tpt, d.rate))
             units.append(Unit(len(units), node, gpus, tuple(llms), e.kv_blocks, est.opts.overload_units))
     total = est.total_rate
-    used = sum(len(u.gpus) for u in units)
     return Placement(
         policy=policy,
         units=tuple(units),
         cost_model=est.cost.label,
-        estimated_throughput=float(weighted / total) if total else 0.0,
-        meta={"exclusive": exclusive, "served_rate": round(float(served), 6), "total_rate": round(float(total), 6),
-              "idle_gpus": est.cluster.num_gpus - used, "llms": per_llm, **(meta or {})},
+        estimated_throughput=math.fsum(terms) / total if total else 0.0,
+        meta={"exclusive": exclusive, "served_rate": round(math.fsum(served), 6), "total_rate": round(float(total), 6),
+              "idle_gpus": idle_gpus(meshes, est.cluster), "llms": per_llm, **(meta or {})},
     )
 
 

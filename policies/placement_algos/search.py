@@ -20,7 +20,16 @@ from policies.specs import ClusterSpec
 from .demand import Demand, check_demands
 from .estimate import Estimator, PlacerOptions
 from .greedy import absorb_idle, solve_muxserve
-from .meshes import Mesh, Solution, empty_meshes, mesh_groups, to_placement, with_llm, without_llm
+from .meshes import (
+    Mesh,
+    Solution,
+    empty_meshes,
+    mesh_groups,
+    score,
+    to_placement,
+    with_llm,
+    without_llm,
+)
 
 
 def distinct_groups(est: Estimator) -> list[tuple[Mesh, ...]]:
@@ -44,15 +53,9 @@ def brute_force(est: Estimator) -> Solution | None:
         for assign in product(range(len(slots)), repeat=n):
             meshes = tuple(Mesh(m.node, m.size, tuple(i for i in range(n) if assign[i] == k))
                            for k, m in enumerate(slots))
-            total = 0.0
-            for m in meshes:
-                v = est.value(m.size, m.llms)
-                if v is None:
-                    break
-                total += v
-            else:
-                if best is None or total > best.score:
-                    best = Solution(meshes, total)
+            total = score(meshes, est)
+            if total is not None and (best is None or total > best.score):
+                best = Solution(meshes, total)
     return best
 
 
@@ -119,7 +122,8 @@ def anneal(est: Estimator, start: tuple[Mesh, ...], rng: random.Random, iteratio
         where = {i: k for k, m in enumerate(meshes) for i in m.llms}
         if current > best.score:
             best = Solution(tuple(meshes), current)
-    total = sum(est.value(m.size, m.llms) or 0.0 for m in best.meshes)  # drop accumulated rounding
+    total = score(best.meshes, est)  # without the rounding that the running sum accumulated
+    assert total is not None  # only feasible moves are taken
     return Solution(best.meshes, total)
 
 
