@@ -42,7 +42,7 @@ def pack(est: Estimator, sizes: list[int]) -> tuple[Mesh, ...]:
         if node is None:
             d, need, have = est.demands[i], sum(sizes), est.cluster.num_gpus
             why = f"short by {need - have}" if need > have else f"no node has {sizes[i]} free"
-            raise PlacementError(f"spatial: LLM {d.name!r} ({d.model.name}) gets no {sizes[i]} GPU(s): "
+            raise PlacementError(f"spatial: no room for LLM {d.name!r} ({d.model.name}) on {sizes[i]} GPU(s): "
                                  f"the {len(sizes)} LLMs need {need} GPUs, the cluster has {have} ({why})")
         used[node] += sizes[i]
         meshes.append(Mesh(node, sizes[i], (i,)))
