@@ -294,3 +294,7 @@ class Estimator:
     @property
     def total_rate(self) -> float:
         return sum(d.rate for d in self.demands)
+
+    def throughput(self, score: float) -> float:
+        """A score as the rate-weighted mean throughput, req/s (0 when nothing arrives)."""
+        return score / self.total_rate if self.total_rate else 0.0

@@ -117,7 +117,7 @@ def to_placement(policy: str, meshes: tuple[Mesh, ...], est: Estimator,
         policy=policy,
         units=tuple(units),
         cost_model=est.cost.label,
-        estimated_throughput=math.fsum(terms) / total if total else 0.0,
+        estimated_throughput=est.throughput(math.fsum(terms)),
         meta={"exclusive": exclusive, "served_rate": round(math.fsum(served), 6), "total_rate": round(float(total), 6),
               "idle_gpus": idle_gpus(meshes, est.cluster), "llms": per_llm, **(meta or {})},
     )

@@ -138,6 +138,6 @@ def search(demands: list[Demand], cluster: ClusterSpec, cost: CostModel, opts: P
         found, method = anneal(est, greedy.meshes, random.Random(opts.seed), opts.iterations), "annealing"
     improved = found is not None and found.score > greedy.score + 1e-9 * abs(greedy.score)  # not a rounding tie
     meshes = absorb_idle(found.meshes, est) if improved else greedy.meshes  # type: ignore[union-attr]
-    meta |= {"method": method, "assignments": space, "greedy_estimate": greedy.score / est.total_rate,
+    meta |= {"method": method, "assignments": space, "greedy_estimate": est.throughput(greedy.score),
              "improved": improved}
     return to_placement("search", meshes, est, lambda m: est.members(m.size, m.llms), meta=meta)
