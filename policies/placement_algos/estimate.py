@@ -12,7 +12,7 @@ colocated LLM i sees every prefill on the mesh in its cycle:
 
 Under temporal multiplexing (one job at a time) the whole of every other LLM's cycle blocks it:
 
-    tpt_i = b_i / (Σ_j prefill_j(b_j) + avg_output_j · decode_j(b_j))
+    tpt_i = b_i / Σ_j (prefill_j(b_j) + avg_output_j · decode_j(b_j))
 
 Batch choice. b_i is the batch that serves the rate — by Little's law the mean number of requests
 in flight is rate × cycle time, and the smallest b with tpt(b) ≥ rate is exactly that — capped by
@@ -162,6 +162,11 @@ class Estimator:
         """How long this LLM's batch holds up the other LLMs on the mesh."""
         return self._cycle(m, n, b) if exclusive else self._prefill(m[0], n, m[1], b)
 
+    def _waits(self, members: tuple[Member, ...], n: int, batch: list[int], exclusive: bool) -> list[float]:
+        """Per member, how long the others' batches hold it up in each of its cycles."""
+        block = [self._blocking(m, n, b, exclusive) for m, b in zip(members, batch, strict=True)]
+        return [math.fsum(block[:k] + block[k + 1:]) for k in range(len(block))]
+
     def _batch_for_rate(self, m: Member, n: int, cap: int, wait: float) -> int:
         """Smallest b ≤ cap with b / (cycle(b) + wait) ≥ rate, else the best b (see module doc)."""
         rate = self.demands[m[0]].rate
@@ -214,17 +219,14 @@ class Estimator:
         pool, cap = caps
         batch = [self._batch_for_rate(m, n, c, 0.0) for m, c in zip(members, cap, strict=True)]
         while len(members) > 1:
-            block = [self._blocking(m, n, b, exclusive) for m, b in zip(members, batch, strict=True)]
-            total = sum(block)
-            grown = [max(b, self._batch_for_rate(m, n, c, total - own))
-                     for m, b, c, own in zip(members, batch, cap, block, strict=True)]
+            waits = self._waits(members, n, batch, exclusive)
+            grown = [max(b, self._batch_for_rate(m, n, c, w))
+                     for m, b, c, w in zip(members, batch, cap, waits, strict=True)]
             if grown == batch:
                 break
             batch = grown
-        block = [self._blocking(m, n, b, exclusive) for m, b in zip(members, batch, strict=True)]
-        total = sum(block)
-        tpt = tuple(b / (self._cycle(m, n, b) + total - own)
-                    for m, b, own in zip(members, batch, block, strict=True))
+        waits = self._waits(members, n, batch, exclusive)
+        tpt = tuple(b / (self._cycle(m, n, b) + w) for m, b, w in zip(members, batch, waits, strict=True))
         rates = [self.demands[m[0]].rate for m in members]
         terms = tuple(r * min(t, r) for r, t in zip(rates, tpt, strict=True))
         return MeshEstimate(terms, pool, tuple(batch), cap, tpt)
@@ -255,7 +257,7 @@ class Estimator:
                     break
                 if best is None or c.tpt > best.tpt:
                     best = c
-            if best is not None:
+            if best is not None and best.tpt > 0:  # 0: no measured latency at any batch
                 out[n] = best
         return out
 

@@ -159,20 +159,19 @@ def absorb_idle(meshes: tuple[Mesh, ...], est: Estimator) -> tuple[Mesh, ...]:
     """
     meshes, gpn = list(meshes), est.cluster.gpus_per_node
 
+    def may_double(m: Mesh) -> bool:
+        if not m.llms:
+            return any(x.llms and x.node == m.node and x.size == 2 * m.size for x in meshes)
+        new, old = est.value(2 * m.size, m.llms), est.value(m.size, m.llms)
+        return new is not None and old is not None and new >= old
+
     def merge_once() -> bool:
         for a, m in enumerate(meshes):
             for b, e in enumerate(meshes):
-                if e.llms or a == b or (m.node, m.size) != (e.node, e.size) or 2 * m.size > gpn:
-                    continue
-                merged = Mesh(m.node, 2 * m.size, m.llms)
-                if m.llms:
-                    v = est.value(merged.size, merged.llms)
-                    if v is None or v < est.value(m.size, m.llms):  # type: ignore[operator]
-                        continue
-                elif not any(x.llms and x.node == m.node and x.size == merged.size for x in meshes):
-                    continue
-                meshes[:] = [x for k, x in enumerate(meshes) if k not in (a, b)] + [merged]
-                return True
+                if a != b and not e.llms and (m.node, m.size) == (e.node, e.size) and 2 * m.size <= gpn \
+                        and may_double(m):
+                    meshes[:] = [x for k, x in enumerate(meshes) if k not in (a, b)] + [Mesh(m.node, 2 * m.size, m.llms)]
+                    return True
         return False
 
     while merge_once():

@@ -72,7 +72,9 @@ def propose(meshes: list[Mesh], where: dict[int, int], rng: random.Random, gpn: 
             return None
         return (a, b), (without_llm(meshes[a], i), with_llm(meshes[b], i))
     if kind < 0.7:  # swap two LLMs
-        i, j = rng.sample(sorted(where), 2) if len(where) > 1 else (0, 0)
+        if len(where) < 2:
+            return None
+        i, j = rng.sample(sorted(where), 2)
         a, b = where[i], where[j]
         if a == b:
             return None
@@ -93,10 +95,21 @@ def propose(meshes: list[Mesh], where: dict[int, int], rng: random.Random, gpn: 
                   Mesh(m.node, half, tuple(i for i, s in zip(m.llms, side, strict=True) if not s)))
 
 
+def values_of(meshes: list[Mesh] | tuple[Mesh, ...], est: Estimator) -> list[float] | None:
+    out = []
+    for m in meshes:
+        v = est.value(m.size, m.llms)
+        if v is None:
+            return None
+        out.append(v)
+    return out
+
+
 def anneal(est: Estimator, start: tuple[Mesh, ...], rng: random.Random, iterations: int) -> Solution:
     """Simulated annealing on the total score, geometric cooling from 1% to 0.001% of the start."""
     meshes = list(start)
-    values = [est.value(m.size, m.llms) or 0.0 for m in meshes]
+    values = values_of(meshes, est)
+    assert values is not None, "annealing must start from a feasible placement"
     current = sum(values)
     best = Solution(tuple(meshes), current)
     t0 = 0.01 * max(current, 1e-9)
@@ -109,15 +122,15 @@ def anneal(est: Estimator, start: tuple[Mesh, ...], rng: random.Random, iteratio
         if move is None:
             continue
         removed, added = move
-        new = [est.value(m.size, m.llms) for m in added]
-        if any(v is None for v in new):
+        new = values_of(added, est)
+        if new is None:
             continue
-        delta = sum(new) - sum(values[k] for k in removed)  # type: ignore[arg-type]
+        delta = sum(new) - sum(values[k] for k in removed)
         if delta < 0 and rng.random() >= math.exp(delta / temp):
             continue
         keep = [k for k in range(len(meshes)) if k not in removed]
         meshes = [meshes[k] for k in keep] + list(added)
-        values = [values[k] for k in keep] + new  # type: ignore[operator]
+        values = [values[k] for k in keep] + new
         current += delta
         where = {i: k for k, m in enumerate(meshes) for i in m.llms}
         if current > best.score:
@@ -137,7 +150,7 @@ def search(demands: list[Demand], cluster: ClusterSpec, cost: CostModel, opts: P
     else:
         found, method = anneal(est, greedy.meshes, random.Random(opts.seed), opts.iterations), "annealing"
     improved = found is not None and found.score > greedy.score + 1e-9 * abs(greedy.score)  # not a rounding tie
-    meshes = absorb_idle(found.meshes, est) if improved else greedy.meshes  # type: ignore[union-attr]
+    meshes = absorb_idle(found.meshes, est) if found is not None and improved else greedy.meshes
     meta |= {"method": method, "assignments": space, "greedy_estimate": est.throughput(greedy.score),
              "improved": improved}
     return to_placement("search", meshes, est, lambda m: est.members(m.size, m.llms), meta=meta)
