@@ -3,13 +3,16 @@
     python -m hwloop.bench                 # 1-core and 2-core engines, prints a table
     python -m hwloop.bench --cores 1 --requests 32 --json out.json
 
-For each core count it replays one batch of requests (all arriving at t=0, one LLM, ADBS in mixed
-mode) through the runner, then feeds the same requests to a bare in-process `LLMEngine` with the
-same engine configuration, pinned the same way, stepping it back to back. It reports:
+For each core count and round it replays one batch of requests (all arriving at t=0, one LLM,
+ADBS in mixed mode) through the runner, then feeds the same requests to a bare in-process
+`LLMEngine` with the same engine configuration, pinned the same way, stepping it back to back (in a
+child process, so it gets a fresh pinned interpreter too). It reports, as medians over rounds:
 - throughput (output tokens/s) of both and their ratio (target ≥ 95%);
-- the runner's decision time per policy call (view + decide + launch bookkeeping; target ≤ 0.5 ms);
-- the runner's overhead per step: the makespan not spent inside engine steps, per step.
-The bare engine runs in a child process so that it gets a fresh, pinned interpreter too.
+- busy fraction: the share of the makespan spent inside engine steps. On a machine shared with
+  other processes the steps themselves vary by ±10% from run to run, which swamps the runner's
+  cost in the throughput ratio; the busy fractions isolate it;
+- the runner's decision time per policy call, wall and CPU (view + decide + launch; target ≤ 0.5 ms)
+  and its overhead per step (the makespan not inside engine steps, per step).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +61,10 @@ def bench_runner(df: pd.DataFrame, cores: tuple[int, ...], max_batch: int, work:
     makespan = float(rec.finish_s.max())
     steps = result.stats["steps"]
     in_steps = result.stats["step_ms"]["mean"] * steps / 1e3
+    assert result.stats["anomalies"] == []
     return {"makespan_s": makespan, "tokens_per_s": float(df.output_tokens.sum()) / makespan, "steps": steps,
             "decide_ms": result.stats["decide_ms"], "decide_cpu_ms": result.stats["decide_cpu_ms"],
-            "overhead_per_step_ms": 1e3 * (makespan - in_steps) / steps,
+            "overhead_per_step_ms": 1e3 * (makespan - in_steps) / steps, "busy": in_steps / makespan,
             "runner_cpu_per_step_ms": 1e3 * result.stats["runner_cpu_s"] / steps,
             "cores": result.stats["workers"]["llm0"]["cores"], "engine": runner.workers[0].spec.engine}
 
@@ -85,15 +90,39 @@ def _bare_main() -> None:
     engine = VLLMEngine(EngineConfig(**job["cfg"]))
     warm_up(engine)
     t0 = time.perf_counter()
-    tokens = steps = 0
+    tokens = 0
+    step_s = []
     for rid, prompt, output in job["requests"]:
         engine.add(str(rid), synthetic_prompt(int(rid), int(prompt), engine.config.vocab_size), int(output))
     while engine.has_work():
+        t = time.perf_counter()
         tokens += sum(len(o.new_tokens) for o in engine.step())
-        steps += 1
+        step_s.append(time.perf_counter() - t)
     elapsed = time.perf_counter() - t0
-    print(json.dumps({"makespan_s": elapsed, "tokens_per_s": tokens / elapsed, "steps": steps}), flush=True)
+    print(json.dumps({"makespan_s": elapsed, "tokens_per_s": tokens / elapsed, "steps": len(step_s),
+                      "busy": float(np.sum(step_s)) / elapsed,
+                      "step_ms_mean": 1e3 * float(np.mean(step_s)), "step_ms_p50": 1e3 * float(np.median(step_s))}),
+          flush=True)
     os._exit(0)
+
+
+def summarise(cores: int, df: pd.DataFrame, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+    """Medians over the (runner, bare) rounds of one core count."""
+
+    def med(f: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
+        return float(np.median([f(hw, bare) for hw, bare in pairs]))
+
+    return {
+        "cores": cores, "requests": len(df), "output_tokens": int(df.output_tokens.sum()), "rounds": len(pairs),
+        "bare_tok_s": med(lambda h, b: b["tokens_per_s"]), "runner_tok_s": med(lambda h, b: h["tokens_per_s"]),
+        "ratio": med(lambda h, b: h["tokens_per_s"] / b["tokens_per_s"]),
+        "bare_busy": med(lambda h, b: b["busy"]), "runner_busy": med(lambda h, b: h["busy"]),
+        "steps": med(lambda h, b: h["steps"]),
+        "decide_ms": med(lambda h, b: h["decide_ms"]["mean"]),
+        "decide_ms_p99": med(lambda h, b: h["decide_ms"]["p99"]),
+        "decide_cpu_ms": med(lambda h, b: h["decide_cpu_ms"]["mean"]),
+        "overhead_per_step_ms": med(lambda h, b: h["overhead_per_step_ms"]),
+    }
 
 
 def main() -> None:
@@ -101,6 +130,7 @@ def main() -> None:
     ap.add_argument("--cores", type=int, nargs="*", default=[1, 2], help="engine core counts to measure")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--rounds", type=int, default=3, help="runner/bare pairs per core count")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -112,19 +142,15 @@ def main() -> None:
         write_model_dir(SPEC, Path(tmp) / "models")
         for k in args.cores:
             cores = tuple(available_cores()[:k])
-            hw = bench_runner(df, cores, args.max_batch, Path(tmp))
-            assert tuple(hw["cores"]) == cores
-            bare = bench_bare(df, hw["engine"], cores)
-            rows.append({"cores": k, "requests": len(df), "output_tokens": int(df.output_tokens.sum()),
-                         "bare_tok_s": bare["tokens_per_s"], "runner_tok_s": hw["tokens_per_s"],
-                         "ratio": hw["tokens_per_s"] / bare["tokens_per_s"], "bare_steps": bare["steps"],
-                         "runner_steps": hw["steps"], "decide_ms_mean": hw["decide_ms"]["mean"],
-                         "decide_ms_p99": hw["decide_ms"]["p99"], "decide_cpu_ms": hw["decide_cpu_ms"]["mean"],
-                         "runner_cpu_per_step_ms": hw["runner_cpu_per_step_ms"],
-                         "overhead_per_step_ms": hw["overhead_per_step_ms"]})
+            pairs = []
+            for _ in range(args.rounds):
+                hw = bench_runner(df, cores, args.max_batch, Path(tmp))
+                assert tuple(hw["cores"]) == cores
+                pairs.append((hw, bench_bare(df, hw["engine"], cores)))
+            rows.append(summarise(k, df, pairs))
     table = pd.DataFrame(rows)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    print(f"load average during the run: {os.getloadavg()}")
+    print(f"load average after the run: {os.getloadavg()}")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg()}, indent=2))
 

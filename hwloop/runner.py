@@ -175,6 +175,7 @@ class Job:
     cmd: StepCmd
     t_launch: float
     dispatched: bool = False
+    t_sent: float = math.inf  # monotonic time the step (or run) was sent to the worker
     yielded: bool = False
 
     @property
@@ -395,14 +396,18 @@ class Runner:
             busy = [*self._by_conn]
             timeout = max(0.0, wake - self._now())
             if busy:
-                ready = mpc.wait(busy, timeout=min(timeout, self.config.step_timeout_s))
-                if not ready and timeout >= self.config.step_timeout_s:
-                    names = ", ".join(self._by_conn[c].worker.describe() for c in busy)
-                    raise WorkerError(f"no step result from {names} within {self.config.step_timeout_s:g} s")
-                for conn in ready:
+                for conn in mpc.wait(busy, timeout=min(timeout, self.config.step_timeout_s)):
                     self._step_done(self._by_conn[conn])
+                self._check_hung()
             elif timeout > 0:
                 time.sleep(timeout)
+
+    def _check_hung(self) -> None:
+        late = [x for x in self._by_conn.values()
+                if x.job and time.monotonic() - x.job.t_sent > self.config.step_timeout_s]
+        if late:
+            names = ", ".join(x.worker.describe() for x in late)
+            raise WorkerError(f"no step result from {names} within step_timeout_s={self.config.step_timeout_s:g} s")
 
     def _all_done(self) -> bool:
         return not any(x.waiting or x.running for x in self._llms.values())
@@ -590,6 +595,7 @@ class Runner:
 
     def _send(self, job: Job) -> None:
         job.dispatched = True
+        job.t_sent = time.monotonic()
         job.llm.worker.send(job.cmd)
         assert job.llm.worker.conn is not None
         self._by_conn[job.llm.worker.conn] = job.llm

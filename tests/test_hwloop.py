@@ -196,3 +196,21 @@ def test_sigterm_saves_records_and_leaves_no_engine_behind(tmp_path: Path) -> No
     assert sorted(rec.request_id) == list(range(60))
     failed = rec[rec.status == "failed"]
     assert len(failed) > 0 and failed.reason.str.contains("SIGTERM").all()
+
+
+def test_profile_table_is_what_the_cost_model_reads(tmp_path: Path) -> None:
+    from hwloop.profiler import Grid, profile, read_profile, write_profile
+    from policies.cost import TableCostModel
+
+    grid = Grid(batches=(1, 2), seq_lens=(32, 64), sm_pcts=(50, 100), warmup=1, repeats=2)
+    result = profile(TINY, grid, cores=two_cores()[0], work_dir=tmp_path)
+    t = result.table
+    assert len(t) == 2 * 2 * 2 * 2 and (t.latency_ms > 0).all() and (t.repeats == 2).all()
+    assert (t.min_ms <= t.latency_ms).all() and (t.latency_ms <= t.max_ms).all()
+    assert result.meta["share_groups"] == {"1": [50], "2": [100]}
+    assert result.meta["versions"]["vllm"] and result.meta["host"]["cpu_count"]
+    for suffix in (".parquet", ".csv"):
+        path = write_profile(result, tmp_path / f"profile{suffix}")
+        assert read_profile(path).meta["command"]
+        cost = TableCostModel.from_profile(path)
+        assert cost.decode_time(TINY, 1, 100, 2, 48) > 0 and cost.prefill_time(TINY, 1, 50, 1, 32) > 0
