@@ -25,6 +25,7 @@ from .meshes import (
     idle_gpus,
     mesh_groups,
     score,
+    size_multiset,
     to_placement,
     with_llm,
 )
@@ -100,10 +101,6 @@ class GroupSearch:
     groups_evaluated: int
 
 
-def _sizes(group: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
-    return tuple(sorted(s for cut in group for s in cut))
-
-
 def best_group(est: Estimator) -> GroupSearch:
     """The best greedy fill over all mesh groups (Alg. 2).
 
@@ -119,7 +116,7 @@ def best_group(est: Estimator) -> GroupSearch:
     if est.opts.prune:
         first: dict[tuple[int, ...], int] = {}
         for idx, g in enumerate(groups):
-            first.setdefault(_sizes(g), idx)
+            first.setdefault(size_multiset(g), idx)
         bounds = {idx: math.fsum(est.upper_bound(i, set(sizes)) for i in range(len(est.demands)))
                   for sizes, idx in first.items()}
         visit = sorted(((b, idx) for idx, b in bounds.items() if b > float("-inf")), key=lambda t: (-t[0], t[1]))

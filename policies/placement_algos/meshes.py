@@ -64,6 +64,11 @@ def mesh_groups(cluster: ClusterSpec) -> list[tuple[tuple[int, ...], ...]]:
     return list(combinations_with_replacement(node_partitions(cluster.gpus_per_node), cluster.nnodes))
 
 
+def size_multiset(group: tuple[tuple[int, ...], ...]) -> tuple[int, ...]:
+    """What a group's result depends on: meshes are independent, so not which node holds which."""
+    return tuple(sorted(s for cut in group for s in cut))
+
+
 def empty_meshes(group: tuple[tuple[int, ...], ...]) -> tuple[Mesh, ...]:
     return tuple(Mesh(node, size) for node, cut in enumerate(group) for size in cut)
 

@@ -26,6 +26,7 @@ from .meshes import (
     empty_meshes,
     mesh_groups,
     score,
+    size_multiset,
     to_placement,
     with_llm,
     without_llm,
@@ -33,10 +34,10 @@ from .meshes import (
 
 
 def distinct_groups(est: Estimator) -> list[tuple[Mesh, ...]]:
-    """One group per multiset of mesh sizes: meshes are independent, so the rest are copies."""
+    """One group per multiset of mesh sizes: the others are copies."""
     seen: dict[tuple[int, ...], tuple[Mesh, ...]] = {}
     for g in mesh_groups(est.cluster):
-        seen.setdefault(tuple(sorted(s for cut in g for s in cut)), empty_meshes(g))
+        seen.setdefault(size_multiset(g), empty_meshes(g))
     return list(seen.values())
 
 
