@@ -135,7 +135,7 @@ def test_pruning_keeps_the_unpruned_answer_on_two_paper_nodes() -> None:
 
 # ---- greedy and search against the optimum -----------------------------------------------------
 
-GREEDY_MARGIN = 0.75  # greedy ≥ 75% of the optimum; worst seen on 300 random 3–5-LLM instances: 80%
+GREEDY_MARGIN = 0.75  # greedy ≥ 75% of the optimum; a one-off run on 300 random 3–5-LLM instances saw 80% at worst
 
 
 @SETTINGS
