@@ -120,7 +120,8 @@ class ADBS:
     def quotas(self, view: UnitView) -> dict[str, int]:
         pool = view.kv_blocks_total
         min_blocks = {x.name: blocks_for_tokens(2048, x.chunk_blocks) for x in view.llms}
-        if all(x.kv_quota == 0 for x in view.llms):
+        if all(x.kv_quota == 0 for x in view.llms) or sum(x.kv_quota for x in view.llms) > pool:
+            # First call, or quotas that no longer fit the pool: start again from the rate split.
             weights = {x.name: max(x.placement.rate, 1e-3) * x.chunk_blocks for x in view.llms}
             return proportional_split(pool, weights, min_blocks)
         quotas = {x.name: x.kv_quota for x in view.llms}
@@ -133,7 +134,7 @@ class ADBS:
             if x in needy or x.kv_used >= self.low_util * x.kv_quota:
                 continue
             quotas[x.name] = min(quotas[x.name], max(min_blocks[x.name], int(x.kv_used / self.low_util)))
-        freed = pool - sum(quotas.values())  # what donors gave up, plus any leftovers
+        freed = max(0, pool - sum(quotas.values()))  # what donors gave up, plus any leftovers
         queue = {x.name: float(len(x.waiting)) for x in needy}
         for name, extra in proportional_split(freed, queue, {}).items():
             quotas[name] += extra
