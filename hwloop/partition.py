@@ -88,16 +88,15 @@ def cpu_env(cores: Sequence[int]) -> dict[str, str]:
     - The process affinity (set by the worker before torch loads) keeps every thread on these cores.
     - `OMP_NUM_THREADS` must be set, or vLLM drops torch to one thread for serving
       (vllm.utils.torch_utils).
-    - Passive waiting: an OpenMP thread that spins at a barrier steals its core from whoever else
-      runs there (an engine taking its turn on shared cores, another process). Measured on the
-      2-core machine under background load, a tiny Llama's decode step on 2 cores took 14–28 ms
-      with spinning threads and 7–8 ms with passive ones.
+    - `OMP_WAIT_POLICY` is left at libgomp's default (spin briefly, then sleep). Measured on 2
+      cores with a tiny Llama: PASSIVE made a batch-1 decode step 4–5× slower (15–17 ms against
+      3–4 ms: every one of the step's many small parallel regions has to wake a sleeping thread),
+      and ACTIVE threads spin on after a step, stealing the cores from whoever runs there next.
     - `VLLM_CPU_OMP_THREADS_BIND` is only read by vLLM's multiprocess executor; it is set too so
       that an engine started that way binds the same cores.
     """
     return {
         "OMP_NUM_THREADS": str(len(cores)),
-        "OMP_WAIT_POLICY": "PASSIVE",
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores),
     }
 
