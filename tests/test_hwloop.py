@@ -58,8 +58,8 @@ def workload(n: int, span_s: float, seed: int = 0, too_long: bool = False) -> Wo
     return Workload(df)
 
 
-def placement(decode_sm: int = 50) -> Placement:
-    llms = tuple(LLMPlacement(f"llm{i}", "tiny", 1, 100, decode_sm, 8, rate=1.0) for i in range(2))
+def placement(decode_sm: tuple[int, int] = (50, 50)) -> Placement:
+    llms = tuple(LLMPlacement(f"llm{i}", "tiny", 1, 100, sm, 8, rate=1.0) for i, sm in enumerate(decode_sm))
     return Placement("test", (Unit(0, 0, (0,), llms, kv_blocks=64 * CHUNK * 16),))
 
 
@@ -136,9 +136,11 @@ def test_replay_of_two_llms_under_adbs_records_every_request(tmp_path: Path) -> 
 def test_a_killed_worker_stops_the_run_with_its_name_and_every_record_saved(tmp_path: Path) -> None:
     wl = workload(40, span_s=20.0, seed=1)
     replaying = threading.Event()
-    runner = Runner(wl, placement(), make_batching("adbs"), SPECS,
+    # 100% + 20% of 2 cores: cores (0, 1) and (0,), which overlap, so the two engines take turns.
+    runner = Runner(wl, placement((100, 20)), make_batching("adbs"), SPECS,
                     RunnerConfig(records_path=tmp_path / "records.parquet", work_dir=tmp_path,
-                                 gpu_cores=two_cores(), progress=lambda t: t > 1.0 and replaying.set()))
+                                 gpu_cores=two_cores(),
+                                 progress=lambda t: runner.stats["deferred_launches"] > 0 and replaying.set()))
     errors: list[BaseException] = []
 
     def target() -> None:
@@ -149,7 +151,7 @@ def test_a_killed_worker_stops_the_run_with_its_name_and_every_record_saved(tmp_
 
     thread = threading.Thread(target=target)
     thread.start()
-    assert replaying.wait(timeout=240), "the replay never started"
+    assert replaying.wait(timeout=240), "the engines never had to take turns"
     victim = runner.workers[1]
     assert victim.proc is not None
     os.kill(victim.proc.pid, signal.SIGKILL)
@@ -159,6 +161,7 @@ def test_a_killed_worker_stops_the_run_with_its_name_and_every_record_saved(tmp_
     message = str(errors[0])
     assert "'llm1'" in message and "SIGKILL" in message
     assert_all_reaped(runner)
+    assert runner.stats["anomalies"] == []
     rec = read_records(tmp_path / "records.parquet")
     assert sorted(rec.request_id) == list(range(40))
     failed = rec[rec.status == "failed"]
