@@ -85,7 +85,7 @@ def _bare_main() -> None:
     job = json.loads(sys.stdin.read())
     os.sched_setaffinity(0, job["cores"])
     from hwloop.engine import VLLMEngine
-    from hwloop.worker import warm_up
+    from hwloop.worker import rendezvous_file, warm_up
 
     engine = VLLMEngine(EngineConfig(**job["cfg"]))
     warm_up(engine)
@@ -103,6 +103,8 @@ def _bare_main() -> None:
                       "busy": float(np.sum(step_s)) / elapsed,
                       "step_ms_mean": 1e3 * float(np.mean(step_s)), "step_ms_p50": 1e3 * float(np.median(step_s))}),
           flush=True)
+    if (path := rendezvous_file()) is not None:
+        path.unlink(missing_ok=True)
     os._exit(0)
 
 

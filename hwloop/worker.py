@@ -60,6 +60,7 @@ class Ready:
     build_s: float
     torch_threads: int
     versions: dict[str, str]
+    rendezvous: str = ""  # vLLM's file:// rendezvous; removed by whoever outlives the worker
 
 
 @dataclass(frozen=True)
@@ -234,7 +235,7 @@ def serve(conn: mpc.Connection) -> int:
         import torch
 
         conn.send(Ready(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), engine.import_s,
-                        engine.build_s, torch.get_num_threads(), _versions()))
+                        engine.build_s, torch.get_num_threads(), _versions(), str(rendezvous_file() or "")))
         server = EngineServer(engine)
         inbox = Inbox(conn)
         while True:
@@ -285,12 +286,11 @@ def warm_up(engine: Any) -> None:
         engine.step()
 
 
-def _remove_rendezvous_file() -> None:
-    """vLLM's single-process engine leaves a file:// rendezvous in the temp folder; a fast exit must
-    remove it (the CPU worker records its name in VLLM_DIST_IDENT)."""
+def rendezvous_file() -> Path | None:
+    """The file:// rendezvous vLLM's single-process engine leaves in the temp folder (its CPU worker
+    records the name in VLLM_DIST_IDENT). A fast exit, or a killed worker, would leave it behind."""
     ident = os.environ.get("VLLM_DIST_IDENT", "")
-    if ident.startswith("vllm_dist_"):
-        Path(tempfile.gettempdir(), ident).unlink(missing_ok=True)
+    return Path(tempfile.gettempdir(), ident) if ident.startswith("vllm_dist_") else None
 
 
 def main(fd: int) -> None:
@@ -298,7 +298,8 @@ def main(fd: int) -> None:
     OS would not."""
     _die_with_parent()
     code = serve(mpc.Connection(fd))
-    _remove_rendezvous_file()
+    if (path := rendezvous_file()) is not None:
+        path.unlink(missing_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
@@ -390,7 +391,8 @@ class WorkerHandle:
                 f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
 
     def stop(self, grace_s: float = 5.0) -> None:
-        """Ask politely, then SIGTERM, then SIGKILL; always reaps. Safe to call twice."""
+        """Ask politely, then SIGTERM, then SIGKILL; always reaps, and removes what a killed worker
+        could not. Safe to call twice."""
         if self.proc is None:
             return
         if self.proc.poll() is None and self.conn is not None:
@@ -407,6 +409,8 @@ class WorkerHandle:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+        if self.ready is not None and self.ready.rendezvous and self.proc.poll() is not None:
+            Path(self.ready.rendezvous).unlink(missing_ok=True)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
