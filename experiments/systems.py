@@ -21,7 +21,7 @@ from policies.cost import CostModel
 from policies.placement import Placement
 from policies.placement_algos import demands_from_workload, make_placement
 from policies.records import read_records
-from policies.specs import ClusterSpec, ModelSpec, model_spec
+from policies.specs import ClusterSpec, ModelSpec
 from policies.view import ExecutionMode
 from sim import Simulator
 from sim.metrics import Summary, standalone_latency, summarize
@@ -45,11 +45,8 @@ class SystemRun:
 
 
 def specs_of(workload: Workload, extra: dict[str, ModelSpec] | None = None) -> dict[str, ModelSpec]:
-    """LLM name → ModelSpec, from the workload's `model_type` column (or the LLM names themselves)."""
-    df = workload.df
-    types = (df.groupby("model", sort=False)["model_type"].first().to_dict() if "model_type" in df.columns
-             else {m: m for m in workload.models})
-    return {llm: model_spec(t, extra) for llm, t in types.items()}
+    """LLM name → ModelSpec, as placement reads it (the `model_type` column, or the LLM names)."""
+    return {d.name: d.model for d in demands_from_workload(workload, extra)}
 
 
 def baseline_latency(records: pd.DataFrame, workload: Workload, cluster: ClusterSpec,

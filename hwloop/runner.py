@@ -82,7 +82,19 @@ from policies.placement import (
 )
 from policies.records import RecordWriter
 from policies.specs import ModelSpec
-from policies.view import BatchingPolicy, Launch, LLMView, ReadOnlyQueue, Request, UnitView
+from policies.view import (
+    BatchingPolicy,
+    Launch,
+    LLMView,
+    ReadOnlyQueue,
+    Request,
+    UnitView,
+    age,
+    hold,
+    kv_growth,
+    requeue_preempted,
+    take_waiting,
+)
 from traces.schema import Workload
 
 
@@ -181,10 +193,6 @@ class Job:
     @property
     def decode_only(self) -> bool:
         return not self.admitted and not self.cmd.preempt
-
-
-def _age(r: Request) -> tuple[float, int]:
-    return (r.arrival_s, r.request_id)
 
 
 class Runner:
@@ -490,9 +498,7 @@ class Runner:
         for rid in launch.preempt:
             self._preempt(us, llm, rid)
         ids = set(launch.request_ids)
-        admitted = [r for r in llm.waiting if r.request_id in ids]
-        if admitted:
-            llm.waiting = deque(r for r in llm.waiting if r.request_id not in ids)
+        admitted = take_waiting(llm.waiting, ids)
         decoding = [r for r in llm.running if r.request_id in ids]
         if len(admitted) + len(decoding) != len(ids):
             raise RunnerError(f"policy {name} launched unknown request(s) for {llm.name}: "
@@ -502,16 +508,14 @@ class Runner:
             raise RunnerError(f"policy {name} left running request(s) {left} of {llm.name} out of a step; "
                               f"a vLLM step decodes every request its engine holds")
         batch = admitted + decoding
-        growth = [blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch]
+        growth = kv_growth(batch, llm.chunk_blocks)
         if sum(growth) > min(llm.kv_quota - llm.kv_used, us.kv_free):
             raise RunnerError(f"policy {name} over-committed KV blocks on unit {us.unit.unit_id}: "
                               f"{llm.name} needs {sum(growth)}, quota slack {llm.kv_quota - llm.kv_used}, "
                               f"pool free {us.kv_free}")
-        for r, g in zip(batch, growth, strict=True):
-            r.blocks += g
-            r.busy = True
-        llm.kv_used += sum(growth)
-        us.kv_free -= sum(growth)
+        taken = hold(batch, growth)
+        llm.kv_used += taken
+        us.kv_free -= taken
         us.sm_free -= launch.sm_units
         llm.busy = True
         cmd = StepCmd(tuple(Admit(r.request_id, r.prompt_tokens, r.context_tokens, r.remaining_tokens)
@@ -564,16 +568,10 @@ class Runner:
         if r is None:
             raise RunnerError(f"policy {self.policy.name} preempted request {rid}, not running on {llm.name}")
         llm.running.remove(r)
-        llm.kv_used -= r.blocks
-        us.kv_free += r.blocks
-        r.blocks = 0
-        r.preemptions += 1
+        freed = requeue_preempted(llm.waiting, r)
+        llm.kv_used -= freed
+        us.kv_free += freed
         self.stats["preemptions"] += 1
-        # Back to the front, behind requests preempted earlier that arrived before it (as sim/).
-        pos = 0
-        while pos < len(llm.waiting) and llm.waiting[pos].preemptions and _age(llm.waiting[pos]) < _age(r):
-            pos += 1
-        llm.waiting.insert(pos, r)
 
     def _dispatch(self, job: Job) -> None:
         """Send the step now, or hold it while another engine runs on any of its cores.
@@ -633,7 +631,7 @@ class Runner:
                 llm.kv_used += grown
                 us.kv_free -= grown
         for r in job.admitted:
-            bisect.insort(llm.running, r, key=_age)
+            bisect.insort(llm.running, r, key=age)
         done = [r for r in job.batch if r.remaining_tokens <= 0]
         if done:
             llm.running = [r for r in llm.running if r.remaining_tokens > 0]

@@ -137,10 +137,13 @@ MODEL_PRESETS: dict[str, ModelSpec] = {
 
 def model_spec(name: str, extra: dict[str, ModelSpec] | None = None) -> ModelSpec:
     """Look up a preset (or a user-registered spec); unknown names fail with the list of known ones."""
-    table = {**MODEL_PRESETS, **(extra or {})}
+    return _preset("model", name, {**MODEL_PRESETS, **(extra or {})})
+
+
+def _preset(kind: str, name: str, table: dict[str, Any]) -> Any:
     if name in table:
         return table[name]
-    raise SpecError(f"unknown model {name!r}; known: {', '.join(sorted(table))}")
+    raise SpecError(f"unknown {kind} {name!r}; known: {', '.join(sorted(table))}")
 
 
 @dataclass(frozen=True)
@@ -166,9 +169,7 @@ GPU_PRESETS: dict[str, GPUSpec] = {
 
 
 def gpu_spec(name: str) -> GPUSpec:
-    if name in GPU_PRESETS:
-        return GPU_PRESETS[name]
-    raise SpecError(f"unknown GPU {name!r}; known: {', '.join(sorted(GPU_PRESETS))}")
+    return _preset("GPU", name, GPU_PRESETS)
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,12 @@ While a job runs, a request holds KV blocks for its current context.
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from policies.placement import LLMPlacement
+from policies.placement import LLMPlacement, blocks_for_tokens
 
 Phase = Literal["prefill", "decode", "mixed"]
 # "split": MuxServe's execution, one prefill and one decode process per LLM, sharing KV blocks.
@@ -47,6 +48,53 @@ class Request:
     @property
     def remaining_tokens(self) -> int:
         return self.output_tokens - self.generated
+
+
+def age(r: Request) -> tuple[float, int]:
+    """FCFS order, ties broken by id, so every executor orders same-instant requests alike."""
+    return (r.arrival_s, r.request_id)
+
+
+# Request bookkeeping both executors share: the simulator and the hardware runner must apply a
+# launch and a preemption identically for their records to be comparable.
+
+
+def take_waiting(waiting: deque[Request], ids: set[int]) -> list[Request]:
+    """Remove the admitted requests from the queue, in queue order (fast when taken from its head)."""
+    taken: list[Request] = []
+    while waiting and waiting[0].request_id in ids:
+        taken.append(waiting.popleft())
+    if len(taken) < len(ids):
+        kept = [r for r in waiting if r.request_id not in ids]
+        taken += [r for r in waiting if r.request_id in ids]
+        waiting.clear()
+        waiting.extend(kept)
+    return taken
+
+
+def kv_growth(batch: Sequence[Request], chunk_blocks: int) -> list[int]:
+    """Blocks each request must add to hold its whole current context for the next job."""
+    return [blocks_for_tokens(r.context_tokens, chunk_blocks) - r.blocks for r in batch]
+
+
+def hold(batch: Sequence[Request], growth: Sequence[int]) -> int:
+    """Mark the batch busy with its grown blocks; returns the blocks taken from the pool."""
+    for r, g in zip(batch, growth, strict=True):
+        r.blocks += g
+        r.busy = True
+    return sum(growth)
+
+
+def requeue_preempted(waiting: deque[Request], r: Request) -> int:
+    """Preempt by recompute: free r's blocks and put it back at the front of its queue, behind
+    requests preempted earlier that arrived before it. Returns the blocks freed."""
+    freed, r.blocks = r.blocks, 0
+    r.preemptions += 1
+    pos = 0
+    while pos < len(waiting) and waiting[pos].preemptions and age(waiting[pos]) < age(r):
+        pos += 1
+    waiting.insert(pos, r)
+    return freed
 
 
 class ReadOnlyQueue(Sequence[Request]):

@@ -42,6 +42,11 @@ from policies.view import (
     ReadOnlyQueue,
     Request,
     UnitView,
+    age,
+    hold,
+    kv_growth,
+    requeue_preempted,
+    take_waiting,
 )
 from traces.schema import Workload
 
@@ -240,23 +245,21 @@ class Simulator:
         for rid in launch.preempt:
             self._preempt(us, llm, rid)
         new_ids = set(launch.request_ids)
-        admitted = self._take_waiting(llm, new_ids) if launch.phase != "decode" else []
+        admitted = take_waiting(llm.waiting, new_ids) if launch.phase != "decode" else []
         decoding = [r for r in llm.running if r.request_id in new_ids and not r.busy] if launch.phase != "prefill" else []
         if len(admitted) + len(decoding) != len(new_ids):
             raise SimulationError(f"policy {name} launched unknown or busy request(s) for {llm.placement.name}: "
                                   f"{sorted(new_ids - {r.request_id for r in admitted + decoding})[:5]}")
         batch = admitted + decoding
-        growth = [blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch]
+        growth = kv_growth(batch, llm.chunk_blocks)
         if sum(growth) > min(llm.kv_quota - llm.kv_used, us.kv_free):
             raise SimulationError(f"policy {name} over-committed KV blocks on unit {us.unit.unit_id}: "
                                   f"{llm.placement.name} needs {sum(growth)}, quota slack "
                                   f"{llm.kv_quota - llm.kv_used}, pool free {us.kv_free}")
-        for r, g in zip(batch, growth, strict=True):
-            r.blocks += g
-            r.busy = True
+        taken = hold(batch, growth)
         llm.running_busy += len(decoding)
-        llm.kv_used += sum(growth)
-        us.kv_free -= sum(growth)
+        llm.kv_used += taken
+        us.kv_free -= taken
         us.sm_free -= launch.sm_units
         if launch.phase == "prefill" or self.mode == "mixed":
             llm.prefill_busy = True
@@ -281,33 +284,15 @@ class Simulator:
             job.steps = 1
         return job
 
-    def _take_waiting(self, llm: LLMState, ids: set[int]) -> list[Request]:
-        """Remove the admitted requests from the queue; policies admit from its head, so that is fast."""
-        taken: list[Request] = []
-        while llm.waiting and llm.waiting[0].request_id in ids:
-            taken.append(llm.waiting.popleft())
-        if len(taken) < len(ids):
-            rest = [r for r in llm.waiting if r.request_id in ids]
-            llm.waiting = deque(r for r in llm.waiting if r.request_id not in ids)
-            taken += rest
-        return taken
-
     def _preempt(self, us: UnitState, llm: LLMState, rid: int) -> None:
         r = next((r for r in llm.running if r.request_id == rid and not r.busy), None)
         if r is None:
             raise SimulationError(f"policy {self.policy.name} preempted request {rid}, not idle-running on {llm.placement.name}")
         llm.running.remove(r)
-        llm.kv_used -= r.blocks
-        us.kv_free += r.blocks
-        r.blocks = 0
-        r.preemptions += 1
+        freed = requeue_preempted(llm.waiting, r)
+        llm.kv_used -= freed
+        us.kv_free += freed
         self.stats["preemptions"] += 1
-        # Back to the front, but behind requests preempted earlier that arrived before it.
-        pos = 0
-        while pos < len(llm.waiting) and llm.waiting[pos].preemptions and \
-                (llm.waiting[pos].arrival_s, llm.waiting[pos].request_id) < (r.arrival_s, r.request_id):
-            pos += 1
-        llm.waiting.insert(pos, r)
 
     # ---- decode runs --------------------------------------------------------------------------
     def _plan_runs(self, us: UnitState, runs: list[Job]) -> None:
@@ -363,7 +348,7 @@ class Simulator:
         llm.running_busy -= len(job.batch) - job.admitted
         for r in job.batch[: job.admitted]:
             # Oldest first, whatever order same-instant events were processed in.
-            bisect.insort(llm.running, r, key=_age)
+            bisect.insort(llm.running, r, key=age)
         if any(r.remaining_tokens <= 0 for r in job.batch):
             llm.running = [r for r in llm.running if r.remaining_tokens > 0]
             for r in job.batch:
@@ -479,10 +464,6 @@ class Job:
         """End at the first step boundary at or after `t`, if that is earlier than planned."""
         if self.steps is not None and self.steps > 1 and self.end > t:
             self._set_steps(self._steps_to(t))
-
-
-def _age(r: Request) -> tuple[float, int]:
-    return (r.arrival_s, r.request_id)
 
 
 def _mean_context(requests: Iterable[Request]) -> float:
