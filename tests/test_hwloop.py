@@ -135,6 +135,9 @@ def test_replay_of_two_llms_under_adbs_records_every_request(tmp_path: Path) -> 
 
 def test_a_killed_worker_stops_the_run_with_its_name_and_every_record_saved(tmp_path: Path) -> None:
     wl = workload(40, span_s=20.0, seed=1)
+    # Both LLMs get work at t=0, so the engines must take turns from the start; with arrivals
+    # spread out, turn-taking could happen only in the last second and the kill would miss it.
+    wl = Workload(wl.df.assign(arrival_s=np.where(wl.df.index < 10, 0.0, wl.df.arrival_s)))
     replaying = threading.Event()
     # 100% + 20% of 2 cores: cores (0, 1) and (0,), which overlap, so the two engines take turns.
     runner = Runner(wl, placement((100, 20)), make_batching("adbs"), SPECS,
