@@ -103,7 +103,11 @@ class Simulator:
                  cost: CostModel, specs: dict[str, ModelSpec], *, mode: ExecutionMode = "split",
                  skip_steps: bool = True, horizon_s: float | None = None,
                  records_path: str | Path | None = None,
-                 progress: Callable[[float], None] | None = None) -> None:
+                 progress: Callable[[float], None] | None = None,
+                 core_slices: dict[str, tuple[int, ...]] | None = None) -> None:
+        """`core_slices` (LLM name → the CPU cores its worker is pinned to) models the CPU runner's
+        turn-taking: a launch whose cores overlap a running job's waits until that job ends, oldest
+        first (hwloop.runner, deferred launches). None: SM shares only, nothing waits."""
         self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
         self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
         self.env = simpy.Environment()
@@ -122,6 +126,11 @@ class Simulator:
             arrivals = df["arrival_s"].to_numpy()[df["model"].isin(names).to_numpy()]
             self.units[unit.unit_id] = UnitState(unit, llms, unit.sm_units, unit.kv_blocks, arrivals)
         self._unit_of = unit_of
+        self.core_slices = core_slices
+        self._on_cores: dict[int, Job] = {}  # started jobs, by id, while core_slices is set
+        self._held: deque[tuple[UnitState, Job, float]] = deque()  # launches waiting for cores, with durations
+        if core_slices is not None:
+            self.stats["deferred_launches"] = 0
 
     @staticmethod
     def _check_models(workload: Workload, placement: Placement, specs: dict[str, ModelSpec]) -> None:
@@ -222,6 +231,8 @@ class Simulator:
         self.stats["decisions"] += 1
         launches = self.policy.decide(self._view(us))
         jobs = [self._start(us, launch) for launch in launches]
+        if self.core_slices is not None:
+            jobs = self._take_turns(us, jobs)
         runs = [job for job in jobs if job.steps is not None]
         us.jobs.update((job.job_id, job) for job in jobs if job.steps is None)
         if runs:
@@ -229,6 +240,51 @@ class Simulator:
             us.jobs.update((job.job_id, job) for job in runs)
         for job in jobs:
             self.env.process(self._job(us, job))
+
+    def _take_turns(self, us: UnitState, jobs: list[Job]) -> list[Job]:
+        """The jobs that may start now; the others wait for their cores (`_release_cores`).
+
+        A waiting job is timed now as one step (a decode run could not know its horizon), kept in
+        `us.jobs` with an unknown end, and started when every job on its cores has ended.
+        """
+        now = []
+        for job in jobs:
+            if not self._must_wait(job):
+                self._on_cores[job.job_id] = job
+                now.append(job)
+                continue
+            if job.steps is not None:  # a decode: _start left its timing to _plan_runs
+                llm = job.llm
+                d = self.cost.decode_time(llm.spec, llm.placement.tp, job.sm_pct, len(job.batch),
+                                          _mean_context(job.batch))
+                if not math.isfinite(d):
+                    raise SimulationError(f"{self.cost.label}: no decode latency for {llm.placement.name} "
+                                          f"batch {len(job.batch)} at {job.sm_pct}% SM (unmeasured cell)")
+                job.end = self.env.now + d
+            self._held.append((us, job, job.end - self.env.now))
+            job.end = math.inf
+            us.jobs[job.job_id] = job
+            self.stats["deferred_launches"] += 1
+        return now
+
+    def _must_wait(self, job: Job) -> bool:
+        """Does `job` share a core with a running job, or with an older launch still waiting?"""
+        assert self.core_slices is not None
+        cores = set(self.core_slices.get(job.llm.placement.name, ()))
+        others = [*self._on_cores.values(), *(held for _, held, _ in self._held)]
+        return any(not cores.isdisjoint(self.core_slices.get(o.llm.placement.name, ())) for o in others)
+
+    def _release_cores(self, job: Job) -> None:
+        """`job` has ended: start the waiting launches whose cores are now free, oldest first."""
+        del self._on_cores[job.job_id]
+        held, self._held = self._held, deque()
+        for us, waiting, duration in held:
+            if self._must_wait(waiting):
+                self._held.append((us, waiting, duration))
+            else:
+                waiting.end = self.env.now + duration
+                self._on_cores[waiting.job_id] = waiting
+                self.env.process(self._job(us, waiting))
 
     def _start(self, us: UnitState, launch: Launch) -> Job:
         """Apply a launch: check it against the budgets, take units and blocks, time its first step."""
@@ -326,6 +382,8 @@ class Simulator:
         return False
 
     def _next_event(self, us: UnitState) -> float:
+        if any(held is us for held, _, _ in self._held):
+            return -math.inf  # a launch waits for cores here: runs end after one step, as on hardware
         t = min((job.end for job in us.jobs.values()), default=math.inf)
         if us.next_arrival < len(us.arrivals):
             t = min(t, float(us.arrivals[us.next_arrival]))
@@ -336,6 +394,8 @@ class Simulator:
     def _job(self, us: UnitState, job: Job) -> Generator[simpy.Event, None, None]:
         yield timeout_at(self.env, job.end)
         del us.jobs[job.job_id]
+        if self.core_slices is not None:
+            self._release_cores(job)
         llm = job.llm
         steps = job.steps or 1
         if job.steps is not None:
