@@ -4,6 +4,7 @@
     python -m experiments.profile out=profiles/tiny.csv grid.repeats=10 grid.batches=[1,4,16]
     python -m experiments.profile model=llama-7b device=cuda        # a preset shape, on a GPU with MPS
     python -m experiments.profile model_path=/ckpt/llama dummy=false  # a real checkpoint folder
+    python -m experiments.profile engine=torch device=cuda model=llama-7b  # no vLLM: hwloop.torch_engine
 
 Then simulate with it: `python -m experiments.run cost=profile cost.path=<out>`.
 The config lives here (a structured config) rather than in conf/, since no other entry point
@@ -36,6 +37,8 @@ class GridConfig:
     phases: list[str] = field(default_factory=lambda: ["prefill", "decode"])
     warmup: int = 2
     repeats: int = 5
+    max_prefill_tokens: int | None = None  # skip prefill cells above this many tokens
+    max_kv_tokens: int | None = None  # skip cells whose KV cache would exceed this many tokens
 
 
 @dataclass
@@ -59,6 +62,8 @@ class ProfileConfig:
     dummy: bool = True  # random weights: only the config is needed
     spec: SpecConfig = field(default_factory=SpecConfig)
     device: str = "cpu"  # cpu | cuda
+    engine: str = "vllm"  # vllm | torch (plain PyTorch, random weights: hwloop.torch_engine)
+    partition: str = "mps"  # CUDA: mps | green (torch engine only) | none (sm_pcts=[100] only)
     cores: list[int] | None = None  # CPU: the cores to use (default: all this process may use)
     gpus: list[int] = field(default_factory=lambda: [0])  # CUDA: the GPUs one engine runs on
     grid: GridConfig = field(default_factory=GridConfig)
@@ -83,20 +88,23 @@ def resolve_spec(cfg: Any) -> tuple[ModelSpec, Path | None]:
 def main(cfg: Any) -> None:
     if cfg.device not in ("cpu", "cuda"):
         raise SystemExit(f"device must be cpu or cuda (got {cfg.device!r})")
+    if cfg.engine not in ("vllm", "torch"):
+        raise SystemExit(f"engine must be vllm or torch (got {cfg.engine!r})")
     if not cfg.dummy and not cfg.model_path:
         raise SystemExit("dummy=false needs model_path: a checkpoint folder")
     try:
         spec, folder = resolve_spec(cfg)
         grid = Grid(**{k: tuple(v) if isinstance(v, list | tuple) else v
                        for k, v in OmegaConf.to_container(cfg.grid).items()})  # type: ignore[union-attr]
-        result = profile(spec, grid, device=cfg.device, cores=cfg.cores, gpus=tuple(cfg.gpus),
+        result = profile(spec, grid, device=cfg.device, backend=cfg.engine, partition=cfg.partition,
+                         cores=cfg.cores, gpus=tuple(cfg.gpus),
                          model_dir=folder, dummy=cfg.dummy,
                          startup_timeout_s=cfg.startup_timeout_s, progress=log.info)
     except (SpecError, ProfileError) as e:
         raise SystemExit(str(e)) from None
     out = write_profile(result, to_absolute_path(cfg.out))
     t = result.table
-    log.info("wrote %s: %d cells of %s on %s (%s)", out, len(t), spec.name, cfg.device,
+    log.info("wrote %s: %d cells of %s on %s with %s (%s)", out, len(t), spec.name, cfg.device, cfg.engine,
              result.meta["host"]["cpu_model"])
     worst = (t.std_ms / t.latency_ms).max()
     log.info("largest relative spread (std/mean) of a cell: %.1f%%", 100 * worst)

@@ -17,8 +17,13 @@ Shares that map to the same core count are measured once and written once per sh
 steps exactly where the hardware does. Workers run one at a time: a measurement never shares its
 cores with another engine.
 
-Engines plug in through `StepEngine`; `VLLMStepEngine` is the vLLM one. A pure-PyTorch engine for
-GPUs without vLLM only has to implement the same two methods.
+Engines plug in through `StepEngine`; `profile(backend=...)` picks one: `VLLMStepEngine` (vLLM),
+or `hwloop.torch_engine.TorchStepEngine` (a Llama in plain PyTorch, for GPUs without vLLM). On a
+GPU a share is an MPS client percentage (`partition="mps"`), or for the torch engine a CUDA green
+context (`"green"`); `"none"` runs the whole GPU and measures 100% only.
+
+Cells a grid caps (`max_prefill_tokens`, `max_kv_tokens`, e.g. what fits in GPU memory) are not
+measured and not written: the cost model sees NaN there, as it does for MuxServe's −1 cells.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -45,6 +50,13 @@ from hwloop.worker import ProfileCmd, ProfileDone, WorkerHandle, WorkerSpec, sta
 from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 
+Partition = Literal["mps", "green", "none"]
+STEP_TIMING = {
+    "vllm": "perf_counter around one LLMEngine.step(); decode cells start with a real prefill",
+    "torch": "perf_counter around one forward + argmax + copy of the tokens to the host, the device "
+             "synchronised before it; eager PyTorch, no CUDA graphs; decode cells start from a synthetic "
+             "(random) KV context of seq_len tokens",
+}
 PROFILE_COLUMNS = ("model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_ms", "std_ms", "repeats",
                    "min_ms", "max_ms")
 
@@ -118,10 +130,22 @@ class Grid:
     phases: tuple[str, ...] = ("prefill", "decode")
     warmup: int = 2
     repeats: int = 5
+    max_prefill_tokens: int | None = None  # skip prefill cells of more than this many batch × seq_len tokens
+    max_kv_tokens: int | None = None  # skip cells whose KV cache would hold more tokens than this
 
     def cells(self) -> list[ProfileCmd]:
         return [ProfileCmd(phase, b, s, self.warmup, self.repeats)  # type: ignore[arg-type]
-                for phase in self.phases for b in self.batches for s in self.seq_lens]
+                for phase in self.phases for b in self.batches for s in self.seq_lens if self.fits(phase, b, s)]
+
+    def fits(self, phase: str, batch: int, seq_len: int) -> bool:
+        """Within the caps; a decode cell's KV cache also holds the tokens its timed steps add."""
+        if phase == "prefill":
+            if self.max_prefill_tokens and batch * seq_len > self.max_prefill_tokens:
+                return False
+            kv_tokens = batch * seq_len
+        else:
+            kv_tokens = batch * (seq_len + self.warmup + self.repeats + 1)
+        return not self.max_kv_tokens or kv_tokens <= self.max_kv_tokens
 
 
 def profile_engine_config(spec: ModelSpec, model_dir: str | Path, grid: Grid, dummy: bool = True) -> EngineConfig:
@@ -154,7 +178,21 @@ def share_groups(sm_pcts: Sequence[int], device: Device, ncores: int) -> dict[in
     return groups
 
 
-def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", cores: Sequence[int] | None = None,
+def gpu_env(share_pct: int, gpus: Sequence[int], partition: Partition, mps: MPSDaemon | None) -> dict[str, str]:
+    """How a GPU worker gets its share: an MPS client percentage, a green context, or the whole GPU."""
+    if partition == "mps":
+        assert mps is not None
+        return mps_env(share_pct, gpus, mps.pipe_dir, mps.log_dir)
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)}
+    if partition == "green":
+        from hwloop.torch_engine import GREEN_ENV
+
+        env[GREEN_ENV] = str(share_pct)
+    return env
+
+
+def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str = "vllm",
+            partition: Partition = "mps", cores: Sequence[int] | None = None,
             gpus: Sequence[int] = (0,), model_dir: str | Path | None = None, dummy: bool = True,
             work_dir: str | Path | None = None,
             startup_timeout_s: float = 600.0, cell_timeout_s: float = 600.0,
@@ -162,15 +200,25 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", cores: Seque
     """Measure every cell of `grid` for one model, one share group at a time.
 
     `model_dir`: a folder vLLM loads (a real checkpoint with `dummy=False`); without it a folder
-    holding `spec`'s config.json is written and the weights are random.
+    holding `spec`'s config.json is written and the weights are random (the torch engine: always).
+    `backend`: "vllm" or "torch"; `partition` (CUDA only): "mps", "green" (torch only) or "none".
     """
+    if backend not in ("vllm", "torch"):
+        raise ProfileError(f"unknown engine {backend!r} (vllm | torch)")
+    if backend == "torch" and not dummy:
+        raise ProfileError("the torch engine runs random weights only (dummy=True)")
+    if device == "cuda" and partition == "green" and backend != "torch":
+        raise ProfileError("green-context shares need the torch engine")
+    if device == "cuda" and partition == "none" and set(grid.sm_pcts) != {100}:
+        raise ProfileError(f"without a partition every worker has the whole GPU: measure sm_pcts=[100], "
+                           f"not {list(grid.sm_pcts)}")
     cores = tuple(cores or available_cores())
     with tempfile.TemporaryDirectory(prefix="muxsim-profile-") as tmp:
         work = Path(work_dir or tmp)
         folder = Path(model_dir) if model_dir else write_model_dir(spec, work / "models")
         cfg = profile_engine_config(spec, folder, grid, dummy=dummy or model_dir is None)
         groups = share_groups(grid.sm_pcts, device, len(cores))
-        mps = MPSDaemon(work / "mps") if device == "cuda" else None
+        mps = MPSDaemon(work / "mps") if device == "cuda" and partition == "mps" else None
         rows: list[tuple[Any, ...]] = []
         versions: dict[str, str] = {}
         try:
@@ -179,10 +227,9 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", cores: Seque
             for key, pcts in groups.items():
                 if device == "cpu":
                     mine = cores[:key]
-                    wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine))
+                    wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine), backend, device)
                 else:
-                    assert mps is not None
-                    wspec = WorkerSpec(f"profile-{key}pct", cfg, (), mps_env(key, gpus, mps.pipe_dir, mps.log_dir))
+                    wspec = WorkerSpec(f"profile-{key}pct", cfg, (), gpu_env(key, gpus, partition, mps), backend, device)
                 samples, versions = _measure(wspec, grid, work, startup_timeout_s, cell_timeout_s, progress)
                 for pct in pcts:
                     rows += [(spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
@@ -192,12 +239,13 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", cores: Seque
     table = pd.DataFrame(rows, columns=list(PROFILE_COLUMNS))
     meta = {
         "kind": "measured",
-        "engine": "vllm",
+        "engine": backend,
         "device": device,
+        "partition": "cores" if device == "cpu" else partition,
         "host": host_info(),
         "cores_used": list(cores),
         "share_groups": {str(k): v for k, v in groups.items()},
-        "share_unit": "cores" if device == "cpu" else "mps_pct",
+        "share_unit": "cores" if device == "cpu" else f"{partition}_pct",
         "versions": versions,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": shlex.join([sys.executable, *sys.argv]),
@@ -205,6 +253,7 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", cores: Seque
         "grid": asdict(grid),
         "engine_config": cfg.to_dict(),
         "decode_context": "timed decode steps are consecutive: contexts seq_len - repeats//2 .. + repeats",
+        "step_timing": STEP_TIMING[backend],
         "load_average": list(os.getloadavg()),
     }
     return ProfileResult(table, meta)

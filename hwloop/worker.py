@@ -50,6 +50,10 @@ class WorkerSpec:
     engine: EngineConfig
     cores: tuple[int, ...] = ()  # CPU affinity; () = leave as inherited
     env: dict[str, str] = field(default_factory=dict)
+    # "vllm", or "torch": hwloop.torch_engine, which answers ProfileCmd only (no request-level API
+    # yet), on `device` ("cpu" | "cuda"); a vLLM engine runs where its build runs.
+    backend: str = "vllm"
+    device: str = "cpu"
 
 
 @dataclass(frozen=True)
@@ -215,6 +219,23 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
+def build_engine(spec: WorkerSpec) -> tuple[Any, Any]:
+    """The engine `StepCmd`s drive (None for the torch backend) and the profiler's `StepEngine`
+    over it, warmed up."""
+    if spec.backend == "torch":
+        from hwloop.torch_engine import TorchStepEngine
+
+        return None, TorchStepEngine.for_worker(spec.engine, spec.device)
+    if spec.backend != "vllm":
+        raise ValueError(f"worker {spec.name}: unknown backend {spec.backend!r} (vllm | torch)")
+    from hwloop.engine import VLLMEngine
+    from hwloop.profiler import VLLMStepEngine
+
+    engine = VLLMEngine(spec.engine)
+    warm_up(engine)
+    return engine, VLLMStepEngine(engine)
+
+
 def _versions() -> dict[str, str]:
     import torch
     import vllm
@@ -228,15 +249,14 @@ def serve(conn: mpc.Connection) -> int:
         os.sched_setaffinity(0, spec.cores)
     os.environ.update(spec.env)
     try:
-        from hwloop.engine import VLLMEngine
-
-        engine = VLLMEngine(spec.engine)
-        warm_up(engine)
+        engine, stepper = build_engine(spec)
         import torch
 
-        conn.send(Ready(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), engine.import_s,
-                        engine.build_s, torch.get_num_threads(), _versions(), str(rendezvous_file() or "")))
-        server = EngineServer(engine)
+        built = engine if engine is not None else stepper.engine
+        versions = stepper.engine.info if engine is None else _versions()
+        conn.send(Ready(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), built.import_s,
+                        built.build_s, torch.get_num_threads(), versions, str(rendezvous_file() or "")))
+        server = EngineServer(engine) if engine is not None else None
         inbox = Inbox(conn)
         while True:
             try:
@@ -248,11 +268,13 @@ def serve(conn: mpc.Connection) -> int:
             if isinstance(msg, Yield):
                 continue  # it came after the run it was meant for had ended
             if isinstance(msg, StepCmd):
+                if server is None:
+                    raise TypeError(f"worker {spec.name}: the {spec.backend} backend answers ProfileCmd only")
                 conn.send(server.step(msg, inbox.interrupted))
             elif isinstance(msg, ProfileCmd):
-                from hwloop.profiler import VLLMStepEngine, time_cell
+                from hwloop.profiler import time_cell
 
-                conn.send(ProfileDone(time_cell(VLLMStepEngine(engine), msg)))
+                conn.send(ProfileDone(time_cell(stepper, msg)))
             else:
                 raise TypeError(f"worker {spec.name}: unknown message {type(msg).__name__}")
     except Exception:

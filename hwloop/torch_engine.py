@@ -1,0 +1,377 @@
+"""A Llama-shaped model in plain PyTorch: the engine for GPUs (and CPUs) without vLLM.
+
+Why the project's own implementation rather than transformers' `LlamaForCausalLM`: it needs
+nothing but torch, its KV cache is laid out for batched serving steps, and every kernel a step
+launches is in this file, so a timing can be explained. tests/test_torch_engine.py checks it
+against `LlamaForCausalLM` logit for logit where transformers is installed.
+
+Model: embedding → N × [RMSNorm → attention (fused QKV projection, rotary embeddings in the HF
+"rotate half" convention with θ = 10000, grouped-query attention through SDPA) → residual →
+RMSNorm → SwiGLU MLP (fused gate/up projection) → residual] → RMSNorm → LM head (tied or not).
+Weights are random, N(0, 0.02) with unit norms: a step's latency depends on shapes, not values.
+It is built from a `ModelSpec`, or from the `config.json` vLLM would load (`from_engine_config`).
+
+KV cache (`KVCache`): per layer, K and V of shape [slots, kv_heads, max_len, head_dim]. A sequence
+owns one slot (a row); a step works on a contiguous range of rows, so keys are read in place through
+a view, never gathered. Lengths live on the host, as in a serving engine's scheduler, so no step
+asks the GPU how long its sequences are.
+
+Steps:
+- prefill: a batch of prompts into empty rows, **right-padded** to the longest (padding, not
+  packing). Causal attention alone makes the padding harmless: a real token at position i attends
+  to keys ≤ i, all real; padded queries are computed and discarded, and padded keys land past the
+  row's length, where its decode steps overwrite them. Padding costs the padded tokens' compute and
+  nothing else; the profiler's cells have equal lengths, so no padding is ever timed.
+- decode: one token per row, appended at that row's own length. Equal lengths (every profiler
+  cell) need no attention mask; unequal ones mask the keys past each row's length.
+Only the last position of each row goes through the LM head, as in vLLM.
+
+`TorchStepEngine` is the profiler's `StepEngine` over this model (see its docstring for timing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hwloop.engine import EngineConfig
+from policies.specs import ModelSpec
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ROPE_THETA = 10000.0
+RMS_EPS = 1e-6
+INIT_STD = 0.02
+FIRST_TOKEN_ID = 3  # random prompts avoid the usual special ids 0..2
+# A worker started with this variable set runs inside a CUDA green context holding that share of
+# the SMs (the SM partitioning PyTorch offers without MPS; see `green_sms`).
+GREEN_ENV = "MUXSIM_GREEN_SM_PCT"
+
+
+class TorchEngineError(RuntimeError):
+    """A step the engine cannot run as asked (a full row, a prefill into a non-empty row)."""
+
+
+@dataclass
+class KVCache:
+    """K and V per layer, [slots, kv_heads, max_len, head_dim]; `lengths[i]` = tokens row i holds."""
+
+    k: list[torch.Tensor]
+    v: list[torch.Tensor]
+    lengths: list[int]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+
+@dataclass(frozen=True)
+class Step:
+    """Where one forward pass reads and writes the cache.
+
+    `write_at` is None for a prefill into empty rows; for a decode it is the position every row
+    appends at (an int when all rows hold the same number of tokens) or one position per row.
+    """
+
+    rows: slice
+    positions: torch.Tensor  # prefill: [S]; decode: [B]
+    write_at: int | torch.Tensor | None = None
+    n_keys: int = 0  # decode: keys to attend over (the longest row after this step)
+    mask: torch.Tensor | None = None  # decode with unequal lengths: [B, 1, 1, n_keys]
+
+
+class Rotary(nn.Module):
+    """cos/sin tables of the HF Llama convention: frequencies repeated over both halves of a head."""
+
+    def __init__(self, head_dim: int, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        inv = 1.0 / ROPE_THETA ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, device=device, dtype=torch.float32), inv)
+        emb = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor, step: Step) -> torch.Tensor:
+        """x: [B, heads, S, head_dim]."""
+        cos, sin = self.cos[step.positions], self.sin[step.positions]
+        if step.write_at is not None:  # decode: one position per row
+            cos, sin = cos[:, None, None, :], sin[:, None, None, :]
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, **factory: Any) -> None:
+        super().__init__()
+        h, hd, inter = spec.hidden_size, spec.head_dim, spec.intermediate_size
+        self.heads, self.kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, hd
+        self.q_dim, self.kv_dim = spec.num_heads * hd, spec.num_kv_heads * hd
+        self.attn_norm = nn.Parameter(torch.ones(h, **factory))
+        self.qkv = nn.Parameter(torch.empty(self.q_dim + 2 * self.kv_dim, h, **factory))
+        self.qkv_bias = nn.Parameter(torch.empty(self.q_dim + 2 * self.kv_dim, **factory)) if spec.qkv_bias else None
+        self.o = nn.Parameter(torch.empty(h, self.q_dim, **factory))
+        self.mlp_norm = nn.Parameter(torch.ones(h, **factory))
+        self.gate_up = nn.Parameter(torch.empty(2 * inter, h, **factory))
+        self.down = nn.Parameter(torch.empty(h, inter, **factory))
+
+    def forward(self, x: torch.Tensor, rope: Rotary, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                step: Step) -> torch.Tensor:
+        b, s, h = x.shape
+        y = F.rms_norm(x, (h,), self.attn_norm, RMS_EPS)
+        q, k, v = F.linear(y, self.qkv, self.qkv_bias).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
+        q = rope(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), step)
+        k = rope(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), step)
+        v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
+        out = self.attend(q, k, v, k_cache, v_cache, step)
+        x = x + F.linear(out.transpose(1, 2).reshape(b, s, self.q_dim), self.o)
+        gate, up = F.linear(F.rms_norm(x, (h,), self.mlp_norm, RMS_EPS), self.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, self.down)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+               v_cache: torch.Tensor, step: Step) -> torch.Tensor:
+        """Write this step's keys/values into the cache rows, then attend (q, k, v: [B, heads, S, hd])."""
+        gqa = self.kv_heads != self.heads
+        rows = step.rows
+        if step.write_at is None:  # prefill into empty rows: the new keys are all there is
+            k_cache[rows, :, : k.shape[2]] = k
+            v_cache[rows, :, : v.shape[2]] = v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if isinstance(step.write_at, int):
+            k_cache[rows, :, step.write_at] = k[:, :, 0]
+            v_cache[rows, :, step.write_at] = v[:, :, 0]
+        else:
+            batch = torch.arange(k.shape[0], device=k.device)
+            k_cache[rows][batch, :, step.write_at] = k[:, :, 0]
+            v_cache[rows][batch, :, step.write_at] = v[:, :, 0]
+        keys, values = k_cache[rows, :, : step.n_keys], v_cache[rows, :, : step.n_keys]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
+
+
+class TorchLlama(nn.Module):
+    def __init__(self, spec: ModelSpec, max_len: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> None:
+        super().__init__()
+        factory = {"dtype": dtype, "device": device}
+        h = spec.hidden_size
+        self.embed = nn.Parameter(torch.empty(spec.vocab_size, h, **factory))
+        self.layers = nn.ModuleList(Block(spec, **factory) for _ in range(spec.num_layers))
+        self.norm = nn.Parameter(torch.ones(h, **factory))
+        self.lm_head = None if spec.tied_embeddings else nn.Parameter(torch.empty(spec.vocab_size, h, **factory))
+        self.rope = Rotary(spec.head_dim, max_len, dtype, device)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        for name, p in self.named_parameters():
+            if "norm" not in name:
+                p.data.normal_(0.0, INIT_STD, generator=gen)
+        self.requires_grad_(False)
+
+    def forward(self, tokens: torch.Tensor, cache: KVCache, step: Step, last: torch.Tensor | None) -> torch.Tensor:
+        """Logits [B, vocab] at each row's last real position (`last`; None: the final column)."""
+        x = F.embedding(tokens, self.embed)
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
+            x = layer(x, self.rope, k_cache, v_cache, step)
+        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        x = F.rms_norm(x, (x.shape[-1],), self.norm, RMS_EPS)
+        return F.linear(x, self.embed if self.lm_head is None else self.lm_head)
+
+
+def green_sms(share_pct: int, total_sms: int, granularity: int = 8) -> int:
+    """SMs of a green context for a share: rounded down to the partition granularity (8 SMs from
+    compute capability 9.0 on, per the CUDA driver API), at least one granule."""
+    return max(granularity, total_sms * share_pct // 100 // granularity * granularity)
+
+
+class TorchEngine:
+    """The model plus its device, dtype and stream; prefill and decode over rows of a `KVCache`.
+
+    `green_sm_pct`: run every kernel inside a CUDA green context with that share of the SMs (only
+    on CUDA, and only where this PyTorch exposes `torch.cuda.green_contexts`).
+    """
+
+    def __init__(self, spec: ModelSpec, *, dtype: str = "bfloat16", device: str = "cpu", max_len: int | None = None,
+                 seed: int = 0, green_sm_pct: int | None = None) -> None:
+        t0 = time.perf_counter()
+        if dtype not in DTYPES:
+            raise TorchEngineError(f"dtype {dtype!r} not one of {', '.join(DTYPES)}")
+        self.spec = spec
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
+        self.dtype = DTYPES[dtype]
+        self.max_len = max_len or spec.max_context
+        self.stream: torch.cuda.Stream | None = None
+        self.info: dict[str, str] = {"torch": torch.__version__, "dtype": dtype, "device": str(self.device)}
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            self.info |= {"cuda": str(torch.version.cuda), "device_name": props.name,
+                          "sm_count": str(props.multi_processor_count)}
+            if green_sm_pct is not None and green_sm_pct < 100:
+                self._enter_green_context(green_sm_pct, props.multi_processor_count)
+        with self.on_stream():
+            self.model = TorchLlama(spec, self.max_len, self.dtype, self.device, seed)
+        self.sync()
+        self.import_s = 0.0  # torch was imported with this module, before the clock started
+        self.build_s = time.perf_counter() - t0
+
+    def _enter_green_context(self, share_pct: int, total_sms: int) -> None:
+        from torch.cuda.green_contexts import GreenContext
+
+        n = green_sms(share_pct, total_sms)
+        self._green = GreenContext.create(num_sms=n, device_id=self.device.index)
+        if hasattr(self._green, "Stream"):  # PyTorch ≥ 2.12: work goes to the context's stream
+            self.stream = self._green.Stream()
+        else:  # PyTorch 2.10/2.11: the context becomes current for this thread
+            self._green.set_context()
+        self.info["green_sms"] = str(n)
+
+    @classmethod
+    def from_engine_config(cls, config: EngineConfig, device: str, green_sm_pct: int | None = None) -> TorchEngine:
+        """The model vLLM would build from the same engine config (its folder's config.json)."""
+        if not config.dummy:
+            raise TorchEngineError(f"{config.model_dir}: the torch engine runs random weights only (dummy=true)")
+        spec = ModelSpec.from_hf_config(config.model_dir)
+        return cls(spec, dtype=config.dtype, device=device, max_len=config.max_model_len, seed=config.seed,
+                   green_sm_pct=green_sm_pct)
+
+    @contextlib.contextmanager
+    def on_stream(self) -> Iterator[None]:
+        """Inside: kernels go to the engine's stream (its green context's, if it has one)."""
+        with torch.cuda.stream(self.stream) if self.stream else contextlib.nullcontext():
+            yield
+
+    def sync(self) -> None:
+        """Wait for every kernel queued so far (a no-op on CPU, where ops run synchronously)."""
+        if self.device.type == "cuda":
+            (self.stream or torch.cuda.current_stream(self.device)).synchronize()
+
+    def new_cache(self, slots: int, max_len: int, held: int = 0) -> KVCache:
+        """An empty cache, or with `held` > 0 rows that already hold `held` tokens of random keys and
+        values (a synthetic context: what decode latency depends on is its length, not its content)."""
+        if max_len > self.max_len:
+            raise TorchEngineError(f"cache of {max_len} tokens exceeds the engine's {self.max_len}")
+        shape = (slots, self.spec.num_kv_heads, max_len, self.spec.head_dim)
+        with self.on_stream():
+            k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
+            v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
+            if held:
+                for t in (*k, *v):
+                    t.normal_()
+        return KVCache(k, v, [held] * slots)
+
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, prompts: torch.Tensor | Sequence[Sequence[int]], start: int = 0) -> torch.Tensor:
+        """Prompts into empty rows start.. of `cache`; logits [B, vocab] at each prompt's last token.
+
+        A tensor [B, S] is B prompts of S tokens; a list may hold prompts of different lengths,
+        which are right-padded (see the module docstring).
+        """
+        with self.on_stream():
+            if isinstance(prompts, torch.Tensor):
+                tokens, lengths, last = prompts.to(self.device), [prompts.shape[1]] * prompts.shape[0], None
+            else:
+                lengths = [len(p) for p in prompts]
+                tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+                for i, p in enumerate(prompts):
+                    tokens[i, : len(p)] = torch.as_tensor(p)
+                tokens = tokens.to(self.device)
+                last = torch.as_tensor(lengths, device=self.device) - 1
+            rows = self._rows(cache, start, len(lengths))
+            if any(cache.lengths[rows]):
+                raise TorchEngineError(f"prefill into rows {start}..{rows.stop - 1}, which already hold tokens")
+            if max(lengths) > cache.max_len:
+                raise TorchEngineError(f"prompt of {max(lengths)} tokens exceeds the cache's {cache.max_len}")
+            step = Step(rows, torch.arange(tokens.shape[1], device=self.device))
+            logits = self.model(tokens, cache, step, last)
+        cache.lengths[rows] = lengths
+        return logits
+
+    @torch.inference_mode()
+    def decode(self, cache: KVCache, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Append one token per row (tokens: [B]) to rows start..; logits [B, vocab]."""
+        rows = self._rows(cache, start, tokens.shape[0])
+        held = cache.lengths[rows]
+        if min(held) < 1 or max(held) >= cache.max_len:
+            raise TorchEngineError(f"decode needs rows holding 1..{cache.max_len - 1} tokens, got {min(held)}..{max(held)}")
+        with self.on_stream():
+            pos = torch.as_tensor(held, device=self.device)
+            if len(set(held)) == 1:
+                step = Step(rows, pos, write_at=held[0], n_keys=held[0] + 1)
+            else:
+                n = max(held) + 1
+                mask = (torch.arange(n, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+                step = Step(rows, pos, write_at=pos, n_keys=n, mask=mask)
+            logits = self.model(tokens.to(self.device)[:, None], cache, step, None)
+        cache.lengths[rows] = [n + 1 for n in held]
+        return logits
+
+    @staticmethod
+    def _rows(cache: KVCache, start: int, count: int) -> slice:
+        if start < 0 or start + count > len(cache.lengths):
+            raise TorchEngineError(f"rows {start}..{start + count - 1} outside a cache of {len(cache.lengths)} slots")
+        return slice(start, start + count)
+
+
+class TorchStepEngine:
+    """`hwloop.profiler.StepEngine` over a `TorchEngine`.
+
+    A timed step is one forward pass plus greedy sampling and the copy of the sampled tokens to the
+    host, which a serving engine needs every step (to stream them, to check stop conditions). So
+    it is wall time (`perf_counter`) of a step that ends synchronised; on CUDA the stream is also
+    synchronised before the clock starts, so work queued earlier (cache set-up) is not charged to
+    it. Eager PyTorch, no CUDA graphs: at small batches kernel launch overhead is part of the time.
+
+    Decode cells start from a synthetic context (random keys and values, no prefill), so a decode
+    cell costs only its own steps; the contexts of consecutive steps grow by one, as in the vLLM
+    engine. Each new cell shape frees the previous cell's cache first.
+    """
+
+    def __init__(self, engine: TorchEngine, seed: int = 0) -> None:
+        self.engine = engine
+        self.gen = torch.Generator().manual_seed(seed)
+        self.shape: tuple[str, int, int] | None = None
+
+    @classmethod
+    def for_worker(cls, config: EngineConfig, device: str) -> TorchStepEngine:
+        """Built and warmed up in a worker; a share from `GREEN_ENV` runs in a green context."""
+        green = os.environ.get(GREEN_ENV)
+        step_engine = cls(TorchEngine.from_engine_config(config, device, int(green) if green else None), config.seed)
+        step_engine.prefill(1, 16)
+        step_engine.decode(1, 16, 2)
+        return step_engine
+
+    def _tokens(self, *shape: int) -> torch.Tensor:
+        return torch.randint(FIRST_TOKEN_ID, self.engine.spec.vocab_size, shape, generator=self.gen)
+
+    def _cache(self, cell: tuple[str, int, int], slots: int, max_len: int, held: int = 0) -> KVCache:
+        """A cache for this cell; on a new cell shape the allocator's cached blocks are released
+        first, so cells of very different shapes do not fragment GPU memory into an OOM."""
+        if cell != self.shape and self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.shape = cell
+        return self.engine.new_cache(slots, max_len, held)
+
+    def _timed(self, run: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
+        self.engine.sync()
+        t0 = time.perf_counter()
+        with torch.inference_mode(), self.engine.on_stream():
+            tokens = run().argmax(dim=-1)
+            tokens.cpu()
+        return time.perf_counter() - t0, tokens
+
+    def prefill(self, batch: int, seq_len: int) -> float:
+        cache = self._cache(("prefill", batch, seq_len), batch, seq_len)
+        prompts = self._tokens(batch, seq_len)
+        return self._timed(lambda: self.engine.prefill(cache, prompts))[0]
+
+    def decode(self, batch: int, ctx_len: int, steps: int) -> list[float]:
+        cache = self._cache(("decode", batch, ctx_len), batch, ctx_len + steps, held=ctx_len)
+        tokens = self._tokens(batch)
+        times = []
+        for _ in range(steps):
+            elapsed, tokens = self._timed(lambda t=tokens: self.engine.decode(cache, t))
+            times.append(elapsed)
+        return times
