@@ -1,40 +1,53 @@
-"""Compute a placement, print it as a table, save it as YAML.
+"""Compute a placement, print it as a table, save it as YAML: a Hydra app on the run's config groups.
 
-    python -m experiments.place --alpha 0.7 --placement muxserve --out outputs/place.yaml
+    python -m experiments.place                                   # or muxsim-place
+    python -m experiments.place placement=search workload.alpha=0.9
+    python -m experiments.place cost=roofline cluster=h100x8 models=single7b out=place.yaml
 
-The paper's synthetic set-up (19 LLMs on 4 × 8 A100s) unless --workload names a trace. The work is
-in `place_and_report`; `main` only parses arguments, so it can become a Hydra app unchanged.
+It places the workload that `python -m experiments.run` would simulate with the same overrides (a
+synthetic one is generated first, so rates and mean lengths are those of the generated trace), so
+the table shows the placement a run gets. The YAML goes to `out`, or to placement.yaml in Hydra's
+run folder. Config errors stop it before any work, in one line that names the key (exit status 2).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.table import Table
 
-from policies.cost import (
-    CompositeCostModel,
-    CostModel,
-    CostModelError,
-    RooflineCostModel,
-    TableCostModel,
+from experiments.config import (
+    ConfigError,
+    absolute,
+    build_cluster,
+    build_cost,
+    build_workload,
+    placement_opts,
+    validate,
 )
+from policies.cost import CostModel, CostModelError
 from policies.placement import Placement, PlacementError
 from policies.placement_algos import (
-    PLACERS,
     Demand,
     demands_from_spec,
     demands_from_workload,
     make_placement,
 )
-from policies.specs import ClusterSpec
-from traces import Workload, WorkloadError, muxserve_synthetic
+from policies.specs import ClusterSpec, SpecError
+from traces import WorkloadError, muxserve_synthetic
 
-# ShareGPT means the paper's synthetic workload is drawn from (reference notes, "Workloads").
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Input that cannot work: reported in one line, not as a traceback.
+USER_ERRORS = (ConfigError, CostModelError, PlacementError, SpecError, WorkloadError)
+
+# The paper's set-up with exact rates rather than a generated trace's, for the placement benchmark
+# and tests. ShareGPT means the paper's synthetic workload is drawn from (reference notes, "Workloads").
 SHAREGPT_PROMPT, SHAREGPT_OUTPUT = 161.0, 338.0
 DEFAULT_TABLE = os.environ.get("MUXSIM_A100_TABLE", "../shared/data/muxserve_llama_a100.json")
 
@@ -85,36 +98,34 @@ def place_and_report(demands: list[Demand], cluster: ClusterSpec, cost: CostMode
     return placement
 
 
-def build_cost(path: str | Path, cluster: ClusterSpec, roofline_fallback: bool) -> CostModel:
-    table = TableCostModel.from_muxserve_json(path)
-    return CompositeCostModel(table, RooflineCostModel(cluster.gpu)) if roofline_fallback else table
+def place_from_config(cfg: DictConfig, out: str | Path | None, console: Console | None = None) -> Placement:
+    """Build cluster, cost model and workload as a run does, then place with placement.policy."""
+    validate(cfg)
+    cluster = build_cluster(cfg)
+    cost = build_cost(cfg, cluster)
+    demands = demands_from_workload(build_workload(cfg))
+    policy = str(cfg.placement.policy)
+    return place_and_report(demands, cluster, cost, policy, out, console, **placement_opts(cfg, policy))
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="muxsim-place", description=__doc__.split("\n")[0])
-    ap.add_argument("--placement", default="muxserve", choices=list(PLACERS))
-    ap.add_argument("--alpha", type=float, default=0.9, help="power-law exponent of the synthetic rates")
-    ap.add_argument("--scale", type=float, default=1.0, help="top LLM rate = 40·scale req/s")
-    ap.add_argument("--workload", help="place this trace (Parquet/CSV with model_type) instead")
-    ap.add_argument("--nnodes", type=int, default=4)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--cost", default=DEFAULT_TABLE, help="MuxServe latency JSON (default: $MUXSIM_A100_TABLE)")
-    ap.add_argument("--roofline-fallback", action="store_true", help="estimate models/TP the table lacks")
-    ap.add_argument("--seed", type=int, default=0, help="seed of the search placer")
-    ap.add_argument("--out", help="write the placement here as YAML")
-    return ap.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+@hydra.main(config_path=str(CONF_DIR), config_name="place", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    out = absolute(cfg.out) if cfg.out else Path(HydraConfig.get().runtime.output_dir) / "placement.yaml"
     try:
-        cluster = ClusterSpec(args.nnodes, args.gpus_per_node)
-        cost = build_cost(args.cost, cluster, args.roofline_fallback)
-        demands = (demands_from_workload(Workload.read(args.workload)) if args.workload
-                   else paper_demands(args.alpha, args.scale))
-        place_and_report(demands, cluster, cost, args.placement, args.out, seed=args.seed)
-    except (PlacementError, CostModelError, WorkloadError, ValueError) as e:
-        sys.exit(f"muxsim-place: {e}")
+        place_from_config(cfg, out)
+    except USER_ERRORS as e:
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    from experiments.precheck import precheck
+
+    error = precheck(sys.argv[1:], CONF_DIR, config_name="place")
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
 
 
 if __name__ == "__main__":

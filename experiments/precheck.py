@@ -62,8 +62,8 @@ def variants(args: list[str]) -> list[list[str]] | None:
     return out
 
 
-def precheck(argv: list[str], conf_dir: Path) -> str | None:
-    """The one-line error for argv, or None when every composed variant validates."""
+def precheck(argv: list[str], conf_dir: Path, config_name: str = "config") -> str | None:
+    """The one-line error for argv, or None when every composed variant of `config_name` validates."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in _MULTIRUN_FLAGS for f in flags):
         return None  # --help, --cfg, -cn …: Hydra's own business
@@ -76,7 +76,7 @@ def precheck(argv: list[str], conf_dir: Path) -> str | None:
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             for overrides in runs or []:
-                validate(compose(config_name="config", overrides=overrides))
+                validate(compose(config_name=config_name, overrides=overrides))
     except MissingConfigException as e:
         return _missing_option(e)
     except (HydraException, OmegaConfBaseException) as e:

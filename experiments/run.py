@@ -266,7 +266,7 @@ def report(res: Results, cfg: DictConfig) -> None:
 
 # ---- entry points ---------------------------------------------------------------------------------
 
-@hydra.main(config_path="../conf", config_name="config", version_base=None)
+@hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> float | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     # Parallel sweep jobs share one terminal: no bars, one line per system instead of tables.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from hypothesis import strategies as st
 
 from experiments.place import paper_demands, place_and_report
 from policies.cost import CostModel, RooflineCostModel, TableCostModel
-from policies.placement import Placement, PlacementError
+from policies.placement import BLOCK_BYTES, Placement, PlacementError
 from policies.placement_algos import (
     PLACERS,
     Demand,
@@ -61,9 +63,24 @@ def specs_of(demands: list[Demand]) -> dict:
     return {d.model.name: d.model for d in demands}
 
 
+def assert_within_budgets(p: Placement, cluster: ClusterSpec, specs: dict) -> None:
+    """Memory and SM budgets, recomputed from the specs rather than trusted to check_placement.
+
+    A unit's GPUs hold its LLMs' weights plus its KV pool; decode shares sum to ≤ 120% (10 + 2 SM
+    units), except in a temporal placement, where one job at a time holds ≤ 100%.
+    """
+    for u in p.units:
+        usable = len(u.gpus) * (cluster.gpu.memory_bytes - cluster.reserve_bytes_per_gpu)
+        assert sum(specs[x.model].weight_bytes for x in u.llms) + u.kv_blocks * BLOCK_BYTES <= usable
+        assert all(10 <= share <= 100 for x in u.llms for share in (x.prefill_sm, x.decode_sm))
+        if not p.meta.get("exclusive"):
+            assert sum(x.decode_sm for x in u.llms) <= 120
+
+
 def assert_valid(p: Placement, demands: list[Demand], cluster: ClusterSpec) -> None:
     """Fits memory and SM budgets, uses each GPU once, places every LLM exactly once, survives YAML."""
     check_placement(p, cluster, specs_of(demands))
+    assert_within_budgets(p, cluster, specs_of(demands))
     placed = sorted(x.name for u in p.units for x in u.llms)
     assert placed == sorted(d.name for d in demands)
     for u in p.units:
@@ -332,3 +349,52 @@ def test_place_and_report_prints_and_saves(tmp_path: Path) -> None:
     text = console.export_text()
     assert "estimated throughput" in text and "llama-13b" in text and "placed in" in text
     assert Placement.load(tmp_path / "p.yaml") == p
+
+
+# Small enough for a few seconds and no data outside the repository: 3 LLMs on 4 roofline GPUs.
+TINY = ["models.types=[llama-7b,llama-7b,llama-13b]", "models.top_rate=3", "cluster.nnodes=1",
+        "cluster.gpus_per_node=4", "cost=roofline", "workload.duration_s=5"]
+
+
+def place_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "experiments.place", *args], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+
+
+@pytest.mark.parametrize("policy", ["muxserve", "search"])
+def test_place_is_a_hydra_app_on_the_run_config_groups(tmp_path: Path, policy: str) -> None:
+    out = tmp_path / "place.yaml"
+    p = place_cli(*TINY, f"placement={policy}", "workload.alpha=0.9", f"out={out}", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert f"{policy} placement" in p.stdout and "llm-2" in p.stdout and "llama-13b" in p.stdout
+    assert "estimated throughput" in p.stdout and "placed in" in p.stdout
+    placement = Placement.load(out)
+    assert placement.policy == policy and {x.name for u in placement.units for x in u.llms} == {"llm-0", "llm-1", "llm-2"}
+
+
+def test_place_writes_into_the_hydra_run_folder_by_default(tmp_path: Path) -> None:
+    p = place_cli(*TINY, "hydra.run.dir=run", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert Placement.load(tmp_path / "run" / "placement.yaml").policy == "muxserve"
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("workload.alpha=-1", "ConfigError: workload.alpha must be ≥ 0 (got -1)"),
+    ("placement=nope", "ConfigError: unknown placement option 'nope'"),
+    ("workload.alpah=1", "ConfigError: Could not override 'workload.alpah'"),
+    ("models.types=[llama-65b,llama-65b,llama-65b]", "PlacementError: the 3 LLMs need "),
+])
+def test_place_config_errors_are_one_line_naming_the_key(override: str, expected: str) -> None:
+    p = place_cli(*TINY, override)
+    assert p.returncode == 2 and p.stdout == ""
+    assert p.stderr.startswith(expected) and p.stderr.count("\n") == 1, p.stderr
+
+
+def test_the_muxsim_place_console_script_runs_from_anywhere(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("muxsim-place")
+    if not script.exists():
+        pytest.skip("muxsim isn't installed in this environment (pip install -e .)")
+    p = subprocess.run([str(script), *TINY, f"out={tmp_path / 'p.yaml'}", f"hydra.run.dir={tmp_path / 'run'}"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "p.yaml").is_file()
