@@ -19,7 +19,9 @@ import pandas as pd
 from policies.batching import make_batching
 from policies.cost import CostModel
 from policies.placement import Placement
-from policies.placement_algos import demands_from_workload, make_placement
+from policies.placement_algos import Estimator, PlacerOptions, demands_from_workload, make_placement
+from policies.placement_algos.greedy import check_feasible
+from policies.placement_algos.spatial import mesh_size
 from policies.records import read_records
 from policies.specs import ClusterSpec, ModelSpec
 from policies.view import ExecutionMode
@@ -51,10 +53,30 @@ def specs_of(workload: Workload, extra: dict[str, ModelSpec] | None = None) -> d
 
 def baseline_latency(records: pd.DataFrame, workload: Workload, cluster: ClusterSpec,
                      cost: CostModel, extra: dict[str, ModelSpec] | None = None) -> Any:
-    """Per-request standalone latency on the LLM's spatial-baseline GPUs at 100% SM (the SLO unit)."""
-    spatial = make_placement("spatial", demands_from_workload(workload, extra), cluster, cost)
-    tp_of = {x.name: x.tp for u in spatial.units for x in u.llms}
+    """Per-request standalone latency on the LLM's spatial-baseline GPUs at 100% SM (the SLO unit).
+
+    Each LLM gets the mesh size the spatial placer would give it, whether or not every LLM's mesh
+    fits the cluster at once: a request alone needs only its own (e.g. many LLMs on one CPU unit).
+    """
+    demands = demands_from_workload(workload, extra)
+    est = Estimator(demands, cluster, cost, PlacerOptions())
+    check_feasible(est)
+    tp_of = {d.name: mesh_size(est, i) for i, d in enumerate(demands)}
     return standalone_latency(records, specs_of(workload, extra), tp_of, cost)
+
+
+def place(system: str, workload: Workload, cluster: ClusterSpec, cost: CostModel, *,
+          placement_opts: dict[str, Any] | None = None,
+          extra_specs: dict[str, ModelSpec] | None = None) -> Placement:
+    """The placement of `system`'s placer for this workload (rates and lengths come from it)."""
+    placer, _ = SYSTEMS[system]
+    return make_placement(placer, demands_from_workload(workload, extra_specs), cluster, cost,
+                          **(placement_opts or {}))
+
+
+def type_specs(workload: Workload, extra_specs: dict[str, ModelSpec] | None = None) -> dict[str, ModelSpec]:
+    """Model type → ModelSpec, as the executors look LLMs' models up."""
+    return {s.name: s for s in specs_of(workload, extra_specs).values()}
 
 
 def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: CostModel, *,
@@ -62,26 +84,32 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
                mode: ExecutionMode = "split", skip_steps: bool = True, horizon_s: float | None = None,
                records_path: str | Path | None = None, extra_specs: dict[str, ModelSpec] | None = None,
                progress: Callable[[float], None] | None = None, placement: Placement | None = None,
-               batching: str | None = None) -> SystemRun:
-    """Place, simulate and summarise one system on one workload; `batching` swaps its batcher (ablations)."""
-    placer, batcher = SYSTEMS[system]
-    batcher = batching or batcher
+               batching: str | None = None, core_slices: dict[str, tuple[int, ...]] | None = None) -> SystemRun:
+    """Place, simulate and summarise one system on one workload; `batching` swaps its batcher (ablations).
+
+    `core_slices`: the CPU cores each LLM's worker would be pinned to (hwloop.mirror), to model the
+    CPU runner's turn-taking.
+    """
+    batcher = batching or SYSTEMS[system][1]
     t0 = time.perf_counter()
     if placement is None:
-        placement = make_placement(placer, demands_from_workload(workload, extra_specs), cluster, cost,
-                                   **(placement_opts or {}))
+        placement = place(system, workload, cluster, cost, placement_opts=placement_opts, extra_specs=extra_specs)
     t_place = time.perf_counter() - t0
-    type_specs = {s.name: s for s in specs_of(workload, extra_specs).values()}
-    sim = Simulator(workload, placement, make_batching(batcher, **(batching_opts or {})), cost, type_specs,
-                    mode=mode, skip_steps=skip_steps, horizon_s=horizon_s, records_path=records_path,
-                    progress=progress)
+    sim = Simulator(workload, placement, make_batching(batcher, **(batching_opts or {})), cost,
+                    type_specs(workload, extra_specs), mode=mode, skip_steps=skip_steps, horizon_s=horizon_s,
+                    records_path=records_path, progress=progress, core_slices=core_slices)
     t1 = time.perf_counter()
     result = sim.run()
     t_sim = time.perf_counter() - t1
-    records = result.records if result.records is not None else read_records(result.records_path)
-    records = records.sort_values("request_id", kind="stable").reset_index(drop=True)
-    baseline = baseline_latency(records, workload, cluster, cost, extra_specs)
-    summary = summarize(records, baseline, rates=workload.rates())
+    records = sorted_records(result)
+    summary = summarize(records, baseline_latency(records, workload, cluster, cost, extra_specs),
+                        rates=workload.rates())
     stats = {**result.stats, "placement_s": t_place, "simulate_s": t_sim,
              "estimated_throughput_rps": placement.estimated_throughput}
     return SystemRun(system, placement, summary, records, stats)
+
+
+def sorted_records(result: Any) -> pd.DataFrame:
+    """An executor's records (returned, or streamed to Parquet), in request order."""
+    records = result.records if result.records is not None else read_records(result.records_path)
+    return records.sort_values("request_id", kind="stable").reset_index(drop=True)

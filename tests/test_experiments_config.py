@@ -87,18 +87,15 @@ def test_missing_files_point_at_the_fix(tmp_path: Path) -> None:
     assert "workload.path" in error("workload=azure", f"workload.path={tmp_path / 'none.csv'}")
 
 
-def test_hwloop_runner_is_one_line_when_unavailable() -> None:
-    message = precheck(["runner=hwloop"], CONF_DIR)
-    try:
-        import hwloop
-
-        available = callable(getattr(hwloop, "run_system", None))
-    except ImportError:
-        available = False
-    if available:
-        assert message is None
-    else:
-        assert message is not None and message.startswith("ConfigError: runner=hwloop:") and "\n" not in message
+def test_hwloop_runner_resolves_and_refuses_what_hardware_cannot_run_in_one_line(tmp_path: Path) -> None:
+    assert precheck(["runner=hwloop"], CONF_DIR) is None
+    for mode, why in (("split", "only run sim.mode=mixed"), ("mixed", "GiB available")):
+        p = subprocess.run([sys.executable, "-m", "experiments.run", "runner=hwloop", f"sim.mode={mode}", *TINY,
+                            "systems=[spatial]", f"hydra.run.dir={tmp_path}"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2, p.stderr[-2000:]
+        last = p.stderr.strip().splitlines()[-1]
+        assert last.startswith("ConfigError: while running spatial: runner=hwloop:") and why in last
 
 
 def test_cli_exits_2_with_one_line() -> None:
