@@ -193,7 +193,7 @@ def gpu_env(share_pct: int, gpus: Sequence[int], partition: Partition, mps: MPSD
 
 def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str = "vllm",
             partition: Partition = "mps", cores: Sequence[int] | None = None,
-            gpus: Sequence[int] = (0,), model_dir: str | Path | None = None, dummy: bool = True,
+            gpus: Sequence[int] = (0,), mps: MPSDaemon | None = None, model_dir: str | Path | None = None, dummy: bool = True,
             work_dir: str | Path | None = None,
             startup_timeout_s: float = 600.0, cell_timeout_s: float = 600.0,
             progress: Callable[[str], None] | None = None) -> ProfileResult:
@@ -202,6 +202,7 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
     `model_dir`: a folder vLLM loads (a real checkpoint with `dummy=False`); without it a folder
     holding `spec`'s config.json is written and the weights are random (the torch engine: always).
     `backend`: "vllm" or "torch"; `partition` (CUDA only): "mps", "green" (torch only) or "none".
+    `mps`: a running MPS daemon to use, stopped by its owner; without one, "mps" starts its own.
     """
     if backend not in ("vllm", "torch"):
         raise ProfileError(f"unknown engine {backend!r} (vllm | torch)")
@@ -218,12 +219,13 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
         folder = Path(model_dir) if model_dir else write_model_dir(spec, work / "models")
         cfg = profile_engine_config(spec, folder, grid, dummy=dummy or model_dir is None)
         groups = share_groups(grid.sm_pcts, device, len(cores))
-        mps = MPSDaemon(work / "mps") if device == "cuda" and partition == "mps" else None
+        own_mps = MPSDaemon(work / "mps") if device == "cuda" and partition == "mps" and mps is None else None
+        mps = mps or own_mps
         rows: list[tuple[Any, ...]] = []
         versions: dict[str, str] = {}
         try:
-            if mps:
-                mps.start()
+            if own_mps:
+                own_mps.start()
             for key, pcts in groups.items():
                 if device == "cpu":
                     mine = cores[:key]
@@ -234,8 +236,8 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
                 for pct in pcts:
                     rows += [(spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
         finally:
-            if mps:
-                mps.stop()
+            if own_mps:
+                own_mps.stop()
     table = pd.DataFrame(rows, columns=list(PROFILE_COLUMNS))
     meta = {
         "kind": "measured",

@@ -187,6 +187,23 @@ def green_sms(share_pct: int, total_sms: int, granularity: int = 8) -> int:
     return max(granularity, total_sms * share_pct // 100 // granularity * granularity)
 
 
+def enter_green_context(share_pct: int, device_index: int = 0) -> tuple[Any, torch.cuda.Stream | None, int]:
+    """Enter a CUDA green context holding `share_pct` of the device's SMs.
+
+    Returns the context (keep a reference: it lives as long as that), the stream work must be
+    queued on (PyTorch ≥ 2.12), or None where this PyTorch (2.10/2.11) instead makes the context
+    current for the calling thread, and the number of SMs it got.
+    """
+    from torch.cuda.green_contexts import GreenContext
+
+    n = green_sms(share_pct, torch.cuda.get_device_properties(device_index).multi_processor_count)
+    ctx = GreenContext.create(num_sms=n, device_id=device_index)
+    if hasattr(ctx, "Stream"):
+        return ctx, ctx.Stream(), n
+    ctx.set_context()
+    return ctx, None, n
+
+
 class TorchEngine:
     """The model plus its device, dtype and stream; prefill and decode over rows of a `KVCache`.
 
@@ -210,23 +227,13 @@ class TorchEngine:
             self.info |= {"cuda": str(torch.version.cuda), "device_name": props.name,
                           "sm_count": str(props.multi_processor_count)}
             if green_sm_pct is not None and green_sm_pct < 100:
-                self._enter_green_context(green_sm_pct, props.multi_processor_count)
+                self._green, self.stream, n = enter_green_context(green_sm_pct, self.device.index)
+                self.info["green_sms"] = str(n)
         with self.on_stream():
             self.model = TorchLlama(spec, self.max_len, self.dtype, self.device, seed)
         self.sync()
         self.import_s = 0.0  # torch was imported with this module, before the clock started
         self.build_s = time.perf_counter() - t0
-
-    def _enter_green_context(self, share_pct: int, total_sms: int) -> None:
-        from torch.cuda.green_contexts import GreenContext
-
-        n = green_sms(share_pct, total_sms)
-        self._green = GreenContext.create(num_sms=n, device_id=self.device.index)
-        if hasattr(self._green, "Stream"):  # PyTorch ≥ 2.12: work goes to the context's stream
-            self.stream = self._green.Stream()
-        else:  # PyTorch 2.10/2.11: the context becomes current for this thread
-            self._green.set_context()
-        self.info["green_sms"] = str(n)
 
     @classmethod
     def from_engine_config(cls, config: EngineConfig, device: str, green_sm_pct: int | None = None) -> TorchEngine:

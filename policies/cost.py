@@ -9,6 +9,9 @@ Two kinds, and every result says which it came from:
   labelled as one; `roofline_gap` reports how far it sits from a measured table.
 
 `CompositeCostModel` asks the table first and falls back to the roofline for models it lacks.
+
+`InterferenceModel` is the slowdown of a job while other jobs run beside it on the same GPU, fitted
+from co-run measurements (`hwloop.interference`); by default there is none (factor 1).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ import json
 import logging
 import math
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import combinations
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -371,3 +376,82 @@ def roofline_gap(table: TableCostModel, roofline: RooflineCostModel, specs: dict
                         rows.append((name, tp, int(sm), int(batch), int(seq), phase, measured, est, measured / est))
     return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase",
                                        "measured_s", "roofline_s", "ratio"])
+
+
+INTERFERENCE_FIT_COLUMNS = ("phase", "own_pct", "other_pct", "slowdown")
+
+
+@dataclass(frozen=True)
+class InterferenceModel:
+    """How much slower a job runs while other jobs run beside it on the same GPU:
+
+        factor(phase, own, others) = 1 + a · others/100 + b · max(0, (own + others)/100 − 1)
+
+    with `own` the job's SM share in %, `others` the summed shares of the jobs running beside it,
+    and (a, b) = `coef[phase]`, the phase of the job that slows down.
+    - a: contention for what partitioned SMs still share (HBM bandwidth, L2, the launch queue),
+      per whole GPU's worth of co-runner share; it applies even when the shares fit in 100%.
+    - b: overload: shares summing past 100% time-share SMs (an MPS percentage caps a process's
+      SMs, it reserves none), per 100% of excess.
+    A phase without coefficients gets factor 1; `none()` is factor 1 everywhere, which is
+    MuxServe's own assumption (shares that fit run as if alone). A job whose co-runners change
+    while it runs should have its remaining work rescaled at each change (see the README).
+    """
+
+    coef: Mapping[str, tuple[float, float]] = field(default_factory=dict)
+    label: str = "none: jobs sharing a GPU do not slow each other down"
+    rmse: Mapping[str, float] = field(default_factory=dict)  # of the fitted slowdowns, per phase
+
+    @classmethod
+    def none(cls) -> InterferenceModel:
+        return cls()
+
+    def factor(self, phase: str, own_pct: float, others_pct: float) -> float:
+        if others_pct <= 0 or phase not in self.coef:
+            return 1.0
+        a, b = self.coef[phase]
+        return 1.0 + a * others_pct / 100 + b * max(0.0, (own_pct + others_pct) / 100 - 1)
+
+    @classmethod
+    def fit(cls, table: pd.DataFrame, label: str = "fitted") -> InterferenceModel:
+        """Least squares per phase through factor 1 with no co-runner, a and b ≥ 0 (interference
+        never speeds a job up), from rows of `phase, own_pct, other_pct, slowdown` (measured
+        together ÷ alone at the same share; hwloop.interference writes them)."""
+        missing = set(INTERFERENCE_FIT_COLUMNS) - set(table.columns)
+        if missing:
+            raise CostModelError(f"{label}: interference table lacks column(s) {', '.join(sorted(missing))}")
+        rows = table.dropna(subset=list(INTERFERENCE_FIT_COLUMNS))
+        coef, rmse = {}, {}
+        for phase, g in rows.groupby("phase"):
+            own, other = g["own_pct"].to_numpy(float) / 100, g["other_pct"].to_numpy(float) / 100
+            x = np.column_stack([other, np.maximum(0.0, own + other - 1)])
+            y = g["slowdown"].to_numpy(float) - 1
+            a, b = _nonnegative_lstsq(x, y)
+            coef[str(phase)] = (a, b)
+            rmse[str(phase)] = float(np.sqrt(np.mean((x @ np.array([a, b]) - y) ** 2)))
+        return cls(coef, label, rmse)
+
+    @classmethod
+    def from_csv(cls, path: str | Path) -> InterferenceModel:
+        path = Path(path)
+        if not path.exists():
+            raise CostModelError(f"{path}: interference table not found")
+        return cls.fit(pd.read_csv(path), label=f"fitted: {path.name}")
+
+
+def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
+    """min ||x·c − y|| over c ≥ 0, for a handful of columns: the best unconstrained fit on any subset
+    of columns that comes out nonnegative (the others at 0). Exact, since the optimum is the
+    unconstrained optimum on its own support."""
+    best, best_err = np.zeros(x.shape[1]), float(y @ y)
+    for k in range(1, x.shape[1] + 1):
+        for cols in combinations(range(x.shape[1]), k):
+            c = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
+            if (c < 0).any():
+                continue
+            full = np.zeros(x.shape[1])
+            full[list(cols)] = c
+            err = float(np.sum((x @ full - y) ** 2))
+            if err < best_err:
+                best, best_err = full, err
+    return tuple(float(v) for v in best)
