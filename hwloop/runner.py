@@ -91,7 +91,6 @@ from policies.view import (
     UnitView,
     age,
     hold,
-    kv_growth,
     requeue_preempted,
     take_waiting,
 )
@@ -508,12 +507,11 @@ class Runner:
             raise RunnerError(f"policy {name} left running request(s) {left} of {llm.name} out of a step; "
                               f"a vLLM step decodes every request its engine holds")
         batch = admitted + decoding
-        growth = kv_growth(batch, llm.chunk_blocks)
-        if sum(growth) > min(llm.kv_quota - llm.kv_used, us.kv_free):
+        taken = hold(batch, llm.chunk_blocks)
+        if taken > min(llm.kv_quota - llm.kv_used, us.kv_free):
             raise RunnerError(f"policy {name} over-committed KV blocks on unit {us.unit.unit_id}: "
-                              f"{llm.name} needs {sum(growth)}, quota slack {llm.kv_quota - llm.kv_used}, "
+                              f"{llm.name} needs {taken}, quota slack {llm.kv_quota - llm.kv_used}, "
                               f"pool free {us.kv_free}")
-        taken = hold(batch, growth)
         llm.kv_used += taken
         us.kv_free -= taken
         us.sm_free -= launch.sm_units

@@ -19,6 +19,14 @@ def kv_slack(llm: LLMView, view: UnitView) -> int:
     return min(llm.kv_quota - llm.kv_used, view.kv_blocks_free)
 
 
+def prefill_slack(llm: LLMView, view: UnitView) -> int:
+    """KV slack a split-mode prefill may use: what is left after the next decode step of every running
+    request (at most one chunk each, see `decode_batch`). An admission that took those blocks would
+    make the next decode preempt, and under a full pool the two would take turns evicting each other.
+    """
+    return kv_slack(llm, view) - len(llm.running) * llm.chunk_blocks
+
+
 def admit_fcfs(llm: LLMView, slack: int, max_tokens: int, max_requests: int) -> list[Request]:
     """Head of the queue, in order, while it fits the KV slack, the token budget and the batch cap.
 
@@ -44,6 +52,10 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
     oldest keep making progress.
     """
     batch = [r for r in llm.running if not r.busy][: llm.placement.max_batch]
+    if slack >= len(batch) * llm.chunk_blocks:
+        # A running request holds the blocks of its context as of its last job's start, so one more
+        # step grows it by at most one chunk: no need to look at each (this runs at every step).
+        return batch, []
     growth = [blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch]
     need = sum(growth)
     preempted: list[Request] = []
@@ -55,8 +67,9 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
     return batch, preempted
 
 
-def decode_launch(llm: LLMView, view: UnitView, units: int) -> Launch | None:
-    batch, preempted = decode_batch(llm, kv_slack(llm, view))
+def decode_launch(llm: LLMView, view: UnitView, units: int, taken: int = 0) -> Launch | None:
+    """`taken`: blocks this LLM's other launches of the same decision already claimed."""
+    batch, preempted = decode_batch(llm, kv_slack(llm, view) - taken)
     if not batch:
         return None
     return Launch(llm.name, "decode", ids(batch), units, ids(preempted))
@@ -76,11 +89,11 @@ def mixed_launch(llm: LLMView, view: UnitView, units: int, max_tokens: int) -> L
 
 
 def ids(requests: Iterable[Request]) -> tuple[int, ...]:
-    return tuple(r.request_id for r in requests)
+    return tuple([r.request_id for r in requests])
 
 
-def idle_running(llm: LLMView) -> int:
-    return sum(1 for r in llm.running if not r.busy)
+def has_idle_running(llm: LLMView) -> bool:
+    return any(not r.busy for r in llm.running)
 
 
 def least_recently_served(llms: Sequence[LLMView], phase: str) -> list[LLMView]:
@@ -146,11 +159,12 @@ class ADBS:
         launches: list[Launch] = []
         free = view.sm_units_free
         held_back = False
+        prefill_blocks: dict[str, int] = {}  # a decode of the same LLM draws on the same KV slack
         for llm in least_recently_served(view.llms, "prefill"):
             if llm.prefill_busy or not llm.waiting:
                 continue
             room = llm.placement.max_batch - len(llm.running)
-            batch = admit_fcfs(llm, kv_slack(llm, view), self.max_prefill_tokens, room)
+            batch = admit_fcfs(llm, prefill_slack(llm, view), self.max_prefill_tokens, room)
             if not batch:
                 continue  # waiting for cache, not for compute
             units = llm.placement.prefill_units
@@ -158,14 +172,15 @@ class ADBS:
                 held_back = True
                 continue
             launches.append(Launch(llm.name, "prefill", ids(batch), units))
+            prefill_blocks[llm.name] = sum(blocks_for_tokens(r.context_tokens, llm.chunk_blocks) for r in batch)
             free -= units
         if held_back:
             return launches
         for llm in least_recently_served(view.llms, "decode"):
             units = llm.placement.decode_units
-            if llm.decode_busy or units > free or not idle_running(llm):
+            if llm.decode_busy or units > free or not has_idle_running(llm):
                 continue
-            launch = decode_launch(llm, view, units)
+            launch = decode_launch(llm, view, units, prefill_blocks.get(llm.name, 0))
             if launch:
                 launches.append(launch)
                 free -= units
@@ -210,7 +225,7 @@ class _Exclusive:
             return mixed_launch(llm, view, SM_UNITS_FULL, self.max_prefill_tokens)
         if phase == "prefill":
             room = llm.placement.max_batch - len(llm.running)
-            batch = admit_fcfs(llm, kv_slack(llm, view), self.max_prefill_tokens, room)
+            batch = admit_fcfs(llm, prefill_slack(llm, view), self.max_prefill_tokens, room)
             return Launch(llm.name, "prefill", ids(batch), SM_UNITS_FULL) if batch else None
         return decode_launch(llm, view, SM_UNITS_FULL)
 
@@ -227,7 +242,7 @@ class FCFS(_Exclusive):
     def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
         prefills = sorted((x for x in view.llms if x.waiting),
                           key=lambda x: (x.waiting[0].arrival_s, x.waiting[0].request_id))
-        decodes = sorted((x for x in view.llms if idle_running(x)),
+        decodes = sorted((x for x in view.llms if has_idle_running(x)),
                          key=lambda x: min((r.arrival_s, r.request_id) for r in x.running))
         return [(x, "prefill") for x in prefills] + [(x, "decode") for x in decodes]
 

@@ -72,17 +72,19 @@ def take_waiting(waiting: deque[Request], ids: set[int]) -> list[Request]:
     return taken
 
 
-def kv_growth(batch: Sequence[Request], chunk_blocks: int) -> list[int]:
-    """Blocks each request must add to hold its whole current context for the next job."""
-    return [blocks_for_tokens(r.context_tokens, chunk_blocks) - r.blocks for r in batch]
+def hold(batch: Sequence[Request], chunk_blocks: int) -> int:
+    """Mark the batch busy, each request grown to hold its whole current context for the next job;
+    returns the blocks taken from the pool (the caller checks them against its budgets).
 
-
-def hold(batch: Sequence[Request], growth: Sequence[int]) -> int:
-    """Mark the batch busy with its grown blocks; returns the blocks taken from the pool."""
-    for r, g in zip(batch, growth, strict=True):
-        r.blocks += g
+    One pass per launch: on a busy unit this runs at every decode step over the whole batch.
+    """
+    taken = 0
+    for r in batch:
+        grown = blocks_for_tokens(r.prompt_tokens + r.generated, chunk_blocks) - r.blocks
+        r.blocks += grown
         r.busy = True
-    return sum(growth)
+        taken += grown
+    return taken
 
 
 def requeue_preempted(waiting: deque[Request], r: Request) -> int:

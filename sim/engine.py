@@ -44,7 +44,6 @@ from policies.view import (
     UnitView,
     age,
     hold,
-    kv_growth,
     requeue_preempted,
     take_waiting,
 )
@@ -307,12 +306,11 @@ class Simulator:
             raise SimulationError(f"policy {name} launched unknown or busy request(s) for {llm.placement.name}: "
                                   f"{sorted(new_ids - {r.request_id for r in admitted + decoding})[:5]}")
         batch = admitted + decoding
-        growth = kv_growth(batch, llm.chunk_blocks)
-        if sum(growth) > min(llm.kv_quota - llm.kv_used, us.kv_free):
+        taken = hold(batch, llm.chunk_blocks)
+        if taken > min(llm.kv_quota - llm.kv_used, us.kv_free):
             raise SimulationError(f"policy {name} over-committed KV blocks on unit {us.unit.unit_id}: "
-                                  f"{llm.placement.name} needs {sum(growth)}, quota slack "
+                                  f"{llm.placement.name} needs {taken}, quota slack "
                                   f"{llm.kv_quota - llm.kv_used}, pool free {us.kv_free}")
-        taken = hold(batch, growth)
         llm.running_busy += len(decoding)
         llm.kv_used += taken
         us.kv_free -= taken
@@ -363,6 +361,8 @@ class Simulator:
             job.truncate(first_end)  # each run's end is an event for the others launched with it
             # Blocks for the run's last step are taken now: step-by-step execution would hold them
             # by the time anything else on the unit can look (the last step contains the next event).
+            if job.final_blocks is None:
+                continue  # a single step: its blocks were taken at launch
             for r, blocks in zip(job.batch, job.final_blocks, strict=True):
                 job.llm.kv_used += blocks - r.blocks
                 us.kv_free -= blocks - r.blocks
@@ -400,20 +400,22 @@ class Simulator:
         steps = job.steps or 1
         if job.steps is not None:
             self.stats["decode_steps"] += steps
-        for r in job.batch:
+        done = []
+        for r in job.batch:  # one pass: on a busy unit this runs at every step over the whole batch
             r.generated += steps
             r.busy = False
-            if math.isnan(r.first_token_s):
-                r.first_token_s = job.end
+            if r.generated >= r.output_tokens:
+                done.append(r)
         llm.running_busy -= len(job.batch) - job.admitted
         for r in job.batch[: job.admitted]:
+            if math.isnan(r.first_token_s):  # not set yet: first admission, not a recompute
+                r.first_token_s = job.end
             # Oldest first, whatever order same-instant events were processed in.
             bisect.insort(llm.running, r, key=age)
-        if any(r.remaining_tokens <= 0 for r in job.batch):
-            llm.running = [r for r in llm.running if r.remaining_tokens > 0]
-            for r in job.batch:
-                if r.remaining_tokens <= 0:
-                    self._finish(us, llm, r)
+        if done:
+            llm.running = [r for r in llm.running if r.generated < r.output_tokens]
+            for r in done:
+                self._finish(us, llm, r)
         us.sm_free += job.sm_units
         if job.phase == "prefill" or self.mode == "mixed":
             llm.prefill_busy = False
@@ -464,7 +466,7 @@ class Job:
     admitted: int = 0
     steps: int | None = None  # decode runs only: number of steps in this run
     boundaries: np.ndarray = field(default_factory=lambda: np.empty(0))
-    final_blocks: list[int] = field(default_factory=list)
+    final_blocks: list[int] | None = None  # blocks each request holds by the run's last step; None: one step
     _ctx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
 
     def plan(self, cost: CostModel, now: float, slack: int, horizon: float) -> None:
@@ -475,7 +477,7 @@ class Job:
         (−inf: a single step).
         """
         n = len(self.batch)
-        self._one_step(cost, now, sum(r.context_tokens for r in self.batch) / n)
+        self._one_step(cost, now, sum([r.prompt_tokens + r.generated for r in self.batch]) / n)
         if self.end >= horizon or min(r.remaining_tokens for r in self.batch) == 1:
             return  # the first step already reaches the next event: the common case under load
         max_steps = min(r.remaining_tokens for r in self.batch)
@@ -503,7 +505,7 @@ class Job:
         d = cost.decode_time(self.llm.spec, self.llm.placement.tp, self.sm_pct, len(self.batch), mean_ctx)
         self._check(d, cost)
         self.steps, self.end = 1, now + d
-        self.final_blocks = [r.blocks for r in self.batch]
+        self.final_blocks = None
 
     def _check(self, duration: float, cost: CostModel) -> None:
         if not math.isfinite(duration):
@@ -518,7 +520,7 @@ class Job:
     def _set_steps(self, k: int) -> None:
         self.steps = k
         self.end = float(self.boundaries[k - 1])
-        self.final_blocks = [blocks_for_tokens(int(c) + k - 1, self.llm.chunk_blocks) for c in self._ctx]
+        self.final_blocks = None if k == 1 else blocks_for_tokens(self._ctx + k - 1, self.llm.chunk_blocks).tolist()
 
     def truncate(self, t: float) -> None:
         """End at the first step boundary at or after `t`, if that is earlier than planned."""

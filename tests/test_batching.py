@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -68,6 +69,22 @@ def test_each_request_launched_at_most_once_and_within_budgets(view, name):
         assert set(launch.request_ids) <= mine and not set(launch.preempt) & set(launch.request_ids)
     if policy.exclusive:
         assert len(launches) <= 1
+    assert_kv_fits(view, launches)
+
+
+def assert_kv_fits(view: UnitView, launches) -> None:
+    """All launches of one decision together fit each LLM's quota slack and the pool's free blocks
+    (a prefill and a decode of the same LLM draw on the same slack)."""
+    pool_taken = 0
+    for x in view.llms:
+        by_id = {r.request_id: r for r in [*x.waiting, *x.running]}
+        mine = [launch for launch in launches if launch.llm == x.name]
+        grown = sum(blocks_for_tokens(by_id[i].context_tokens, x.chunk_blocks) - by_id[i].blocks
+                    for launch in mine for i in launch.request_ids)
+        freed = sum(by_id[i].blocks for launch in mine for i in launch.preempt)
+        assert grown - freed <= x.kv_quota - x.kv_used, (x.name, grown, freed)
+        pool_taken += grown - freed
+    assert pool_taken <= view.kv_blocks_free
 
 
 @settings(max_examples=100, deadline=None)
@@ -78,3 +95,20 @@ def test_adbs_quota_adaptation_stays_within_pool(view):
     adapted = policy.quotas(view)
     assert sum(adapted.values()) <= view.kv_blocks_total
     assert all(adapted[x.name] >= 0 for x in view.llms)
+
+
+@pytest.mark.parametrize(("quota_chunks", "phases"), [(3, ["decode"]), (4, ["prefill", "decode"])])
+def test_adbs_prefill_leaves_the_running_requests_their_next_block(quota_chunks, phases):
+    """A prefill and a decode of one LLM draw on one KV slack. The prefill (2 chunks) is admitted
+    only if the running request's next step (1 more chunk) still fits after it; otherwise the decode
+    would have to preempt, and the two would evict each other in turn."""
+    waiting = [Request(1, "m0", 1.0, 40, 10)]  # needs 2 chunks
+    running = Request(0, "m0", 0.0, 32, 10, generated=1)  # context 33: grows to 2 chunks
+    running.blocks = CHUNK
+    place = LLMPlacement("m0", "llama-7b", 1, 50, 50, 8, rate=1.0)
+    llm = LLMView(place, CHUNK, ReadOnlyQueue(waiting), ReadOnlyQueue([running]), False, False,
+                  CHUNK, quota_chunks * CHUNK)
+    view = UnitView(0, 0.0, "split", 12, 12, 10 * CHUNK, 9 * CHUNK, (llm,))
+    launches = make_batching("adbs").decide(view)
+    assert [launch.phase for launch in launches] == phases
+    assert_kv_fits(view, launches)
