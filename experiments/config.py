@@ -11,6 +11,7 @@ import dataclasses
 import importlib
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from policies.batching import BATCHING_POLICIES
 from policies.cost import CompositeCostModel, CostModel, RooflineCostModel, TableCostModel
 from policies.placement_algos import PLACERS, PlacerOptions
 from policies.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, model_spec
+from sim.metrics import SLO_SCALES
 from traces import Workload, generate, load, power_law_spec
 
 
@@ -199,6 +201,36 @@ def with_model_types(workload: Workload, types: Sequence[str]) -> Workload:
     return Workload(workload.df.assign(model_type=workload.df["model"].map(of)), workload.meta)
 
 
+# ---- the highest rate within an SLO ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MaxRateSearch:
+    """Bisection over workload.scale for the highest load a system keeps `target` of its requests
+    within `slo_scale` × their standalone latency (MuxServe's "requests within 99% SLO")."""
+
+    slo_scale: float
+    target: float
+    lo: float
+    hi: float
+    tolerance: float
+
+
+def max_rate_search(cfg: DictConfig) -> MaxRateSearch | None:
+    """The `max_rate` block of a preset, checked; None when the config has none (most runs)."""
+    if cfg.get("max_rate") is None:
+        return None
+    if cfg.workload.kind != "synthetic":
+        raise ConfigError(f"max_rate: the search varies workload.scale, so it needs workload=synthetic "
+                          f"(got a {cfg.workload.format} trace)")
+    scale = _number(cfg, "max_rate.slo_scale", f"one of {', '.join(f'{k:g}' for k in SLO_SCALES)}",
+                    lambda v: v in SLO_SCALES)
+    target = _number(cfg, "max_rate.target", "within (0, 1]", lambda v: 0 < v <= 1)
+    lo = _number(cfg, "max_rate.lo", "> 0", lambda v: v > 0)
+    hi = _number(cfg, "max_rate.hi", f"> max_rate.lo ({lo:g})", lambda v: v > lo)
+    tolerance = _number(cfg, "max_rate.tolerance", "within (0, 1)", lambda v: 0 < v < 1)
+    return MaxRateSearch(scale, target, lo, hi, tolerance)
+
+
 # ---- runner -------------------------------------------------------------------------------------
 
 def resolve_runner(cfg: DictConfig) -> Callable[..., Any]:
@@ -253,4 +285,5 @@ def validate(cfg: DictConfig) -> None:
     scales = list(cfg.report.slo_scales)
     _check(all(isinstance(s, int | float) and s > 0 for s in scales), "report.slo_scales",
            "a list of numbers > 0", scales)
+    max_rate_search(cfg)
     resolve_runner(cfg)

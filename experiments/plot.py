@@ -58,7 +58,7 @@ def make_figures(summary: pd.DataFrame, per_llm: pd.DataFrame, out: Path, job: s
     if rate and swept(summary, "workload.scale", "scale", "workload.alpha", "alpha"):
         paths.append(plots.p99_vs_rate(summary, out / "p99_latency_vs_rate.png"))
     if "max_rate_within_slo_rps" in summary.columns:
-        paths.append(plots.max_rate(summary, out / "max_rate_within_slo.png"))
+        paths.append(plots.max_rate(summary, out / "max_rate_within_slo.png", by=alpha))
     if not per_llm.empty:
         chosen = job if job is not None else str(per_llm["job"].iloc[0]) if "job" in per_llm.columns else None
         part = per_llm if chosen is None else per_llm[per_llm["job"].astype(str) == chosen]

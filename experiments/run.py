@@ -17,7 +17,9 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,13 @@ from experiments.config import (
     build_cluster,
     build_cost,
     build_workload,
+    max_rate_search,
     placement_opts,
     resolve_runner,
     system_policies,
     validate,
 )
+from experiments.max_rate import find_max_rate
 
 log = logging.getLogger("muxsim.run")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -147,6 +151,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
              getattr(cost, "label", cost))
     horizon = cfg.sim.horizon_s
     bar_total = float(horizon) if horizon is not None else float(workload.df["arrival_s"].max())
+    search = max_rate_search(cfg)
     res = Results(out_dir)
     rows, per_llm = [], []
     # One extrapolation warning per (model, TP) of the table: worth keeping, not worth a screenful.
@@ -155,15 +160,12 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
         h.addFilter(quiet)
     try:
         for system in cfg.systems:
-            placer, batcher = system_policies(system)
+            simulate = partial(simulate_system, runner, cfg, system, cluster, cost)
             progress = SimProgress(system, bar_total, bool(cfg.report.progress) and progress_bars)
             t0 = time.perf_counter()
             try:
-                sr = runner(system if "+" not in system else placer, workload, cluster, cost,
-                            placement_opts=placement_opts(cfg, placer), batching_opts=batching_opts(cfg, batcher),
-                            mode=cfg.sim.mode, skip_steps=bool(cfg.sim.skip_steps), horizon_s=horizon,
-                            records_path=out_dir / f"records_{system}.parquet" if cfg.report.records else None,
-                            progress=progress, **_batcher_override(system, batcher))
+                sr = simulate(workload, out_dir / f"records_{system}.parquet" if cfg.report.records else None,
+                              progress)
             except _user_errors() as e:
                 # The SLO baseline places every LLM spatially, so name the system that was running.
                 raise type(e)(f"while running {system}: {e}") from None
@@ -175,6 +177,8 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
             per_llm.append(sr.summary.per_llm.assign(system=system))
             res.records[system] = sr.records
             (out_dir / f"placement_{system}.json").write_text(json.dumps(sr.placement.to_dict(), indent=1, default=str))
+            if search is not None:  # after the row is kept, so Ctrl-C during the search loses only the search
+                rows[-1] |= find_max_rate(search, cfg, simulate, system)
     except KeyboardInterrupt:
         res.interrupted = True
         log.warning("interrupted: writing the %d system(s) that finished", len(rows))
@@ -188,6 +192,17 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     res.per_llm = pd.concat(per_llm, ignore_index=True) if per_llm else pd.DataFrame()
     write_results(res, cfg)
     return res
+
+
+def simulate_system(runner: Callable[..., Any], cfg: DictConfig, system: str, cluster: Any, cost: Any,
+                    workload: Any, records_path: Path | None = None,
+                    progress: Callable[[float], None] | None = None) -> Any:
+    """One system on one workload, with cfg's placement, batching and simulator settings."""
+    placer, batcher = system_policies(system)
+    return runner(system if "+" not in system else placer, workload, cluster, cost,
+                  placement_opts=placement_opts(cfg, placer), batching_opts=batching_opts(cfg, batcher),
+                  mode=cfg.sim.mode, skip_steps=bool(cfg.sim.skip_steps), horizon_s=cfg.sim.horizon_s,
+                  records_path=records_path, progress=progress, **_batcher_override(system, batcher))
 
 
 def _batcher_override(system: str, batcher: str) -> dict[str, Any]:
@@ -209,6 +224,8 @@ def write_results(res: Results, cfg: DictConfig) -> None:
             plots.per_llm_throughput(res.per_llm, res.out_dir / "per_llm_throughput.png"),
             plots.latency_cdfs(res.records, res.out_dir / "latency_cdf.png"),
         ]
+        if "max_rate_within_slo_rps" in res.summary.columns:
+            res.plots.append(plots.max_rate(res.summary, res.out_dir / "max_rate_within_slo.png"))
 
 
 def _json_default(value: Any) -> Any:
@@ -252,11 +269,18 @@ def report(res: Results, cfg: DictConfig) -> None:
         for system, row in s.iterrows():
             table.add_row(str(system), *(_fmt(row.get(key), spec).rstrip("%") for _, key, spec in columns))
         console.print(table)
+    within = s.get("max_rate_within_slo_rps")  # only where the preset searched for it
+    if within is not None:
+        console.print(f"highest rate with ≥ {first['max_rate_target']:.0%} of requests within "
+                      f"{first['max_rate_slo_scale']:g}× standalone latency: "
+                      + ", ".join(f"{system} {rate:.1f} req/s" for system, rate in within.items()))
     for base in ("spatial", "temporal"):
         if "muxserve" in s.index and base in s.index and s.loc[base, "throughput_rps"] > 0:
             t = s.loc["muxserve", "throughput_rps"] / s.loc[base, "throughput_rps"]
             p99 = s.loc[base, "latency_p99_s"] / s.loc["muxserve", "latency_p99_s"]
-            console.print(f"muxserve vs {base}: {t:.2f}× throughput, {p99:.2f}× lower P99 latency")
+            slo = f", {within['muxserve'] / within[base]:.2f}× the rate within SLO" if (
+                within is not None and within[base] > 0) else ""
+            console.print(f"muxserve vs {base}: {t:.2f}× throughput, {p99:.2f}× lower P99 latency{slo}")
     if res.interrupted:
         console.print("[yellow]interrupted: partial results[/]")
     console.print(f"results: {res.out_dir}")
