@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from policies.placement import SM_UNITS_FULL, blocks_for_tokens
-from policies.view import Launch, LLMView, Request, UnitView
+from policies.view import Launch, LLMView, Request, UnitView, age
 
 
 def kv_slack(llm: LLMView, view: UnitView) -> int:
@@ -242,8 +242,7 @@ class FCFS(_Exclusive):
     def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
         prefills = sorted((x for x in view.llms if x.waiting),
                           key=lambda x: (x.waiting[0].arrival_s, x.waiting[0].request_id))
-        decodes = sorted((x for x in view.llms if has_idle_running(x)),
-                         key=lambda x: min((r.arrival_s, r.request_id) for r in x.running))
+        decodes = sorted((x for x in view.llms if has_idle_running(x)), key=lambda x: age(x.running[0]))
         return [(x, "prefill") for x in prefills] + [(x, "decode") for x in decodes]
 
 

@@ -122,7 +122,7 @@ class LLMView:
     placement: LLMPlacement
     chunk_blocks: int  # pool blocks per BLOCK_TOKENS tokens of this model's context
     waiting: Sequence[Request]  # FCFS order; preempted requests sit at the front
-    running: Sequence[Request]  # hold KV, not finished (some may be inside a job: `busy`)
+    running: Sequence[Request]  # hold KV, not finished, oldest first (`age`); some may be in a job: `busy`
     prefill_busy: bool
     decode_busy: bool
     kv_used: int

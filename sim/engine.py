@@ -477,16 +477,22 @@ class Job:
         (−inf: a single step).
         """
         n = len(self.batch)
-        self._one_step(cost, now, sum([r.prompt_tokens + r.generated for r in self.batch]) / n)
-        if self.end >= horizon or min(r.remaining_tokens for r in self.batch) == 1:
+        contexts = [r.prompt_tokens + r.generated for r in self.batch]
+        self._one_step(cost, now, sum(contexts) / n)
+        if self.end >= horizon:
             return  # the first step already reaches the next event: the common case under load
-        max_steps = min(r.remaining_tokens for r in self.batch)
-        ctx = np.fromiter((r.context_tokens for r in self.batch), dtype=np.int64, count=n)
-        # Request j needs one more chunk at steps first_j, first_j + BLOCK_TOKENS, ...
+        max_steps = min([r.output_tokens - r.generated for r in self.batch])
+        if max_steps == 1:
+            return
+        ctx = np.array(contexts, dtype=np.int64)
+        # Request j needs one more chunk at steps first_j, first_j + BLOCK_TOKENS, ... (first_j in
+        # 1..BLOCK_TOKENS), so the chunks step s adds are the requests whose first_j ≡ s.
         first = (1 - ctx) % BLOCK_TOKENS
         first[first == 0] = BLOCK_TOKENS
-        crossings = (first[:, None] + BLOCK_TOKENS * np.arange(max_steps // BLOCK_TOKENS + 1)).ravel()
-        growth = np.cumsum(np.bincount(crossings[crossings < max_steps], minlength=max_steps))
+        per_residue = np.bincount(first, minlength=BLOCK_TOKENS + 1)[1:]
+        steps = np.arange(max_steps)
+        added = np.where(steps > 0, per_residue[(steps - 1) % BLOCK_TOKENS], 0)
+        growth = np.cumsum(added)
         over = np.flatnonzero(growth * self.llm.chunk_blocks > slack)
         if over.size:
             max_steps = int(over[0])

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, blocks_for_tokens, blocks_per_chunk
 from policies.specs import MODEL_PRESETS
-from policies.view import LLMView, ReadOnlyQueue, Request, UnitView
+from policies.view import LLMView, ReadOnlyQueue, Request, UnitView, age
 
 CHUNK = blocks_per_chunk(MODEL_PRESETS["llama-7b"])
 
@@ -33,6 +33,7 @@ def unit_views(draw):
                 break
             used_total += r.blocks
             running.append(r)
+        running.sort(key=age)  # executors keep running requests oldest first
         place = LLMPlacement(f"m{i}", "llama-7b", 1, 80, draw(st.sampled_from([30, 40, 50])),
                              draw(st.integers(1, 8)), rate=draw(st.floats(0.1, 5)))
         busy = draw(st.booleans())
