@@ -101,7 +101,7 @@ class Simulator:
     def __init__(self, workload: Workload, placement: Placement, policy: BatchingPolicy,
                  cost: CostModel, specs: dict[str, ModelSpec], *, mode: ExecutionMode = "split",
                  skip_steps: bool = True, horizon_s: float | None = None,
-                 records_path: str | Path | None = None,
+                 records_path: str | Path | None = None, records_flush_every: int = 65536,
                  progress: Callable[[float], None] | None = None,
                  core_slices: dict[str, tuple[int, ...]] | None = None) -> None:
         """`core_slices` (LLM name → the CPU cores its worker is pinned to) models the CPU runner's
@@ -110,7 +110,7 @@ class Simulator:
         self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
         self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
         self.env = simpy.Environment()
-        self.writer = RecordWriter(records_path)
+        self.writer = RecordWriter(records_path, records_flush_every)
         self.records_path = Path(records_path) if records_path else None
         self.stats: dict[str, Any] = {"decisions": 0, "jobs": 0, "decode_steps": 0, "preemptions": 0}
         self._job_ids = iter(range(1 << 62))

@@ -170,3 +170,22 @@ def test_same_seed_gives_identical_records():
     assert len(runs[0]) > 20 and not math.isnan(runs[0].finish_s.max())
     other = simulate(generate(spec, 20, seed=8), placement, policy="adbs", cost=table(per_token=1e-4)).records
     assert not np.array_equal(other.finish_s.to_numpy(), runs[0].finish_s.to_numpy())
+
+
+def test_memory_follows_requests_in_flight_not_trace_length(tmp_path):
+    """Records stream to Parquet and finished requests are dropped, so a trace 4× as long at the
+    same rate peaks at about the same memory (beyond the input trace itself, allocated before)."""
+    import tracemalloc
+
+    def peak(n: int) -> int:
+        rows = [("a", i * 0.5, 50, 20) for i in range(n)]  # one request in flight at a time
+        wl = workload(rows)
+        tracemalloc.start()
+        simulate(wl, one_unit(["a"]), records_path=tmp_path / f"r{n}.parquet", records_flush_every=100)
+        _, top = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert pd.read_parquet(tmp_path / f"r{n}.parquet")["status"].eq("finished").sum() == n
+        return top
+
+    short, long = peak(300), peak(1_200)
+    assert long < 1.5 * short, (short, long)
