@@ -63,7 +63,7 @@ GPU_MODELS = ("llama-7b", "llama-13b")
 GPU_SHARE_PAIRS = ((70, 30), (50, 50), (40, 60), (80, 40), (60, 60), (90, 50))
 GPU_CELL_PAIRS = (((1, 1024), (16, 512)), ((8, 512), (64, 512)))  # (prefill batch, len), (decode batch, ctx)
 RESERVE_BYTES = 6 * GiB  # CUDA context, activations of a 16k-token prefill, allocator slack
-MIN_SPEEDUP = 1.3  # a 50% partition must slow a matmul at least this much to count as enforced
+MIN_SLOWDOWN = 1.3  # a 50% partition must slow a matmul at least this much to count as enforced
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,8 @@ def tiny_plan(device: str) -> Plan:
 
 
 def run_child(args: Sequence[str], env: dict[str, str] | None = None, timeout_s: float = 120.0) -> dict[str, Any]:
-    """Run a command; its exit code, the end of its output and (when it printed one) its JSON line."""
+    """Run a command: its exit code, its output (stdout's head, stderr's tail, where a traceback
+    ends) and, when it printed one, its last JSON line."""
     try:
         done = subprocess.run(list(args), capture_output=True, text=True, timeout=timeout_s,
                               env={**os.environ, **(env or {})})
@@ -122,7 +123,7 @@ def run_child(args: Sequence[str], env: dict[str, str] | None = None, timeout_s:
     except subprocess.TimeoutExpired:
         return {"ok": False, "cmd": shlex.join(args), "error": f"timed out after {timeout_s:g} s"}
     out: dict[str, Any] = {"ok": done.returncode == 0, "cmd": shlex.join(args), "rc": done.returncode,
-                           "stdout": done.stdout[-2000:], "stderr": done.stderr[-2000:]}
+                           "stdout": done.stdout[:8000], "stderr": done.stderr[-3000:]}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
     if done.returncode == 0 and lines:
         out["result"] = json.loads(lines[-1])
@@ -135,11 +136,13 @@ def child(function: str, env: dict[str, str] | None = None, timeout_s: float = 1
 
 
 def nvidia_smi() -> dict[str, Any]:
-    fields = "name,driver_version,memory.total,compute_mode,mig.mode.current,count"
+    """The GPUs as nvidia-smi reports them, plus its plain report (driver and CUDA versions, MIG)."""
+    fields = "name,driver_version,memory.total,compute_mode"
     got = run_child(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader,nounits"])
     if got["ok"]:
         got["gpus"] = [dict(zip(fields.split(","), (v.strip() for v in line.split(",")), strict=False))
                        for line in got["stdout"].strip().splitlines()]
+    got["report"] = run_child(["nvidia-smi"]).get("stdout", "")
     return got
 
 
@@ -207,17 +210,18 @@ def probe_mps(daemon: MPSDaemon, gpus: Sequence[int]) -> dict[str, Any]:
         daemon.stop()
         return out | {"ok": False, "stage": "client"}
     slowdown = clients[50]["result"]["seconds"] / clients[100]["result"]["seconds"]
-    return out | {"ok": True, "slowdown_at_50pct": slowdown, "partitions": slowdown >= MIN_SPEEDUP}
+    return out | {"ok": True, "slowdown_at_50pct": slowdown, "partitions": slowdown >= MIN_SLOWDOWN}
 
 
 def run_probes(device: str, daemon: MPSDaemon | None, gpus: Sequence[int]) -> dict[str, Any]:
     if device != "cuda":
         return {"device": device, "note": "no GPU probes on a CPU run"}
     probe: dict[str, Any] = {"nvidia_smi": nvidia_smi(), "torch": child("probe_torch")}
+    green_ok = probe["torch"].get("result", {}).get("green_contexts_supported", False)
+    # Green contexts first: once the MPS daemon is up, every CUDA process should be its client.
+    probe["green"] = child("probe_green") if green_ok else {"ok": False, "error": "torch.cuda.green_contexts.SUPPORTED is false"}
     assert daemon is not None
     probe["mps"] = probe_mps(daemon, gpus)
-    green_ok = probe["torch"].get("result", {}).get("green_contexts_supported", False)
-    probe["green"] = child("probe_green") if green_ok else {"ok": False, "error": "torch.cuda.green_contexts.SUPPORTED is false"}
     return probe
 
 
@@ -232,7 +236,7 @@ def choose_partition(probe: dict[str, Any], forced: str) -> tuple[str, str]:
     if mps.get("ok"):
         why = f"MPS clients ran but 50% was only {mps['slowdown_at_50pct']:.2f}× slower (not enforced)"
     result = green.get("result", {})
-    if result.get("slowdown", 0) >= MIN_SPEEDUP:
+    if result.get("slowdown", 0) >= MIN_SLOWDOWN:
         return "green", f"{why}; green context with half the SMs {result['slowdown']:.2f}× slower"
     return "none", f"{why}; green contexts: {result or green.get('error') or green.get('stderr', '')[-300:]}"
 
@@ -395,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = tiny_plan(args.device) if args.tiny else gpu_plan(args.models.split(","), memory_bytes(probe))
         partition, why = choose_partition(probe, args.partition) if args.device == "cuda" else ("cores", "CPU run")
         log.info("partition: %s (%s)", partition, why)
+        if daemon is not None and partition != "mps":
+            daemon.stop()  # no MPS server may outlive its use: the workers will not be its clients
         shares = [int(s) for s in args.shares.split(",")] if args.shares else list(plan.shares)
         context = {"partition": partition, "why": why, "nvidia_smi": probe.get("nvidia_smi", {}).get("gpus"),
                    "torch": probe.get("torch", {}).get("result"), "command": summary["command"],
