@@ -51,5 +51,5 @@ def find_max_rate(search: MaxRateSearch, cfg: DictConfig, simulate: Callable[[Wo
 
     scale = max_rate_within_slo(attainment_at, search.lo, search.hi, search.target, search.tolerance)
     return {"max_rate_slo_scale": search.slo_scale, "max_rate_target": search.target,
-            "max_rate_scale": scale, "max_rate_within_slo_rps": offered_rate(cfg, scale) if scale else 0.0,
+            "max_rate_lo": search.lo, "max_rate_hi": search.hi, "max_rate_scale": scale, "max_rate_within_slo_rps": offered_rate(cfg, scale) if scale else 0.0,
             "max_rate_probes": probes}

@@ -7,7 +7,7 @@ path, writes one PNG and returns the path, so a figure can be remade from a coll
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -130,18 +130,20 @@ def slo_curves(summary: pd.DataFrame, path: str | Path, by: str | None = None,
 
 
 def grouped_bars(summary: pd.DataFrame, y: str, path: str | Path, *, by: str | None, xlabel: str,
-                 ylabel: str, title: str) -> Path:
-    """One bar per system in each group of `by` (or a single group), mean over runs, value on top."""
+                 ylabel: str, title: str, label: Callable[[float], str] = "{:.2f}".format,
+                 note: str = "") -> Path:
+    """One bar per system in each group of `by` (or a single group), mean over runs, `label(value)`
+    on top; `note` goes under the axes, for what a label means."""
     groups = sorted(pd.unique(summary[by])) if by else [None]
     systems = _systems(summary)
     width = 0.8 / max(len(systems), 1)
-    fig, ax = plt.subplots(figsize=(max(5.2, 1.4 * len(groups) + 2.4), 4.2))
+    fig, ax = plt.subplots(figsize=(max(5.2, 1.4 * len(groups) + 2.4), 4.4 if note else 4.2))
     for i, system in enumerate(systems):
         part = summary[summary["system"] == system]
         values = [part[y].mean() if by is None else part.loc[part[by] == g, y].mean() for g in groups]
         bars = ax.bar(np.arange(len(groups)) + (i - (len(systems) - 1) / 2) * width, values, width,
                       color=_color(system, i), label=system)
-        ax.bar_label(bars, fmt="%.0f" if max(values, default=0) >= 10 else "%.2f", fontsize=7, padding=1)
+        ax.bar_label(bars, labels=[label(v) for v in values], fontsize=7, padding=1)
     ax.set_xticks(np.arange(len(groups)), [f"{g:g}" if isinstance(g, float) else str(g) for g in groups]
                   if by else ["all runs"])
     ax.set_xlabel(xlabel)
@@ -149,20 +151,29 @@ def grouped_bars(summary: pd.DataFrame, y: str, path: str | Path, *, by: str | N
     ax.set_title(title, fontsize=10)
     ax.margins(y=0.12)
     ax.legend(title="system", fontsize=8)
+    if note:
+        fig.text(0.01, 0.01, note, fontsize=7, color="dimgrey", va="bottom")
+        fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _save(fig, path)
 
 
 def max_rate(summary: pd.DataFrame, path: str | Path, by: str | None = None,
              column: str = "max_rate_within_slo_rps") -> Path:
-    """Paper Fig. 5's second reading: the highest rate each system serves at ≥ 99% SLO attainment,
-    per α when α is swept. The SLO scale and target come from the table, so the title states them."""
+    """MuxServe's "requests within 99% SLO": the highest rate each system serves at the target SLO
+    attainment, per α when α is swept. The SLO scale, target and search range come from the table,
+    so the figure states them; a system that misses the target even at the lowest load searched
+    has no rate, so its bar says "miss" rather than a misleading 0."""
     first = summary.iloc[0]
     slo = (f" within {first['max_rate_slo_scale']:g}× standalone latency"
            if "max_rate_slo_scale" in summary.columns else "")
     target = first["max_rate_target"] if "max_rate_target" in summary.columns else 0.99
+    lowest = f" (workload.scale {first['max_rate_lo']:g})" if "max_rate_lo" in summary.columns else ""
+    misses = bool((summary[column] == 0).any())
     return grouped_bars(summary, column, path, by=by, xlabel="popularity skew α" if by else "",
                         ylabel=f"highest rate within {target:.0%} SLO (req/s)",
-                        title=f"Highest rate with ≥ {target:.0%} of requests{slo}")
+                        title=f"Highest rate with ≥ {target:.0%} of requests{slo}",
+                        label=lambda v: "miss" if v == 0 else f"{v:.3g}",
+                        note=f"miss: below {target:.0%} even at the lowest load searched{lowest}" if misses else "")
 
 
 def per_llm_throughput(per_llm: pd.DataFrame, path: str | Path, title: str = "Per-LLM throughput") -> Path:
