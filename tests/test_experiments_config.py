@@ -46,6 +46,17 @@ def test_the_default_config_validates() -> None:
     assert precheck(["-m", "workload.alpha=0.7,2.1", "systems=[muxserve]"], CONF_DIR) is None
 
 
+@pytest.mark.parametrize("preset", ["demo", "paper_synthetic", "max_rate"])
+def test_presets_leave_the_launcher_replaceable(preset: str) -> None:
+    """Ray and submitit have no n_jobs, so a preset must not set it outside conf/hydra/launcher."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        joblib = compose(config_name="config", overrides=[f"experiment={preset}"], return_hydra_config=True)
+        basic = compose(config_name="config", overrides=[f"experiment={preset}", "hydra/launcher=basic"],
+                        return_hydra_config=True)
+    assert joblib.hydra.launcher.n_jobs == 2
+    assert "n_jobs" not in basic.hydra.launcher
+
+
 def test_unknown_group_option_names_the_group_and_the_choices() -> None:
     message = error("cluster=a100x64")
     assert "cluster" in message and "a100x64" in message and "a100x32" in message
