@@ -352,10 +352,10 @@ class Simulator:
     def _plan_runs(self, us: UnitState, runs: list[Job]) -> None:
         """Time each new decode run: one step, or as many as can be skipped over exactly."""
         extend = self.skip_steps and not self._pending_work(us)
-        horizon = self._next_event(us)
+        horizon = self._next_event(us) if extend else -math.inf
         slacks = [min(job.llm.kv_quota - job.llm.kv_used, us.kv_free) for job in runs]
         for job, slack in zip(runs, slacks, strict=True):
-            job.plan(self.cost, self.env.now, slack, horizon if extend else -math.inf)
+            job.plan(self.cost, self.env.now, slack, horizon)
         first_end = min(job.end for job in runs)
         for job in runs:
             job.truncate(first_end)  # each run's end is an event for the others launched with it
@@ -481,7 +481,11 @@ class Job:
         self._one_step(cost, now, sum(contexts) / n)
         if self.end >= horizon:
             return  # the first step already reaches the next event: the common case under load
+        # Any cap is exact (a run ended early is relaunched as is); this one keeps the arrays to the
+        # steps that can fit before `horizon` while step latency does not fall with context.
         max_steps = min([r.output_tokens - r.generated for r in self.batch])
+        if horizon < math.inf:
+            max_steps = min(max_steps, math.ceil((horizon - now) / (self.end - now)) + 1)
         if max_steps == 1:
             return
         ctx = np.array(contexts, dtype=np.int64)
