@@ -2,17 +2,25 @@
 
     python -m hwloop.bench                 # 1-core and 2-core engines, prints a table
     python -m hwloop.bench --cores 1 --requests 32 --json out.json
+    python -m hwloop.bench --step-by-step  # also the runner without decode runs (a round trip per step)
+    python -m hwloop.bench --startup 1 2   # worker start-up: 1 worker, then 2 at once, one core each
 
 For each core count and round it replays one batch of requests (all arriving at t=0, one LLM,
 ADBS in mixed mode) through the runner, then feeds the same requests to a bare in-process
 `LLMEngine` with the same engine configuration, pinned the same way, stepping it back to back (in a
-child process, so it gets a fresh pinned interpreter too). It reports, as medians over rounds:
+child process, so it gets a fresh pinned interpreter too). With `--step-by-step` each round also
+replays them with `decode_runs=False`: every step is then a decision and a round trip to the
+worker, as it is whenever two engines of a unit have work. It reports, as medians over rounds:
 - throughput (output tokens/s) of both and their ratio (target ≥ 95%);
 - busy fraction: the share of the makespan spent inside engine steps. On a machine shared with
   other processes the steps themselves vary by ±10% from run to run, which swamps the runner's
   cost in the throughput ratio; the busy fractions isolate it;
 - the runner's decision time per policy call, wall and CPU (view + decide + launch; target ≤ 0.5 ms)
   and its overhead per step (the makespan not inside engine steps, per step).
+
+`--startup` starts workers the way the runner does (all at once, each pinned to its own core when
+there are enough) and reports the wall time until every one is ready, and each one's vLLM import
+and engine build time, as medians over rounds.
 """
 
 from __future__ import annotations
@@ -31,9 +39,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hwloop.engine import EngineConfig, synthetic_prompt, write_model_dir
+from hwloop.engine import EngineConfig, engine_config, synthetic_prompt, write_model_dir
 from hwloop.partition import available_cores, cpu_env
 from hwloop.runner import Runner, RunnerConfig
+from hwloop.worker import WorkerHandle, WorkerSpec, start_workers
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
 from policies.specs import ModelSpec
@@ -48,13 +57,14 @@ def requests(n: int, seed: int = 0) -> pd.DataFrame:
                          "prompt_tokens": rng.integers(64, 256, n), "output_tokens": rng.integers(64, 192, n)})
 
 
-def bench_runner(df: pd.DataFrame, cores: tuple[int, ...], max_batch: int, work: Path) -> dict[str, Any]:
+def bench_runner(df: pd.DataFrame, cores: tuple[int, ...], max_batch: int, work: Path,
+                 decode_runs: bool = True) -> dict[str, Any]:
     share = 100 * len(cores) // len(available_cores())  # the runner turns it back into len(cores)
     llm = LLMPlacement("llm0", SPEC.name, 1, share, share, max_batch, rate=1.0)
     pool = max_batch * blocks_per_chunk(SPEC) * (SPEC.max_context // 32)  # never the bottleneck
     placement = Placement("bench", (Unit(0, 0, (0,), (llm,), kv_blocks=pool),))
     runner = Runner(Workload(df), placement, make_batching("adbs"), {SPEC.name: SPEC},
-                    RunnerConfig(work_dir=work, gpu_cores={0: tuple(available_cores())}))
+                    RunnerConfig(work_dir=work, gpu_cores={0: tuple(available_cores())}, decode_runs=decode_runs))
     result = runner.run()
     rec = result.records
     assert (rec.status == "finished").all(), rec[rec.status != "finished"].reason.unique()
@@ -108,14 +118,15 @@ def _bare_main() -> None:
     os._exit(0)
 
 
-def summarise(cores: int, df: pd.DataFrame, pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> dict[str, Any]:
+def summarise(cores: int, df: pd.DataFrame, pairs: list[tuple[dict[str, Any], dict[str, Any]]],
+              variant: str = "decode runs") -> dict[str, Any]:
     """Medians over the (runner, bare) rounds of one core count."""
 
     def med(f: Callable[[dict[str, Any], dict[str, Any]], float]) -> float:
         return float(np.median([f(hw, bare) for hw, bare in pairs]))
 
     return {
-        "cores": cores, "requests": len(df), "output_tokens": int(df.output_tokens.sum()), "rounds": len(pairs),
+        "cores": cores, "runner": variant, "requests": len(df), "output_tokens": int(df.output_tokens.sum()), "rounds": len(pairs),
         "bare_tok_s": med(lambda h, b: b["tokens_per_s"]), "runner_tok_s": med(lambda h, b: h["tokens_per_s"]),
         "ratio": med(lambda h, b: h["tokens_per_s"] / b["tokens_per_s"]),
         "bare_busy": med(lambda h, b: b["busy"]), "runner_busy": med(lambda h, b: h["busy"]),
@@ -127,34 +138,80 @@ def summarise(cores: int, df: pd.DataFrame, pairs: list[tuple[dict[str, Any], di
     }
 
 
+def bench_startup(workers: int, work: Path) -> dict[str, Any]:
+    """Start `workers` engines at once, as the runner does, until all are ready; then stop them."""
+    cores = available_cores()
+    handles = []
+    for i in range(workers):
+        mine = (cores[i % len(cores)],)
+        cfg = engine_config(SPEC, write_model_dir(SPEC, work / "models"), max_batch=16,
+                            pool_blocks=16 * blocks_per_chunk(SPEC) * (SPEC.max_context // 32),
+                            chunk_blocks=blocks_per_chunk(SPEC), prefill_tokens=2048)
+        handles.append(WorkerHandle(WorkerSpec(f"w{i}", cfg, mine, cpu_env(mine)), work / "logs" / f"w{i}.log"))
+    t = time.monotonic()
+    try:
+        readies = start_workers(handles, timeout_s=600)
+        wall = time.monotonic() - t
+    finally:
+        for h in handles:
+            h.stop()
+    return {"wall_s": wall, "import_s": max(r.import_s for r in readies), "build_s": max(r.build_s for r in readies)}
+
+
+def startup_table(counts: list[int], rounds: int, work: Path) -> pd.DataFrame:
+    rows = []
+    for n in counts:
+        runs = [bench_startup(n, work) for _ in range(rounds)]
+        rows.append({"workers": n, "rounds": rounds, **{k: float(np.median([r[k] for r in runs])) for k in runs[0]}})
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cores", type=int, nargs="*", default=[1, 2], help="engine core counts to measure")
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=3, help="runner/bare pairs per core count")
+    ap.add_argument("--step-by-step", action="store_true",
+                    help="also replay with decode_runs=False: a decision and a round trip for every step")
+    ap.add_argument("--startup", type=int, nargs="+", metavar="WORKERS",
+                    help="only measure worker start-up, for each of these numbers of workers started at once")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare:
         _bare_main()
+    if args.startup:
+        with tempfile.TemporaryDirectory(prefix="muxsim-bench-") as tmp:
+            table = startup_table(args.startup, args.rounds, Path(tmp))
+        report(table, args.json)
+        return
     df = requests(args.requests)
     rows = []
     with tempfile.TemporaryDirectory(prefix="muxsim-bench-") as tmp:
         write_model_dir(SPEC, Path(tmp) / "models")
         for k in args.cores:
             cores = tuple(available_cores()[:k])
-            pairs = []
+            pairs: dict[bool, list[tuple[dict[str, Any], dict[str, Any]]]] = {True: [], False: []}
             for _ in range(args.rounds):
-                hw = bench_runner(df, cores, args.max_batch, Path(tmp))
-                assert tuple(hw["cores"]) == cores
-                pairs.append((hw, bench_bare(df, hw["engine"], cores)))
-            rows.append(summarise(k, df, pairs))
-    table = pd.DataFrame(rows)
+                runs = {True: bench_runner(df, cores, args.max_batch, Path(tmp))}
+                if args.step_by_step:
+                    runs[False] = bench_runner(df, cores, args.max_batch, Path(tmp), decode_runs=False)
+                bare = bench_bare(df, runs[True]["engine"], cores)
+                for decode_runs, hw in runs.items():
+                    assert tuple(hw["cores"]) == cores
+                    pairs[decode_runs].append((hw, bare))
+            rows += [summarise(k, df, p, "decode runs" if decode_runs else "step by step")
+                     for decode_runs, p in pairs.items() if p]
+    report(pd.DataFrame(rows), args.json)
+
+
+def report(table: pd.DataFrame, json_path: Path | None) -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     print(f"load average after the run: {os.getloadavg()}")
-    if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "loadavg": os.getloadavg()}, indent=2))
+    if json_path:
+        json_path.write_text(json.dumps({"rows": table.to_dict(orient="records"), "loadavg": os.getloadavg()},
+                                        indent=2))
 
 
 if __name__ == "__main__":
