@@ -184,7 +184,8 @@ class Simulator:
                                            f"unit pool has {us.unit.kv_blocks}")
             return
         llm.waiting.append(r)
-        self._request_decision(us)
+        if not (self.policy.exclusive and us.jobs):  # an exclusive policy waits for the job's end
+            self._request_decision(us)
 
     def _ticker(self, us: UnitState) -> Generator[simpy.Event, None, None]:
         period = self.policy.quota_period_s
