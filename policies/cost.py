@@ -23,7 +23,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from itertools import combinations
 from pathlib import Path
 from typing import Literal, Protocol
@@ -259,9 +259,13 @@ class Curve:
         y = self.fp[j] + self.slope[j] * (x - self.xp[j])
         return math.inf if math.isnan(y) else max(y, 0.0)
 
+    @cached_property
+    def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.asarray(self.xp), np.asarray(self.fp), np.asarray(self.slope)
+
     def at_many(self, x: np.ndarray) -> np.ndarray:
-        xp, fp, slope = np.asarray(self.xp), np.asarray(self.fp), np.asarray(self.slope)
-        j = np.clip(np.searchsorted(xp, x, side="right") - 1, 0, max(len(xp) - 2, 0))
+        xp, fp, slope = self._arrays  # the simulator calls this at every decode run: no conversions
+        j = np.minimum(np.maximum(np.searchsorted(xp, x, side="right") - 1, 0), max(len(xp) - 2, 0))
         y = fp[j] + slope[j] * (x - xp[j])
         return np.maximum(np.where(np.isnan(y), np.inf, y), 0.0)
 
