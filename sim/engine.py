@@ -489,27 +489,25 @@ class Job:
             max_steps = min(max_steps, math.ceil((horizon - now) / (self.end - now)) + 1)
         if max_steps == 1:
             return
-        ctx = np.array(contexts, dtype=np.int64)
-        # Request j needs one more chunk at steps first_j, first_j + BLOCK_TOKENS, ... (first_j in
-        # 1..BLOCK_TOKENS), so the chunks step s adds are the requests whose first_j ≡ s.
-        first = (1 - ctx) % BLOCK_TOKENS
-        first[first == 0] = BLOCK_TOKENS
-        per_residue = np.bincount(first, minlength=BLOCK_TOKENS + 1)[1:]
-        steps = np.arange(max_steps)
-        added = np.where(steps > 0, per_residue[(steps - 1) % BLOCK_TOKENS], 0)
-        growth = np.cumsum(added)
-        over = np.flatnonzero(growth * self.llm.chunk_blocks > slack)
-        if over.size:
-            max_steps = int(over[0])
-            if max_steps == 1:
-                return
+        max_steps = steps_within_kv(contexts, max_steps, slack // self.llm.chunk_blocks)
+        if max_steps == 1:
+            return
+        spec, tp, total = self.llm.spec, self.llm.placement.tp, sum(contexts)
         # Integer sums, then one division: the same mean context step-by-step execution computes.
-        means = (int(ctx.sum()) + n * np.arange(max_steps, dtype=np.int64)) / n
-        durations = cost.decode_times(self.llm.spec, self.llm.placement.tp, self.sm_pct, n, means)
-        self._check(durations.max(), cost)
-        # Sequential sums from `now`: bit-identical to SimPy adding one step at a time.
-        self.boundaries = np.add.accumulate(np.concatenate(([now], durations)))[1:]
-        self._ctx = ctx
+        if max_steps <= SHORT_RUN:
+            durations = [cost.decode_time(spec, tp, self.sm_pct, n, (total + n * s) / n) for s in range(max_steps)]
+            boundaries, t = [], now
+            for d in durations:  # sequential sums from `now`: as SimPy adds one step at a time
+                t += d
+                boundaries.append(t)
+            self.boundaries = np.array(boundaries)
+            self._check(max(durations), cost)
+        else:
+            means = (total + n * np.arange(max_steps, dtype=np.int64)) / n
+            durations = cost.decode_times(spec, tp, self.sm_pct, n, means)
+            self.boundaries = np.add.accumulate(np.concatenate(([now], durations)))[1:]
+            self._check(durations.max(), cost)
+        self._ctx = np.array(contexts, dtype=np.int64)
         self._set_steps(min(self._steps_to(horizon), max_steps))
 
     def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
@@ -537,6 +535,28 @@ class Job:
         """End at the first step boundary at or after `t`, if that is earlier than planned."""
         if self.steps is not None and self.steps > 1 and self.end > t:
             self._set_steps(self._steps_to(t))
+
+
+# Up to this many steps a run is timed with scalar lookups; numpy's per-call costs dominate below it.
+SHORT_RUN = 16
+
+
+def steps_within_kv(contexts: list[int], max_steps: int, slack_chunks: int) -> int:
+    """How many of `max_steps` decode steps fit when the batch may grow by `slack_chunks` chunks.
+
+    Step 0's blocks are already held. Request j needs one more chunk at steps first_j,
+    first_j + BLOCK_TOKENS, ... with first_j in 1..BLOCK_TOKENS, so step s adds the requests whose
+    first_j ≡ s (mod BLOCK_TOKENS).
+    """
+    per_residue = [0] * (BLOCK_TOKENS + 1)
+    for c in contexts:
+        per_residue[(1 - c) % BLOCK_TOKENS or BLOCK_TOKENS] += 1
+    grown = 0
+    for s in range(1, max_steps):
+        grown += per_residue[(s - 1) % BLOCK_TOKENS + 1]
+        if grown > slack_chunks:
+            return s
+    return max_steps
 
 
 def _mean_context(requests: Iterable[Request]) -> float:
