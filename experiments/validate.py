@@ -43,6 +43,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import hardware
 from experiments.config import ConfigError, absolute, build_cluster
+from experiments.plots import SYSTEM_COLORS, _plain_log
 from experiments.systems import SYSTEMS, place, run_system, specs_of
 from hwloop.mirror import CoreShareCost, core_slices, gpu_core_table, profile_shares
 from hwloop.partition import available_cores
@@ -378,24 +379,22 @@ def _json_default(value: Any) -> Any:
 
 def overlay_plot(comparisons: list[Comparison], s: Setup, path: Path) -> Path:
     """Per system (rows): TTFT, TPOT and latency CDFs and the SLO curve, simulator solid, hardware dashed."""
-    import matplotlib
+    import matplotlib.pyplot as plt  # after experiments.plots chose the file-only backend
+    from matplotlib.ticker import NullFormatter
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from experiments.plots import SYSTEM_COLORS
-
-    panels = (("ttft_s", "TTFT (s)"), ("tpot_s", "TPOT (s/token)"), ("latency_s", "latency (s)"))
+    # (column, axis label, scale to the unit shown)
+    panels = (("ttft_s", "TTFT (ms)", 1e3), ("tpot_s", "TPOT (ms per token)", 1e3), ("latency_s", "latency (s)", 1.0))
     fig, axes = plt.subplots(len(comparisons), 4, figsize=(17, 3.6 * len(comparisons)), squeeze=False)
     for row, c in zip(axes, comparisons, strict=True):
         color = SYSTEM_COLORS.get(c.system, "C4")
         for ex, style in (("sim", "-"), ("hw", "--")):
             lat = latencies(c.records[ex])
-            for ax, (col, label) in zip(row, panels, strict=False):
-                v = np.sort(lat[col].to_numpy())
+            for ax, (col, label, scale) in zip(row, panels, strict=False):
+                v = np.sort(lat[col].to_numpy()) * scale
                 ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1), style, color=color, lw=1.8,
                         label=f"{'simulator' if ex == 'sim' else 'hardware'}")
                 ax.set_xscale("log")
+                _plain_log(ax.xaxis)
                 ax.set_xlabel(label)
                 ax.set_ylabel("fraction of requests")
                 ax.grid(alpha=0.3, which="both")
@@ -404,6 +403,7 @@ def overlay_plot(comparisons: list[Comparison], s: Setup, path: Path) -> Path:
                         label="simulator" if ex == "sim" else "hardware")
         row[3].set_xscale("log")
         row[3].set_xticks(s.slo_scales, [f"{k:g}" for k in s.slo_scales])
+        row[3].xaxis.set_minor_formatter(NullFormatter())
         row[3].set_xlabel("SLO scale (× standalone latency)")
         row[3].set_ylabel("SLO attainment (%)")
         row[3].set_ylim(0, 102)

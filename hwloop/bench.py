@@ -4,6 +4,7 @@
     python -m hwloop.bench --cores 1 --requests 32 --json out.json
     python -m hwloop.bench --step-by-step  # also the runner without decode runs (a round trip per step)
     python -m hwloop.bench --startup 1 2   # worker start-up: 1 worker, then 2 at once, one core each
+    python -m hwloop.bench --alternate --env GOMP_SPINCOUNT=300000  # two engines taking turns on 2 cores
 
 For each core count and round it replays one batch of requests (all arriving at t=0, one LLM,
 ADBS in mixed mode) through the runner, then feeds the same requests to a bare in-process
@@ -17,6 +18,10 @@ worker, as it is whenever two engines of a unit have work. It reports, as median
   cost in the throughput ratio; the busy fractions isolate it;
 - the runner's decision time per policy call, wall and CPU (view + decide + launch; target ≤ 0.5 ms)
   and its overhead per step (the makespan not inside engine steps, per step).
+
+`--alternate` pins two engines to the same cores (all of them) and times decode steps of one
+engine alone, then of both taking turns step by step, as the temporal baselines make them do;
+`--env` overrides the worker env the runner would give them (`hwloop.partition.cpu_env`).
 
 `--startup` starts workers the way the runner does (all at once, each pinned to its own core when
 there are enough) and reports the wall time until every one is ready, and each one's vLLM import
@@ -42,7 +47,7 @@ import pandas as pd
 from hwloop.engine import EngineConfig, engine_config, synthetic_prompt, write_model_dir
 from hwloop.partition import available_cores, cpu_env
 from hwloop.runner import Runner, RunnerConfig
-from hwloop.worker import WorkerHandle, WorkerSpec, start_workers
+from hwloop.worker import Admit, StepCmd, WorkerHandle, WorkerSpec, start_workers
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
 from policies.specs import ModelSpec
@@ -158,6 +163,35 @@ def bench_startup(workers: int, work: Path) -> dict[str, Any]:
     return {"wall_s": wall, "import_s": max(r.import_s for r in readies), "build_s": max(r.build_s for r in readies)}
 
 
+def bench_alternate(work: Path, env: dict[str, str], steps: int = 150) -> pd.DataFrame:
+    """Decode steps (batch 4) of one engine alone, then of two engines on the same cores in turns."""
+    cores = available_cores()
+    cfg = engine_config(SPEC, write_model_dir(SPEC, work / "models"), max_batch=16, pool_blocks=10**6,
+                        chunk_blocks=blocks_per_chunk(SPEC), prefill_tokens=2048)
+    handles = [WorkerHandle(WorkerSpec(f"w{i}", cfg, cores, {**cpu_env(cores), **env}), work / "logs" / f"w{i}.log")
+               for i in range(2)]
+    try:
+        start_workers(handles, timeout_s=600)
+        for i, h in enumerate(handles):
+            h.send(StepCmd(tuple(Admit(10 * i + k, 64, 64, 10 * steps) for k in range(4))))
+            h.recv(60)
+        rows = []
+        for name, turns in (("alone", handles[:1]), ("in turns", handles)):
+            ms = []
+            for k in range(steps):
+                h = turns[k % len(turns)]
+                h.send(StepCmd(()))
+                done = h.recv(60)
+                ms.append(1e3 * (done.t_end - done.t_start))
+            rows.append({"engines": name, "cores": len(cores), "env": " ".join(f"{k}={v}" for k, v in env.items()),
+                         "steps": steps, "p50_ms": float(np.median(ms)), "mean_ms": float(np.mean(ms)),
+                         "p99_ms": float(np.percentile(ms, 99)), "max_ms": float(np.max(ms))})
+        return pd.DataFrame(rows)
+    finally:
+        for h in handles:
+            h.stop()
+
+
 def startup_table(counts: list[int], rounds: int, work: Path) -> pd.DataFrame:
     rows = []
     for n in counts:
@@ -176,11 +210,19 @@ def main() -> None:
                     help="also replay with decode_runs=False: a decision and a round trip for every step")
     ap.add_argument("--startup", type=int, nargs="+", metavar="WORKERS",
                     help="only measure worker start-up, for each of these numbers of workers started at once")
+    ap.add_argument("--alternate", action="store_true",
+                    help="only time two engines on the same cores taking turns, against one alone")
+    ap.add_argument("--env", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="with --alternate: env to add to the workers' (e.g. GOMP_SPINCOUNT=300000)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--bare", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.bare:
         _bare_main()
+    if args.alternate:
+        with tempfile.TemporaryDirectory(prefix="muxsim-bench-") as tmp:
+            report(bench_alternate(Path(tmp), dict(kv.split("=", 1) for kv in args.env)), args.json)
+        return
     if args.startup:
         with tempfile.TemporaryDirectory(prefix="muxsim-bench-") as tmp:
             table = startup_table(args.startup, args.rounds, Path(tmp))
