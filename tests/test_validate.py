@@ -46,8 +46,8 @@ def test_sim_and_real_engines_agree_within_the_stated_bounds(tmp_path: Path) -> 
     arrivals); P50 TTFT and P50 TPOT within a factor of 3 either way (measured: TTFT +5% to +59%,
     TPOT −1% to +113%); launches deferred for busy cores within 40% of the simulator's count
     (measured hw/sim 0.90–1.10). The margin is for load: a step's time varies with other processes'
-    load, in the profile and in the run, and with the machine at load average 8–12 1-core engines
-    measured up to 2.2× the simulated TPOT (README, Validation). The issue's 10% target is what
+    load, in the profile and in the run (README, Validation: one command measured temporal's P50
+    TPOT +41% in one run and +1599% in another when the load rose). The issue's 10% target is what
     `python -m experiments.validate` reports; it is not asserted here.
     """
     t0 = time.monotonic()
