@@ -58,7 +58,7 @@ from hwloop.profiler import (
 )
 from policies.batching import BATCHING_POLICIES
 from policies.cost import CostModelError, TableCostModel
-from policies.placement import PlacementError
+from policies.placement import Placement, PlacementError
 from policies.records import RECORD_COLUMNS
 from policies.specs import ClusterSpec, ModelSpec
 from sim.metrics import standalone_latency, summarize
@@ -213,7 +213,7 @@ class Comparison:
     system: str
     records: dict[str, pd.DataFrame]  # executor → records in request order
     stats: dict[str, dict[str, Any]]
-    placement: Any
+    placement: Placement
     slices: dict[str, tuple[int, ...]]
     overall: dict[str, dict[str, float]] = field(default_factory=dict)  # executor → metrics
 
@@ -229,6 +229,7 @@ def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int
 
 
 def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparison:
+    """One placement, simulated with the hardware's cores and run on real engines."""
     cluster, gpu_cores = system_unit(system, s)
     cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
     placement = place(system, s.workload, cluster, cost, extra_specs=s.specs)
