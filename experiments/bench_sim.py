@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.systems import SystemRun, run_system
-from policies.cost import CostModel, TableCostModel
+from policies.cost import TableCostModel
 from policies.specs import ClusterSpec
 from traces import Workload
 from traces.loaders import load_azure
@@ -39,9 +39,14 @@ class Case:
     cluster: ClusterSpec
 
 
-def timed(case: Case, cost: CostModel, skip: bool) -> tuple[float, float, SystemRun]:
+def timed(case: Case, table: str, skip: bool) -> tuple[float, float, SystemRun]:
     """CPU seconds of the whole run and of the simulator alone (one core: CPU time is wall time
-    less what other processes took from us)."""
+    less what other processes took from us).
+
+    Each run loads the table afresh (not timed), so neither mode finds latency curves cached by the
+    other: the cost model memoises one curve per (model, TP, SM share, batch).
+    """
+    cost = TableCostModel.from_muxserve_json(table)
     t0 = time.process_time()
     run = run_system(case.system, case.workload, case.cluster, cost, skip_steps=skip)
     return time.process_time() - t0, run.stats["simulate_cpu_s"], run
@@ -69,10 +74,9 @@ def main() -> None:
     ap.add_argument("--azure-requests", type=int, default=5000)
     ap.add_argument("--azure-speedup", type=float, default=4.0, help="arrival-time compression of the loaded case")
     args = ap.parse_args()
-    cost = TableCostModel.from_muxserve_json(args.table)
     for case in cases(args):
-        total_s, sim_s, run = timed(case, cost, skip=True)
-        slow_total_s, slow_sim_s, _ = timed(case, cost, skip=False)
+        total_s, sim_s, run = timed(case, args.table, skip=True)
+        slow_total_s, slow_sim_s, _ = timed(case, args.table, skip=False)
         n = len(case.workload)
         stats = run.stats
         print(f"{case.label}: {n} requests, {stats['sim_time_s']:.0f} s simulated, "
