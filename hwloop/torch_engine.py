@@ -261,9 +261,11 @@ class TorchEngine:
         if max_len > self.max_len:
             raise TorchEngineError(f"cache of {max_len} tokens exceeds the engine's {self.max_len}")
         shape = (slots, self.spec.num_kv_heads, max_len, self.spec.head_dim)
+        # Zeros, not empty: masked positions get zero attention weight, and 0 × a leftover NaN in
+        # uninitialised memory would still be NaN (a test failed that way on a fresh machine).
         with self.on_stream():
-            k = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
-            v = [torch.empty(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
+            k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
+            v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.spec.num_layers)]
             if held:
                 for t in (*k, *v):
                     t.normal_()
