@@ -26,6 +26,9 @@ from policies.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, model_s
 from sim.metrics import SLO_SCALES
 from traces import Workload, generate, load, power_law_spec
 
+# The Hydra config groups every app composes from (run, place, validate).
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
 
 class ConfigError(ValueError):
     """A config value that cannot work; the message starts with the dotted key."""

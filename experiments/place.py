@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from experiments.config import (
+    CONF_DIR,
     ConfigError,
     absolute,
     build_cluster,
@@ -42,7 +43,6 @@ from policies.placement_algos import (
 from policies.specs import ClusterSpec, SpecError
 from traces import WorkloadError, muxserve_synthetic
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # Input that cannot work: reported in one line, not as a traceback.
 USER_ERRORS = (ConfigError, CostModelError, PlacementError, SpecError, WorkloadError)
 
@@ -119,12 +119,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    from experiments.precheck import precheck
+    from experiments.precheck import exit_on, precheck
 
-    error = precheck(sys.argv[1:], CONF_DIR, config_name="place")
-    if error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
+    exit_on(precheck(sys.argv[1:], config_name="place"))
     _hydra_main()
 
 

@@ -7,15 +7,18 @@ checks every value of every swept key, so a sweep fails before its first job sta
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
+from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from experiments.config import ConfigError, validate
+from experiments.config import CONF_DIR, ConfigError, validate
 
 _MULTIRUN_FLAGS = {"-m", "--multirun"}
 
@@ -62,8 +65,11 @@ def variants(args: list[str]) -> list[list[str]] | None:
     return out
 
 
-def precheck(argv: list[str], conf_dir: Path, config_name: str = "config") -> str | None:
-    """The one-line error for argv, or None when every composed variant of `config_name` validates."""
+def precheck(argv: list[str], conf_dir: Path = CONF_DIR, config_name: str = "config",
+             check: Callable[[DictConfig], object] = validate,
+             errors: tuple[type[Exception], ...] = (ConfigError,)) -> str | None:
+    """The one-line error for argv, or None when `check` accepts every composed variant of
+    `config_name`; `errors` are the exceptions of `check` that mean a config cannot work."""
     flags = [a for a in argv if a.startswith("-")]
     if any(f not in _MULTIRUN_FLAGS for f in flags):
         return None  # --help, --cfg, -cn …: Hydra's own business
@@ -76,13 +82,20 @@ def precheck(argv: list[str], conf_dir: Path, config_name: str = "config") -> st
     try:
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             for overrides in runs or []:
-                validate(compose(config_name=config_name, overrides=overrides))
+                check(compose(config_name=config_name, overrides=overrides))
     except MissingConfigException as e:
         return _missing_option(e)
     except (HydraException, OmegaConfBaseException) as e:
         return f"ConfigError: {_one_line(e)}"
-    except ConfigError as e:
-        return f"ConfigError: {e}"
+    except errors as e:
+        return f"{type(e).__name__}: {e}"
     finally:
         GlobalHydra.instance().clear()
     return None
+
+
+def exit_on(error: str | None) -> None:
+    """A console script's answer to a pre-check: the one line on stderr and exit status 2."""
+    if error:
+        print(error, file=sys.stderr)
+        sys.exit(2)

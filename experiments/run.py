@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments import plots
 from experiments.config import (
+    CONF_DIR,
     ConfigError,
     batching_opts,
     build_cluster,
@@ -44,7 +45,6 @@ from experiments.config import (
 from experiments.max_rate import find_max_rate
 
 log = logging.getLogger("muxsim.run")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors that mean "this input cannot work": reported in one line, not as a traceback."""
     from policies.cost import CostModelError
@@ -316,12 +316,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    from experiments.precheck import precheck
+    from experiments.precheck import exit_on, precheck
 
-    error = precheck(sys.argv[1:], CONF_DIR)
-    if error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
+    exit_on(precheck(sys.argv[1:]))
     _hydra_main()
 
 

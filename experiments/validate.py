@@ -42,7 +42,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from experiments import hardware
-from experiments.config import ConfigError, absolute, build_cluster
+from experiments.config import CONF_DIR, ConfigError, absolute, build_cluster
 from experiments.plots import SYSTEM_COLORS, _plain_log
 from experiments.systems import SYSTEMS, place, run_system, specs_of
 from hwloop.mirror import CoreShareCost, core_slices, gpu_core_table, profile_shares
@@ -68,7 +68,6 @@ from traces.schema import Workload
 from traces.spec import ServedLLM, WorkloadSpec
 
 log = logging.getLogger("muxsim.validate")
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 USER_ERRORS = (ConfigError, CostModelError, PlacementError, ProfileError, WorkloadError)
 EXECUTORS = ("sim", "hw")
 # (summary key, label, unit); throughput and the P50s carry the issue's relative target.
@@ -471,25 +470,9 @@ def _to(bar: Any) -> Callable[[float], None]:
 
 def config_error(argv: Sequence[str]) -> str | None:
     """The one-line error of a command line whose config cannot work, before Hydra starts the run."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+    from experiments.precheck import precheck
 
-    if any(a.startswith("-") for a in argv):
-        return None  # --help, --cfg …: Hydra's own business
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-            build_setup(compose(config_name="validate", overrides=list(argv)))
-    except (HydraException, OmegaConfBaseException) as e:
-        return "ConfigError: " + " ".join(ln.strip() for ln in str(e).splitlines()
-                                           if ln.strip() and not ln.strip().startswith(("full_key:", "object_type")))
-    except USER_ERRORS as e:
-        return f"{type(e).__name__}: {e}"
-    finally:
-        GlobalHydra.instance().clear()
-    return None
+    return precheck(list(argv), config_name="validate", check=build_setup, errors=USER_ERRORS)
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="validate", version_base=None)
@@ -504,10 +487,9 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    error = config_error(sys.argv[1:])
-    if error:
-        print(error, file=sys.stderr)
-        sys.exit(2)
+    from experiments.precheck import exit_on
+
+    exit_on(config_error(sys.argv[1:]))
     _hydra_main()
 
 
