@@ -254,13 +254,7 @@ class Simulator:
                 now.append(job)
                 continue
             if job.steps is not None:  # a decode: _start left its timing to _plan_runs
-                llm = job.llm
-                d = self.cost.decode_time(llm.spec, llm.placement.tp, job.sm_pct, len(job.batch),
-                                          _mean_context(job.batch))
-                if not math.isfinite(d):
-                    raise SimulationError(f"{self.cost.label}: no decode latency for {llm.placement.name} "
-                                          f"batch {len(job.batch)} at {job.sm_pct}% SM (unmeasured cell)")
-                job.end = self.env.now + d
+                job.plan(self.cost, self.env.now, slack=0, horizon=-math.inf)  # a single step
             self._held.append((us, job, job.end - self.env.now))
             job.end = math.inf
             us.jobs[job.job_id] = job
