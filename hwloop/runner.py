@@ -90,6 +90,7 @@ from policies.view import (
     Request,
     UnitView,
     age,
+    head_fits,
     hold,
     requeue_preempted,
     take_waiting,
@@ -529,11 +530,9 @@ class Runner:
                 continue
             if other.busy or other.running:
                 return False
-            if other.waiting and other.placement.max_batch > 0:
-                head = other.waiting[0]
-                need = blocks_for_tokens(head.context_tokens, other.chunk_blocks) - head.blocks
-                if need <= min(other.kv_quota - other.kv_used, us.kv_free):
-                    return False
+            if other.placement.max_batch > 0 and head_fits(other.waiting, other.chunk_blocks,
+                                                           min(other.kv_quota - other.kv_used, us.kv_free)):
+                return False
         return True
 
     def _plan_run(self, us: UnitState, job: Job) -> None:

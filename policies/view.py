@@ -17,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from policies.placement import BLOCK_TOKENS, LLMPlacement
+from policies.placement import BLOCK_TOKENS, LLMPlacement, blocks_for_tokens
 
 Phase = Literal["prefill", "decode", "mixed"]
 # "split": MuxServe's execution, one prefill and one decode process per LLM, sharing KV blocks.
@@ -85,6 +85,15 @@ def hold(batch: Sequence[Request], chunk_blocks: int) -> int:
         r.busy = True
         taken += grown
     return taken
+
+
+def head_fits(waiting: Sequence[Request], chunk_blocks: int, slack: int) -> bool:
+    """Could the head of the queue be admitted within `slack` blocks? Admission is FCFS, so when the
+    head cannot, nothing behind it can: an executor asks this to know whether a process has work."""
+    if not waiting:
+        return False
+    head = waiting[0]
+    return blocks_for_tokens(head.context_tokens, chunk_blocks) - head.blocks <= slack
 
 
 def requeue_preempted(waiting: deque[Request], r: Request) -> int:

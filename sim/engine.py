@@ -43,6 +43,7 @@ from policies.view import (
     Request,
     UnitView,
     age,
+    head_fits,
     hold,
     requeue_preempted,
     take_waiting,
@@ -367,11 +368,9 @@ class Simulator:
         """Could any idle process on the unit start something? If not, a lone decode may be repeated."""
         for llm in us.llms.values():
             idle_prefill = not (llm.decode_busy if self.mode == "mixed" else llm.prefill_busy)
-            if idle_prefill and llm.waiting and len(llm.running) < llm.placement.max_batch:
-                head = llm.waiting[0]
-                need = blocks_for_tokens(head.context_tokens, llm.chunk_blocks) - head.blocks
-                if need <= min(llm.kv_quota - llm.kv_used, us.kv_free):
-                    return True
+            if (idle_prefill and len(llm.running) < llm.placement.max_batch
+                    and head_fits(llm.waiting, llm.chunk_blocks, min(llm.kv_quota - llm.kv_used, us.kv_free))):
+                return True
             if llm.running_busy < len(llm.running):
                 return True  # an idle decode process with work, or requests left out of a batch
         return False
