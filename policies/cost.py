@@ -185,9 +185,10 @@ class TableCostModel:
         return curve.at_many(ctx)
 
     def _lookup(self, phase: PhaseName, model: ModelSpec, tp: int, sm_pct: int, batch: int, length: float) -> float:
-        curve = self._curve(self.key(model), tp, int(sm_pct), int(batch), phase)
-        if length < curve.lo or length > curve.hi:
-            self._note(self.key(model), tp, "seq_len", float(length))
+        key = self.key(model)
+        curve = self._curve(key, tp, int(sm_pct), int(batch), phase)
+        if not curve.xp[0] <= length <= curve.xp[-1]:  # the simulator's hottest call: no properties
+            self._note(key, tp, "seq_len", float(length))
         return curve.at(float(length))
 
     def _note(self, model: str, tp: int, axis: str, value: float, n: int = 1) -> None:

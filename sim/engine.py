@@ -20,9 +20,10 @@ are summed with numpy in the same order SimPy would add them, so both modes give
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections import deque
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -240,7 +241,7 @@ class Simulator:
             self._plan_runs(us, runs)
             us.jobs.update((job.job_id, job) for job in runs)
         for job in jobs:
-            self.env.process(self._job(us, job))
+            self._run(us, job)
 
     def _take_turns(self, us: UnitState, jobs: list[Job]) -> list[Job]:
         """The jobs that may start now; the others wait for their cores (`_release_cores`).
@@ -279,7 +280,7 @@ class Simulator:
             else:
                 waiting.end = self.env.now + duration
                 self._on_cores[waiting.job_id] = waiting
-                self.env.process(self._job(us, waiting))
+                self._run(us, waiting)
 
     def _start(self, us: UnitState, launch: Launch) -> Job:
         """Apply a launch: check it against the budgets, take units and blocks, time its first step."""
@@ -349,9 +350,12 @@ class Simulator:
         """Time each new decode run: one step, or as many as can be skipped over exactly."""
         extend = self.skip_steps and not self._pending_work(us)
         horizon = self._next_event(us) if extend else -math.inf
+        # A finish frees blocks and batch room, which only a waiting request could use. (Under
+        # core_slices runs also decide when another unit's launch gets its cores: keep them short.)
+        through_finishes = self.core_slices is None and not any(x.waiting for x in us.llms.values())
         slacks = [min(job.llm.kv_quota - job.llm.kv_used, us.kv_free) for job in runs]
         for job, slack in zip(runs, slacks, strict=True):
-            job.plan(self.cost, self.env.now, slack, horizon)
+            job.plan(self.cost, self.env.now, slack, horizon, through_finishes)
         first_end = min(job.end for job in runs)
         for job in runs:
             job.truncate(first_end)  # each run's end is an event for the others launched with it
@@ -359,10 +363,26 @@ class Simulator:
             # by the time anything else on the unit can look (the last step contains the next event).
             if job.final_blocks is None:
                 continue  # a single step: its blocks were taken at launch
+            grown = 0
             for r, blocks in zip(job.batch, job.final_blocks, strict=True):
-                job.llm.kv_used += blocks - r.blocks
-                us.kv_free -= blocks - r.blocks
+                grown += blocks - r.blocks
                 r.blocks = blocks
+            job.llm.kv_used += grown
+            us.kv_free -= grown
+            # Likewise for requests that finish before the last step: by then they would be gone.
+            self._finish_early(us, job)
+
+    def _finish_early(self, us: UnitState, job: Job) -> None:
+        finished = job.take_early_finishers()
+        if not finished:
+            return
+        llm = job.llm
+        gone = {r for _, r in finished}
+        llm.running = [r for r in llm.running if r not in gone]
+        llm.running_busy -= len(finished)
+        for finish_s, r in finished:
+            r.generated, r.busy = r.output_tokens, False
+            self._finish(us, llm, r, finish_s)
 
     def _pending_work(self, us: UnitState) -> bool:
         """Could any idle process on the unit start something? If not, a lone decode may be repeated."""
@@ -385,8 +405,11 @@ class Simulator:
         return t if self.horizon_s is None else min(t, self.horizon_s)
 
     # ---- jobs ---------------------------------------------------------------------------------
-    def _job(self, us: UnitState, job: Job) -> Generator[simpy.Event, None, None]:
-        yield timeout_at(self.env, job.end)
+    def _run(self, us: UnitState, job: Job) -> None:
+        """A job is a single timeout: a process per job would cost two more events for one `yield`."""
+        timeout_at(self.env, job.end).callbacks.append(lambda _event: self._end(us, job))
+
+    def _end(self, us: UnitState, job: Job) -> None:
         del us.jobs[job.job_id]
         if self.core_slices is not None:
             self._release_cores(job)
@@ -409,7 +432,7 @@ class Simulator:
         if done:
             llm.running = [r for r in llm.running if r.generated < r.output_tokens]
             for r in done:
-                self._finish(us, llm, r)
+                self._finish(us, llm, r, job.end)
         us.sm_free += job.sm_units
         if job.phase == "prefill" or self.mode == "mixed":
             llm.prefill_busy = False
@@ -419,11 +442,11 @@ class Simulator:
             llm.decode_idle_since = job.end
         self._request_decision(us)
 
-    def _finish(self, us: UnitState, llm: LLMState, r: Request) -> None:
+    def _finish(self, us: UnitState, llm: LLMState, r: Request, finish_s: float) -> None:
         llm.kv_used -= r.blocks
         us.kv_free += r.blocks
         r.blocks = 0
-        self._record(us, r, "finished", finish_s=self.env.now)
+        self._record(us, r, "finished", finish_s=finish_s)
 
     def _record(self, us: UnitState | None, r: Request, status: str, reason: str = "",
                 finish_s: float = math.nan) -> None:
@@ -459,49 +482,63 @@ class Job:
     end: float
     admitted: int = 0
     steps: int | None = None  # decode runs only: number of steps in this run
-    boundaries: np.ndarray = field(default_factory=lambda: np.empty(0))
+    boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
     final_blocks: list[int] | None = None  # blocks each request holds by the run's last step; None: one step
-    _ctx: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    _ctx: np.ndarray | None = None  # multi-step runs: each request's context at launch
+    _left: np.ndarray | None = None  # multi-step runs: tokens each request had to go at launch
 
-    def plan(self, cost: CostModel, now: float, slack: int, horizon: float) -> None:
+    def plan(self, cost: CostModel, now: float, slack: int, horizon: float, through_finishes: bool = False) -> None:
         """Choose how many steps this decode run covers and when each ends.
 
-        Steps: at most until the first request finishes, while the batch's KV growth fits `slack`
-        (blocks for step 0 are already held), and up to the first boundary at or after `horizon`
-        (−inf: a single step).
+        Steps: while the batch's KV growth fits `slack` (blocks for step 0 are already held), up to
+        the first boundary at or after `horizon` (−inf: a single step), and until the first request
+        finishes. With `through_finishes`, until the last one does instead: the batch shrinks at each
+        finish, as the decode relaunched after it would (the caller knows nothing else could start).
         """
         n = len(self.batch)
         contexts = [r.prompt_tokens + r.generated for r in self.batch]
         self._one_step(cost, now, sum(contexts) / n)
         if self.end >= horizon:
             return  # the first step already reaches the next event: the common case under load
-        # Any cap is exact (a run ended early is relaunched as is); this one keeps the arrays to the
-        # steps that can fit before `horizon` while step latency does not fall with context.
-        max_steps = min([r.output_tokens - r.generated for r in self.batch])
-        if horizon < math.inf:
-            max_steps = min(max_steps, math.ceil((horizon - now) / (self.end - now)) + 1)
+        left = [r.output_tokens - r.generated for r in self.batch]
+        max_steps = max(left) if through_finishes else min(left)
         if max_steps == 1:
             return
-        max_steps = steps_within_kv(contexts, max_steps, slack // self.llm.chunk_blocks)
-        if max_steps == 1:
-            return
-        spec, tp, total = self.llm.spec, self.llm.placement.tp, sum(contexts)
-        # Integer sums, then one division: the same mean context step-by-step execution computes.
-        if max_steps <= SHORT_RUN:
-            durations = [cost.decode_time(spec, tp, self.sm_pct, n, (total + n * s) / n) for s in range(max_steps)]
-            boundaries, t = [], now
-            for d in durations:  # sequential sums from `now`: as SimPy adds one step at a time
-                t += d
-                boundaries.append(t)
-            self.boundaries = np.array(boundaries)
-            self._check(max(durations), cost)
-        else:
-            means = (total + n * np.arange(max_steps, dtype=np.int64)) / n
-            durations = cost.decode_times(spec, tp, self.sm_pct, n, means)
-            self.boundaries = np.add.accumulate(np.concatenate(([now], durations)))[1:]
-            self._check(durations.max(), cost)
+        spec, tp, sm_pct = self.llm.spec, self.llm.placement.tp, self.sm_pct
+        boundaries = [self.end]  # step 0, timed above
+        t = self.end
+        for alive, alive_ctx, _, stop in _segments(contexts, left, max_steps):
+            if t >= horizon:
+                break
+            start = len(boundaries)  # the first step not timed yet
+            # Integer sums, then one division: the same mean context step-by-step execution computes;
+            # boundaries are sequential sums from `now`, as SimPy adds one step at a time.
+            if stop - start <= SHORT_RUN:
+                for s in range(start, stop):
+                    t += cost.decode_time(spec, tp, sm_pct, alive, (alive_ctx + alive * s) / alive)
+                    boundaries.append(t)
+                    if t >= horizon:
+                        break
+                continue
+            # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
+            # with context. Any cap is exact: a run that ends early is relaunched as it is.
+            cap = stop
+            step = cost.decode_time(spec, tp, sm_pct, alive, (alive_ctx + alive * start) / alive)
+            if horizon < math.inf and step > 0:
+                cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
+            means = (alive_ctx + alive * np.arange(start, cap, dtype=np.int64)) / alive
+            durations = cost.decode_times(spec, tp, sm_pct, alive, means)
+            boundaries += np.add.accumulate(np.concatenate(([t], durations)))[1:].tolist()
+            t = boundaries[-1]
+            if cap < stop:
+                break
+        self._check(t, cost)  # an unmeasured cell makes its step, and so every later boundary, infinite
+        self.boundaries = boundaries
+        steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
+        steps = steps_within_kv(contexts, left, steps, slack // self.llm.chunk_blocks) if steps > 1 else 1
         self._ctx = np.array(contexts, dtype=np.int64)
-        self._set_steps(min(self._steps_to(horizon), max_steps))
+        self._left = np.array(left, dtype=np.int64)
+        self._set_steps(steps)
 
     def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
         d = cost.decode_time(self.llm.spec, self.llm.placement.tp, self.sm_pct, len(self.batch), mean_ctx)
@@ -517,38 +554,92 @@ class Job:
 
     def _steps_to(self, t: float) -> int:
         """Steps up to and including the first boundary at or after `t`."""
-        return int(np.searchsorted(self.boundaries, t, side="left")) + 1
+        return bisect.bisect_left(self.boundaries, t) + 1
 
     def _set_steps(self, k: int) -> None:
         self.steps = k
-        self.end = float(self.boundaries[k - 1])
-        self.final_blocks = None if k == 1 else blocks_for_tokens(self._ctx + k - 1, self.llm.chunk_blocks).tolist()
+        self.end = self.boundaries[k - 1]
+        if k == 1:
+            self.final_blocks = None
+        else:  # a request that finishes earlier holds the blocks of its own last step
+            assert self._ctx is not None and self._left is not None
+            last_ctx = self._ctx + np.minimum(self._left, k) - 1
+            self.final_blocks = blocks_for_tokens(last_ctx, self.llm.chunk_blocks).tolist()
 
     def truncate(self, t: float) -> None:
         """End at the first step boundary at or after `t`, if that is earlier than planned."""
         if self.steps is not None and self.steps > 1 and self.end > t:
             self._set_steps(self._steps_to(t))
 
+    def take_early_finishers(self) -> list[tuple[float, Request]]:
+        """Remove from the batch the requests that finish before the run's last step, and return
+        them with their finish times, earliest first (batch order within a step, as step by step)."""
+        if self.steps is None or self.steps == 1 or self._left is None or int(self._left.min()) >= self.steps:
+            return []
+        early = [(left, r) for left, r in zip(self._left.tolist(), self.batch, strict=True) if left < self.steps]
+        early.sort(key=lambda x: x[0])
+        self.batch = [r for left, r in zip(self._left.tolist(), self.batch, strict=True) if left >= self.steps]
+        return [(self.boundaries[left - 1], r) for left, r in early]
+
 
 # Up to this many steps a run is timed with scalar lookups; numpy's per-call costs dominate below it.
 SHORT_RUN = 16
 
 
-def steps_within_kv(contexts: list[int], max_steps: int, slack_chunks: int) -> int:
+def _segments(contexts: list[int], left: list[int], max_steps: int) -> Iterator[tuple[int, int, int, int]]:
+    """Stretches of a decode run over which its batch stays the same: (requests, their summed
+    context at step 0, first step, end step), covering steps 0..max_steps-1. A request with `left`
+    tokens to go takes part in steps 0..left-1."""
+    n, total, start = len(left), sum(contexts), 0
+    if min(left) >= max_steps:
+        yield n, total, start, max_steps
+        return
+    ending = list(zip(left, contexts, strict=True))
+    heapq.heapify(ending)  # popped lazily: a run usually stops at the next event after a few finishes
+    while ending:
+        request_left, ctx = heapq.heappop(ending)
+        if request_left > start:
+            yield n, total, start, min(request_left, max_steps)
+            start = request_left
+            if start >= max_steps:
+                return
+        n -= 1
+        total -= ctx
+
+
+def steps_within_kv(contexts: list[int], left: list[int], max_steps: int, slack_chunks: int) -> int:
     """How many of `max_steps` decode steps fit when the batch may grow by `slack_chunks` chunks.
 
     Step 0's blocks are already held. Request j needs one more chunk at steps first_j,
     first_j + BLOCK_TOKENS, ... with first_j in 1..BLOCK_TOKENS, so step s adds the requests whose
-    first_j ≡ s (mod BLOCK_TOKENS).
+    first_j ≡ s (mod BLOCK_TOKENS) and that still take part (s < left_j); any BLOCK_TOKENS steps in
+    a row grow each of them once. Blocks of requests that finished are not counted back: a run that
+    stops early is relaunched as it is, so this stays exact.
     """
+    if slack_chunks >= len(contexts) * -(-(max_steps - 1) // BLOCK_TOKENS):
+        return max_steps  # even if every request grew at every chance: the common case, in O(1)
+    residues = [(1 - c) % BLOCK_TOKENS or BLOCK_TOKENS for c in contexts]
     per_residue = [0] * (BLOCK_TOKENS + 1)
-    for c in contexts:
-        per_residue[(1 - c) % BLOCK_TOKENS or BLOCK_TOKENS] += 1
-    grown = 0
-    for s in range(1, max_steps):
-        grown += per_residue[(s - 1) % BLOCK_TOKENS + 1]
-        if grown > slack_chunks:
-            return s
+    for q in residues:
+        per_residue[q] += 1
+    leaving = sorted(zip(left, residues, strict=True)) if max_steps > min(left) else []
+    alive, gone, grown, s = len(contexts), 0, 0, 1
+    while s < max_steps:
+        while gone < len(leaving) and leaving[gone][0] <= s:
+            per_residue[leaving[gone][1]] -= 1
+            alive -= 1
+            gone += 1
+        stop = min(max_steps, leaving[gone][0]) if gone < len(leaving) else max_steps
+        periods = (stop - s) // BLOCK_TOKENS
+        if alive:
+            periods = max(0, min(periods, (slack_chunks - grown) // alive))
+        grown += periods * alive
+        s += periods * BLOCK_TOKENS
+        for step in range(s, stop):  # under one period to `stop`, or one that would not fit whole
+            grown += per_residue[(step - 1) % BLOCK_TOKENS + 1]
+            if grown > slack_chunks:
+                return step
+        s = stop
     return max_steps
 
 

@@ -80,7 +80,7 @@ class Workload:
     @property
     def models(self) -> list[str]:
         """Served LLM names in order of first appearance (stable, so seeds give stable results)."""
-        return list(dict.fromkeys(self.df["model"]))
+        return [str(m) for m in self.df["model"].unique()]  # pandas keeps the order of appearance
 
     @property
     def duration_s(self) -> float:
