@@ -361,16 +361,13 @@ class Simulator:
             job.truncate(first_end)  # each run's end is an event for the others launched with it
             # Blocks for the run's last step are taken now: step-by-step execution would hold them
             # by the time anything else on the unit can look (the last step contains the next event).
-            if job.final_blocks is None:
+            # Likewise, requests that finish before the last step are gone by then.
+            if job.steps == 1:
                 continue  # a single step: its blocks were taken at launch
-            grown = 0
-            for r, blocks in zip(job.batch, job.final_blocks, strict=True):
-                grown += blocks - r.blocks
-                r.blocks = blocks
+            self._finish_early(us, job)
+            grown = job.hold_through_last_step()
             job.llm.kv_used += grown
             us.kv_free -= grown
-            # Likewise for requests that finish before the last step: by then they would be gone.
-            self._finish_early(us, job)
 
     def _finish_early(self, us: UnitState, job: Job) -> None:
         finished = job.take_early_finishers()
@@ -483,9 +480,8 @@ class Job:
     admitted: int = 0
     steps: int | None = None  # decode runs only: number of steps in this run
     boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
-    final_blocks: list[int] | None = None  # blocks each request holds by the run's last step; None: one step
-    _ctx: np.ndarray | None = None  # multi-step runs: each request's context at launch
-    _left: np.ndarray | None = None  # multi-step runs: tokens each request had to go at launch
+    _ctx: list[int] = field(default_factory=list)  # multi-step runs: each request's context at launch
+    _left: list[int] = field(default_factory=list)  # multi-step runs: tokens each request had to go at launch
 
     def plan(self, cost: CostModel, now: float, slack: int, horizon: float, through_finishes: bool = False) -> None:
         """Choose how many steps this decode run covers and when each ends.
@@ -536,15 +532,13 @@ class Job:
         self.boundaries = boundaries
         steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
         steps = steps_within_kv(contexts, left, steps, slack // self.llm.chunk_blocks) if steps > 1 else 1
-        self._ctx = np.array(contexts, dtype=np.int64)
-        self._left = np.array(left, dtype=np.int64)
+        self._ctx, self._left = contexts, left
         self._set_steps(steps)
 
     def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
         d = cost.decode_time(self.llm.spec, self.llm.placement.tp, self.sm_pct, len(self.batch), mean_ctx)
         self._check(d, cost)
         self.steps, self.end = 1, now + d
-        self.final_blocks = None
 
     def _check(self, duration: float, cost: CostModel) -> None:
         if not math.isfinite(duration):
@@ -559,26 +553,33 @@ class Job:
     def _set_steps(self, k: int) -> None:
         self.steps = k
         self.end = self.boundaries[k - 1]
-        if k == 1:
-            self.final_blocks = None
-        else:  # a request that finishes earlier holds the blocks of its own last step
-            assert self._ctx is not None and self._left is not None
-            last_ctx = self._ctx + np.minimum(self._left, k) - 1
-            self.final_blocks = blocks_for_tokens(last_ctx, self.llm.chunk_blocks).tolist()
 
     def truncate(self, t: float) -> None:
         """End at the first step boundary at or after `t`, if that is earlier than planned."""
         if self.steps is not None and self.steps > 1 and self.end > t:
             self._set_steps(self._steps_to(t))
 
+    def hold_through_last_step(self) -> int:
+        """Grow each request to the blocks of its context at the run's last step (call after
+        `take_early_finishers`); returns the blocks taken."""
+        last, chunk, grown = (self.steps or 1) - 1, self.llm.chunk_blocks, 0
+        for r, ctx in zip(self.batch, self._ctx, strict=True):
+            blocks = -(-(ctx + last) // BLOCK_TOKENS) * chunk  # blocks_for_tokens, inlined
+            grown += blocks - r.blocks
+            r.blocks = blocks
+        return grown
+
     def take_early_finishers(self) -> list[tuple[float, Request]]:
         """Remove from the batch the requests that finish before the run's last step, and return
         them with their finish times, earliest first (batch order within a step, as step by step)."""
-        if self.steps is None or self.steps == 1 or self._left is None or int(self._left.min()) >= self.steps:
+        if self.steps is None or self.steps == 1 or min(self._left) >= self.steps:
             return []
-        early = [(left, r) for left, r in zip(self._left.tolist(), self.batch, strict=True) if left < self.steps]
+        early = [(left, r) for left, r in zip(self._left, self.batch, strict=True) if left < self.steps]
         early.sort(key=lambda x: x[0])
-        self.batch = [r for left, r in zip(self._left.tolist(), self.batch, strict=True) if left >= self.steps]
+        kept = [j for j, left in enumerate(self._left) if left >= self.steps]
+        self.batch = [self.batch[j] for j in kept]
+        self._ctx = [self._ctx[j] for j in kept]
+        self._left = [self._left[j] for j in kept]
         return [(self.boundaries[left - 1], r) for left, r in early]
 
 
