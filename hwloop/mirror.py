@@ -12,7 +12,7 @@ The simulator knows neither cores nor processes, so this module states both in i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,6 +63,9 @@ class CoreShareCost:
 
     def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray:
         return self.inner.decode_times(model, tp, self.pct(tp, sm_pct), batch, ctx_lens)
+
+    def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
+        return self.inner.decode_curve(model, tp, self.pct(tp, sm_pct), batch)
 
 
 def profile_shares(ncores: int) -> tuple[int, ...]:

@@ -21,9 +21,9 @@ import json
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property, lru_cache
+from functools import cached_property, lru_cache, partial
 from itertools import combinations
 from pathlib import Path
 from typing import Literal, Protocol
@@ -54,6 +54,11 @@ class CostModel(Protocol):
     def decode_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_len: float) -> float: ...
 
     def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray: ...
+
+    def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
+        """`decode_time` at one (model, TP, share, batch) as a function of context: the simulator asks
+        it at every step of a run of decode steps, without the per-call lookups."""
+        ...
 
 
 def mixed_step_time(cost: CostModel, model: ModelSpec, tp: int, sm_pct: int, prefill_batch: int,
@@ -183,6 +188,18 @@ class TableCostModel:
         if outside:
             self._note(self.key(model), tp, "seq_len", float(ctx.max() if ctx.max() > curve.hi else ctx.min()), outside)
         return curve.at_many(ctx)
+
+    def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
+        key = self.key(model)
+        curve = self._curve(key, tp, int(sm_pct), int(batch), "decode")
+        lo, hi = curve.xp[0], curve.xp[-1]
+
+        def step_time(ctx_len: float) -> float:
+            if not lo <= ctx_len <= hi:
+                self._note(key, tp, "seq_len", float(ctx_len))
+            return curve.at(float(ctx_len))
+
+        return step_time
 
     def _lookup(self, phase: PhaseName, model: ModelSpec, tp: int, sm_pct: int, batch: int, length: float) -> float:
         key = self.key(model)
@@ -326,6 +343,9 @@ class RooflineCostModel:
         traffic = model.weight_bytes + batch * ctx * model.kv_bytes_per_token
         return np.maximum(flops / flops_rate, traffic / bw) + self._allreduce(model, tp, float(batch))
 
+    def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
+        return partial(self.decode_time, model, tp, sm_pct, batch)
+
 
 @dataclass
 class CompositeCostModel:
@@ -356,6 +376,9 @@ class CompositeCostModel:
 
     def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray:
         return self._pick(model, tp).decode_times(model, tp, sm_pct, batch, ctx_lens)
+
+    def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
+        return self._pick(model, tp).decode_curve(model, tp, sm_pct, batch)
 
 
 def roofline_gap(table: TableCostModel, roofline: RooflineCostModel, specs: dict[str, ModelSpec]) -> pd.DataFrame:

@@ -78,12 +78,13 @@ def hold(batch: Sequence[Request], chunk_blocks: int) -> int:
 
     One pass per launch: on a busy unit this runs at every decode step over the whole batch.
     """
-    taken = 0
+    taken, block = 0, BLOCK_TOKENS
     for r in batch:  # blocks_for_tokens, inlined: this loop is the simulator's hottest
-        grown = -(-(r.prompt_tokens + r.generated) // BLOCK_TOKENS) * chunk_blocks - r.blocks
-        r.blocks += grown
+        grown = -(-(r.prompt_tokens + r.generated) // block) * chunk_blocks - r.blocks
+        if grown:  # most decode steps cross no block boundary
+            r.blocks += grown
+            taken += grown
         r.busy = True
-        taken += grown
     return taken
 
 

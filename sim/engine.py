@@ -509,9 +509,10 @@ class Job:
             start = len(boundaries)  # the first step not timed yet
             # Integer sums, then one division: the same mean context step-by-step execution computes;
             # boundaries are sequential sums from `now`, as SimPy adds one step at a time.
+            step_time = cost.decode_curve(spec, tp, sm_pct, alive)
             if stop - start <= SHORT_RUN:
                 for s in range(start, stop):
-                    t += cost.decode_time(spec, tp, sm_pct, alive, (alive_ctx + alive * s) / alive)
+                    t += step_time((alive_ctx + alive * s) / alive)
                     boundaries.append(t)
                     if t >= horizon:
                         break
@@ -519,7 +520,7 @@ class Job:
             # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
             # with context. Any cap is exact: a run that ends early is relaunched as it is.
             cap = stop
-            step = cost.decode_time(spec, tp, sm_pct, alive, (alive_ctx + alive * start) / alive)
+            step = step_time((alive_ctx + alive * start) / alive)
             if horizon < math.inf and step > 0:
                 cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
             means = (alive_ctx + alive * np.arange(start, cap, dtype=np.int64)) / alive
