@@ -426,10 +426,9 @@ class Simulator:
                 r.first_token_s = job.end
             # Oldest first, whatever order same-instant events were processed in.
             bisect.insort(llm.running, r, key=age)
-        if done:
-            llm.running = [r for r in llm.running if r.generated < r.output_tokens]
-            for r in done:
-                self._finish(us, llm, r, job.end)
+        for r in done:
+            llm.running.remove(r)  # few at a time: cheaper than rebuilding the list
+            self._finish(us, llm, r, job.end)
         us.sm_free += job.sm_units
         if job.phase == "prefill" or self.mode == "mixed":
             llm.prefill_busy = False

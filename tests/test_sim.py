@@ -39,6 +39,18 @@ def test_batched_requests_share_prefill_and_decode_steps():
     assert rec.finish_s.tolist() == pytest.approx([0.12, 0.13])
 
 
+def test_a_decode_run_goes_through_finishes_when_nothing_waits():
+    # One prefill batch, then one decode run of 4 steps in which a (3 tokens) finishes after step 2.
+    wl = workload([("a", 0.0, 10, 3), ("a", 0.0, 20, 5)])
+    fast = simulate(wl, one_unit(["a"]))
+    slow = simulate(wl, one_unit(["a"]), skip_steps=False)
+    assert fast.records.sort_values("request_id").finish_s.tolist() == pytest.approx([0.12, 0.14])
+    pd.testing.assert_frame_equal(fast.records.sort_values("request_id"), slow.records.sort_values("request_id"))
+    # Decisions: at the arrival, after the prefill, after the last job (nothing left); step by step,
+    # also after each of the first three decode steps.
+    assert (fast.stats["decisions"], slow.stats["decisions"]) == (3, 6)
+
+
 def test_fcfs_runs_one_job_at_a_time_across_llms():
     # b arrives while a's prefill runs: it waits for it, then goes before a's decodes (prefill first).
     res = simulate(workload([("a", 0.0, 10, 2), ("b", 0.05, 10, 2)]), one_unit(["a", "b"]))
@@ -148,8 +160,10 @@ def test_every_request_is_reported_exactly_once_and_budgets_hold(rows, policy, m
 
 @PROPERTY
 @given(rows=requests, policy=st.sampled_from(["adbs", "fcfs", "round_robin"]),
-       mode=st.sampled_from(["split", "mixed"]), tight=st.booleans())
-def test_skipping_decode_steps_equals_step_by_step(rows, policy, mode, tight):
+       mode=st.sampled_from(["split", "mixed"]), tight=st.booleans(), burst=st.booleans())
+def test_skipping_decode_steps_equals_step_by_step(rows, policy, mode, tight, burst):
+    if burst:  # arrivals close together, then none: long runs through finishes with an empty queue
+        rows = [(llm, t / 100, prompt, output) for llm, t, prompt, output in rows]
     chunk = blocks_per_chunk(SPECS["llama-7b"])
     kv = blocks_for_tokens(2048, chunk) * (3 if tight else 300)
     cost = table(per_token=1e-4)
