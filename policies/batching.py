@@ -9,10 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from itertools import filterfalse
-from operator import attrgetter
 
-from policies.placement import BLOCK_TOKENS, SM_UNITS_FULL, blocks_for_tokens
+from policies.placement import SM_UNITS_FULL, blocks_for_tokens
 from policies.view import Launch, LLMView, Request, UnitView, age
 
 
@@ -53,13 +51,12 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
     Like vLLM, the most recently arrived requests are preempted first (recompute later), so the
     oldest keep making progress.
     """
-    batch = list(filterfalse(attrgetter("busy"), llm.running))[: llm.placement.max_batch]  # C speed: every step
+    batch = [r for r in llm.running if not r.busy][: llm.placement.max_batch]
     if slack >= len(batch) * llm.chunk_blocks:
         # A running request holds the blocks of its context as of its last job's start, so one more
         # step grows it by at most one chunk: no need to look at each (this runs at every step).
         return batch, []
-    chunk = llm.chunk_blocks  # blocks_for_tokens, inlined below: a full pool sees this at every step
-    growth = [-(-(r.prompt_tokens + r.generated) // BLOCK_TOKENS) * chunk - r.blocks for r in batch]
+    growth = [blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch]
     need = sum(growth)
     preempted: list[Request] = []
     while batch and need > slack:
@@ -92,7 +89,7 @@ def mixed_launch(llm: LLMView, view: UnitView, units: int, max_tokens: int) -> L
 
 
 def ids(requests: Iterable[Request]) -> tuple[int, ...]:
-    return tuple(map(attrgetter("request_id"), requests))
+    return tuple([r.request_id for r in requests])
 
 
 def has_idle_running(llm: LLMView) -> bool:

@@ -25,7 +25,6 @@ import math
 from collections import deque
 from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -492,12 +491,10 @@ class Job:
         finish, as the decode relaunched after it would (the caller knows nothing else could start).
         """
         n = len(self.batch)
-        # Summed at C speed: under load most runs are this one step.
-        total = sum(map(PROMPT_TOKENS, self.batch)) + sum(map(GENERATED, self.batch))
-        self._one_step(cost, now, total / n)
+        contexts = [r.prompt_tokens + r.generated for r in self.batch]
+        self._one_step(cost, now, sum(contexts) / n)
         if self.end >= horizon:
             return  # the first step already reaches the next event: the common case under load
-        contexts = [r.prompt_tokens + r.generated for r in self.batch]
         left = [r.output_tokens - r.generated for r in self.batch]
         max_steps = max(left) if through_finishes else min(left)
         if max_steps == 1:
@@ -588,7 +585,6 @@ class Job:
 
 # Up to this many steps a run is timed with scalar lookups; numpy's per-call costs dominate below it.
 SHORT_RUN = 16
-PROMPT_TOKENS, GENERATED = attrgetter("prompt_tokens"), attrgetter("generated")
 
 
 def _segments(contexts: list[int], left: list[int], max_steps: int) -> Iterator[tuple[int, int, int, int]]:
