@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from policies.placement import SM_UNITS_FULL, blocks_for_tokens
+from policies.placement import BLOCK_TOKENS, SM_UNITS_FULL, blocks_for_tokens
 from policies.view import Launch, LLMView, Request, UnitView, age
 
 
@@ -56,7 +56,8 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
         # A running request holds the blocks of its context as of its last job's start, so one more
         # step grows it by at most one chunk: no need to look at each (this runs at every step).
         return batch, []
-    growth = [blocks_for_tokens(r.context_tokens, llm.chunk_blocks) - r.blocks for r in batch]
+    chunk = llm.chunk_blocks  # blocks_for_tokens, inlined: a full pool sees this at every step
+    growth = [-(-(r.prompt_tokens + r.generated) // BLOCK_TOKENS) * chunk - r.blocks for r in batch]
     need = sum(growth)
     preempted: list[Request] = []
     while batch and need > slack:
