@@ -10,8 +10,9 @@ Cases from the issue:
 
 Each runs with step skipping and step by step in the same process, so the ratio is robust to a noisy
 machine. "simulator" is `Simulator.run` alone; "total" adds placement, SLO baselines and the summary.
-Each mode runs `--repeat` times and the fastest run is reported (as `timeit` does: other processes
-only ever add time), with the slowest beside it to show the noise.
+Each mode runs `--repeat` times, alternating with the other so that a noisy stretch of time hits
+both, and the fastest run is reported (as `timeit` does: other processes only ever add time), with
+the slowest beside it to show the noise.
 """
 
 from __future__ import annotations
@@ -49,10 +50,18 @@ class Timing:
     run: SystemRun
 
 
-def best_of(case: Case, table: str, skip: bool, repeat: int) -> Timing:
-    runs = [timed(case, table, skip) for _ in range(repeat)]
+def best_of(runs: list[tuple[float, float, SystemRun]]) -> Timing:
     sims = [sim_s for _, sim_s, _ in runs]
     return Timing(min(total for total, _, _ in runs), min(sims), max(sims), runs[0][2])
+
+
+def alternating(case: Case, table: str, repeat: int) -> tuple[Timing, Timing]:
+    """(skipping, step by step), each the best of `repeat` runs taken in turns."""
+    runs: dict[bool, list[tuple[float, float, SystemRun]]] = {True: [], False: []}
+    for _ in range(repeat):
+        for skip in (True, False):
+            runs[skip].append(timed(case, table, skip))
+    return best_of(runs[True]), best_of(runs[False])
 
 
 def timed(case: Case, table: str, skip: bool) -> tuple[float, float, SystemRun]:
@@ -93,8 +102,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3, help="runs per mode; the fastest is reported")
     args = ap.parse_args()
     for case in cases(args):
-        fast = best_of(case, args.table, skip=True, repeat=args.repeat)
-        slow = best_of(case, args.table, skip=False, repeat=args.repeat)
+        fast, slow = alternating(case, args.table, args.repeat)
         n = len(case.workload)
         stats = fast.run.stats
         print(f"{case.label}: {n} requests, {stats['sim_time_s']:.0f} s simulated, "

@@ -12,9 +12,11 @@ Speed: a decode job may run several steps in one SimPy event. That is exact, not
 a run is only extended while no other process on the unit has anything it could start (so any
 policy would relaunch the same decode at each step boundary), and it ends at the first step
 boundary at or after the next thing that could change the unit (an arrival, another job's end, a
-quota tick), when a request in it finishes, or before its KV blocks would overflow. Step latencies
-are summed with numpy in the same order SimPy would add them, so both modes give identical records
-(tests/test_sim_equivalence.py).
+quota tick), or before its KV blocks would overflow. It ends when a request in it finishes, too,
+unless no request waits anywhere on the unit: then only the batch could use what the finish frees,
+so the run goes on with the batch shrunk, and the finished requests are recorded at their own step.
+Step latencies are summed in the order SimPy would add them, so both modes give identical records
+(tests/test_sim.py). Each job is one timeout event whose callback applies its end.
 """
 
 from __future__ import annotations
