@@ -35,7 +35,7 @@ lint: $(VENV)/.core
 
 # The commands BENCHMARKS.md records its figures with (hwloop's bench needs the hw extra: see there).
 bench: $(VENV)/.core
-	$(PY) -m experiments.bench_sim --duration 20 --azure-requests 3000
+	$(PY) -m experiments.bench_sim --duration 20
 	$(PY) -m experiments.bench_placement --repeats 5
 	$(PY) -m experiments.bench_placement --repeats 3 --scale 1.25
 
