@@ -273,9 +273,16 @@ class Curve:
         return self.xp[-1]
 
     def at(self, x: float) -> float:
-        j = min(max(bisect.bisect_right(self.xp, x) - 1, 0), max(len(self.xp) - 2, 0))
-        y = self.fp[j] + self.slope[j] * (x - self.xp[j])
-        return math.inf if math.isnan(y) else max(y, 0.0)
+        xp = self.xp  # comparisons rather than min/max calls: the simulator's innermost lookup
+        j = bisect.bisect_right(xp, x) - 1
+        if j > len(xp) - 2:
+            j = len(xp) - 2
+        if j < 0:
+            j = 0
+        y = self.fp[j] + self.slope[j] * (x - xp[j])
+        if math.isnan(y):
+            return math.inf
+        return y if y > 0.0 else 0.0
 
     @cached_property
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
