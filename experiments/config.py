@@ -20,7 +20,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from experiments.systems import SYSTEMS
 from policies.batching import BATCHING_POLICIES
-from policies.cost import CompositeCostModel, CostModel, RooflineCostModel, TableCostModel
+from policies.cost import (
+    CompositeCostModel,
+    CostModel,
+    CostModelError,
+    InterferenceModel,
+    RooflineCostModel,
+    TableCostModel,
+)
 from policies.placement_algos import PLACERS, PlacerOptions
 from policies.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, model_spec
 from sim.metrics import SLO_SCALES
@@ -149,6 +156,19 @@ def build_cost(cfg: DictConfig, cluster: ClusterSpec) -> CostModel:
     reader = TableCostModel.from_muxserve_json if kind == "table" else TableCostModel.from_profile
     table = reader(path, extrapolation=c.extrapolation)
     return CompositeCostModel(table, RooflineCostModel(cluster.gpu)) if c.roofline_fallback else table
+
+
+def build_interference(cfg: DictConfig) -> InterferenceModel | None:
+    """The fitted slowdown of jobs sharing SMs, for the simulator; real engines have their own."""
+    path = cfg.sim.get("interference")
+    if path is None:
+        return None
+    if cfg.runner.name != "sim":
+        raise ConfigError(f"sim.interference: applies to the simulator (runner=sim), not runner={cfg.runner.name}")
+    try:
+        return InterferenceModel.from_csv(absolute(path))
+    except CostModelError as e:
+        raise ConfigError(f"sim.interference: {e}") from None
 
 
 def check_models(cfg: DictConfig) -> list[str]:
@@ -285,6 +305,7 @@ def validate(cfg: DictConfig) -> None:
     horizon = cfg.sim.horizon_s
     if horizon is not None:
         _check(isinstance(horizon, int | float) and horizon > 0, "sim.horizon_s", "> 0 or null", horizon)
+    build_interference(cfg)
     scales = list(cfg.report.slo_scales)
     _check(all(isinstance(s, int | float) and s > 0 for s in scales), "report.slo_scales",
            "a list of numbers > 0", scales)

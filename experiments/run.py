@@ -35,6 +35,7 @@ from experiments.config import (
     batching_opts,
     build_cluster,
     build_cost,
+    build_interference,
     build_workload,
     max_rate_search,
     placement_opts,
@@ -202,7 +203,14 @@ def simulate_system(runner: Callable[..., Any], cfg: DictConfig, system: str, cl
     return runner(system if "+" not in system else placer, workload, cluster, cost,
                   placement_opts=placement_opts(cfg, placer), batching_opts=batching_opts(cfg, batcher),
                   mode=cfg.sim.mode, skip_steps=bool(cfg.sim.skip_steps), horizon_s=cfg.sim.horizon_s,
-                  records_path=records_path, progress=progress, **_batcher_override(system, batcher))
+                  records_path=records_path, progress=progress, **_batcher_override(system, batcher),
+                  **_interference(cfg))
+
+
+def _interference(cfg: DictConfig) -> dict[str, Any]:
+    """Only the simulator models interference (validate() refuses it for runner=hwloop)."""
+    model = build_interference(cfg)
+    return {"interference": model} if model is not None else {}
 
 
 def _batcher_override(system: str, batcher: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from policies.cost import CostModel, mixed_step_time
+from policies.cost import CostModel, InterferenceModel, mixed_step_time
 from policies.placement import BLOCK_TOKENS, Placement, Unit, blocks_for_tokens, blocks_per_chunk
 from policies.records import RecordWriter
 from policies.specs import ModelSpec
@@ -107,10 +107,14 @@ class Simulator:
                  skip_steps: bool = True, horizon_s: float | None = None,
                  records_path: str | Path | None = None, records_flush_every: int = 65536,
                  progress: Callable[[float], None] | None = None,
-                 core_slices: dict[str, tuple[int, ...]] | None = None) -> None:
+                 core_slices: dict[str, tuple[int, ...]] | None = None,
+                 interference: InterferenceModel | None = None) -> None:
         """`core_slices` (LLM name → the CPU cores its worker is pinned to) models the CPU runner's
         turn-taking: a launch whose cores overlap a running job's waits until that job ends, oldest
-        first (hwloop.runner, deferred launches). None: SM shares only, nothing waits."""
+        first (hwloop.runner, deferred launches). None: SM shares only, nothing waits.
+
+        `interference` slows jobs that share a unit's SMs (`_interfere`). None, or a model without
+        coefficients: jobs beside each other run as if alone, MuxServe's own assumption."""
         self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
         self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
         self.env = simpy.Environment()
@@ -130,6 +134,13 @@ class Simulator:
             self.units[unit.unit_id] = UnitState(unit, llms, unit.sm_units, unit.kv_blocks, arrivals)
         self._unit_of = unit_of
         self.core_slices = core_slices
+        self.interference = interference if interference is not None and interference.coef else None
+        if self.interference is not None:
+            if core_slices is not None:
+                raise SimulationError("interference (GPU jobs sharing SMs) and core_slices (CPU workers taking "
+                                      "turns on cores) model different hardware: pass one")
+            self.stats["rescaled_jobs"] = 0
+        self.stats["interference"] = self.interference.label if self.interference else "none"
         self._on_cores: dict[int, Job] = {}  # started jobs, by id, while core_slices is set
         self._held: deque[tuple[UnitState, Job, float]] = deque()  # launches waiting for cores, with durations
         if core_slices is not None:
@@ -237,6 +248,8 @@ class Simulator:
         jobs = [self._start(us, launch) for launch in launches]
         if self.core_slices is not None:
             jobs = self._take_turns(us, jobs)
+        if self.interference is not None:
+            self._interfere(us, jobs)
         runs = [job for job in jobs if job.steps is not None]
         us.jobs.update((job.job_id, job) for job in jobs if job.steps is None)
         if runs:
@@ -244,6 +257,31 @@ class Simulator:
             us.jobs.update((job.job_id, job) for job in runs)
         for job in jobs:
             self._run(us, job)
+
+    def _interfere(self, us: UnitState, new: list[Job]) -> None:
+        """Slow each job by the jobs beside it on the unit (`InterferenceModel.factor` of its phase,
+        its share and theirs). A running job whose neighbours changed runs what is left of its work
+        at the new factor from now.
+
+        Done once per decision, after every same-instant change: a decode relaunched at a step
+        boundary leaves its neighbours' factors unchanged, so step skipping stays exact. A decode
+        run keeps one factor (nothing starts beside it while it runs); the step that contains the
+        next event is rescaled at that event, as it is step by step.
+        """
+        assert self.interference is not None
+        now, total = self.env.now, sum(j.sm_pct for j in us.jobs.values()) + sum(j.sm_pct for j in new)
+        for job in new:
+            job.factor = self.interference.factor(job.phase, job.sm_pct, total - job.sm_pct)
+            if job.steps is None:  # a prefill or mixed step; a decode run's steps are timed by plan
+                job.end = now + job.alone_s * job.factor
+        for job in us.jobs.values():
+            factor = self.interference.factor(job.phase, job.sm_pct, total - job.sm_pct)
+            if factor != job.factor:
+                job.end = now + (job.end - now) / job.factor * factor
+                job.factor = factor
+                job.version += 1  # the timeout already scheduled for it no longer ends it
+                self._run(us, job)
+                self.stats["rescaled_jobs"] += 1
 
     def _take_turns(self, us: UnitState, jobs: list[Job]) -> list[Job]:
         """The jobs that may start now; the others wait for their cores (`_release_cores`).
@@ -332,7 +370,7 @@ class Simulator:
             raise SimulationError(f"{self.cost.label}: no latency for {p.name} ({llm.spec.name}) {launch.phase} "
                                   f"batch {len(batch)} at {sm_pct}% SM (unmeasured cell)")
         job = Job(next(self._job_ids), llm, launch.phase, batch, launch.sm_units, sm_pct, self.env.now + dur,
-                  admitted=len(admitted))
+                  admitted=len(admitted), alone_s=dur)
         if math.isnan(dur):
             job.steps = 1
         return job
@@ -406,7 +444,13 @@ class Simulator:
     # ---- jobs ---------------------------------------------------------------------------------
     def _run(self, us: UnitState, job: Job) -> None:
         """A job is a single timeout: a process per job would cost two more events for one `yield`."""
-        timeout_at(self.env, job.end).callbacks.append(lambda _event: self._end(us, job))
+        version = job.version
+
+        def end(_event: simpy.Event) -> None:
+            if job.version == version:  # else interference moved its end: a later timeout ends it
+                self._end(us, job)
+
+        timeout_at(self.env, job.end).callbacks.append(end)
 
     def _end(self, us: UnitState, job: Job) -> None:
         del us.jobs[job.job_id]
@@ -479,6 +523,9 @@ class Job:
     sm_pct: int
     end: float
     admitted: int = 0
+    alone_s: float = math.nan  # prefill and mixed steps: duration at this share with nothing beside it
+    factor: float = 1.0  # interference slowdown from the jobs beside it (Simulator._interfere)
+    version: int = 0  # bumped when interference moves `end`
     steps: int | None = None  # decode runs only: number of steps in this run
     boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
     _ctx: list[int] = field(default_factory=list)  # multi-step runs: each request's context at launch
@@ -513,7 +560,7 @@ class Job:
             step_time = cost.decode_curve(spec, tp, sm_pct, alive)
             if stop - start <= SHORT_RUN:
                 for s in range(start, stop):
-                    t += step_time((alive_ctx + alive * s) / alive)
+                    t += step_time((alive_ctx + alive * s) / alive) * self.factor
                     boundaries.append(t)
                     if t >= horizon:
                         break
@@ -521,11 +568,11 @@ class Job:
             # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
             # with context. Any cap is exact: a run that ends early is relaunched as it is.
             cap = stop
-            step = step_time((alive_ctx + alive * start) / alive)
+            step = step_time((alive_ctx + alive * start) / alive) * self.factor
             if horizon < math.inf and step > 0:
                 cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
             means = (alive_ctx + alive * np.arange(start, cap, dtype=np.int64)) / alive
-            durations = cost.decode_times(spec, tp, sm_pct, alive, means)
+            durations = cost.decode_times(spec, tp, sm_pct, alive, means) * self.factor
             boundaries += np.add.accumulate(np.concatenate(([t], durations)))[1:].tolist()
             t = boundaries[-1]
             if cap < stop:
@@ -538,7 +585,7 @@ class Job:
         self._set_steps(steps)
 
     def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
-        d = cost.decode_time(self.llm.spec, self.llm.placement.tp, self.sm_pct, len(self.batch), mean_ctx)
+        d = cost.decode_time(self.llm.spec, self.llm.placement.tp, self.sm_pct, len(self.batch), mean_ctx) * self.factor
         self._check(d, cost)
         self.steps, self.end = 1, now + d
 

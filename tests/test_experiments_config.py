@@ -159,3 +159,16 @@ def test_a_placer_batcher_pair_runs_as_one_system(tmp_path: Path) -> None:
     row = res.summary.iloc[0]
     assert (row["system"], row["placer"], row["batcher"]) == ("muxserve+round_robin", "muxserve", "round_robin")
     assert row["finished"] > 0 and (tmp_path / "records_muxserve+round_robin.parquet").exists()
+
+
+def test_interference_fitted_from_co_run_measurements_slows_jobs_sharing_a_unit(tmp_path: Path) -> None:
+    csv = tmp_path / "interference.csv"
+    pd.DataFrame({"phase": ["prefill", "prefill", "decode", "decode"], "own_pct": [50, 70, 30, 40],
+                  "other_pct": [50, 30, 70, 60], "slowdown": [1.3, 1.25, 1.4, 1.35]}).to_csv(csv, index=False)
+    base = [*TINY, "systems=[muxserve]", "report.progress=false", "report.plots=false"]
+    alone = run(composed(base), tmp_path / "alone").summary.iloc[0]
+    slowed = run(composed([*base, f"sim.interference={csv}"]), tmp_path / "slowed").summary.iloc[0]
+    assert "stat_rescaled_jobs" not in alone and slowed["stat_rescaled_jobs"] > 0
+    assert slowed["latency_mean_s"] > alone["latency_mean_s"]
+    assert error(f"sim.interference={tmp_path / 'none.csv'}").startswith("ConfigError: sim.interference:")
+    assert "runner=sim" in error("runner=hwloop", f"sim.interference={csv}")

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policies.batching import make_batching
+from policies.cost import InterferenceModel
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from sim import SimulationError, Simulator
 from sim.engine import UnitState
@@ -66,6 +67,21 @@ def test_adbs_overlaps_prefill_of_one_llm_with_decode_of_another():
     rec = res.records.set_index("model")
     assert rec.loc["a", "finish_s"] == pytest.approx(0.1 + 19 * 0.01)
     assert rec.loc["b", "first_token_s"] == pytest.approx(0.25)
+
+
+def test_interference_slows_overlapping_jobs_and_rescales_when_neighbours_change():
+    # Prefills at 40% SM, 0.1 s alone, 1.2× slower beside another 40% job (1 + 0.5 · 0.4).
+    # a: alone 0–0.05 (half its work), then beside b: 0.05 + 0.05 · 1.2 = 0.11.
+    # b: beside a 0.05–0.11 (0.06 / 1.2 = half its work), then alone: 0.11 + 0.05 = 0.16.
+    wl = workload([("a", 0.0, 10, 1), ("b", 0.05, 10, 1)])
+    slow = InterferenceModel({"prefill": (0.5, 0.0)})
+    res = simulate(wl, one_unit(["a", "b"], prefill_sm=40), policy="adbs", interference=slow)
+    rec = res.records.set_index("model")
+    assert rec.loc["a", "first_token_s"] == pytest.approx(0.11)
+    assert rec.loc["b", "first_token_s"] == pytest.approx(0.16)
+    assert res.stats["rescaled_jobs"] == 2
+    alone = simulate(wl, one_unit(["a", "b"], prefill_sm=40), policy="adbs").records.set_index("model")
+    assert alone.loc["b", "first_token_s"] == pytest.approx(0.15)
 
 
 def test_unplaced_llm_fails_fast_naming_it():
@@ -138,10 +154,11 @@ class Checked(Simulator):
             assert all(x.kv_used <= x.kv_quota for x in us.llms.values())
 
 
-def _run(rows, policy, mode, skip, kv_blocks, cost):
+def _run(rows, policy, mode, skip, kv_blocks, cost, interference=None):
     wl = workload(rows)
     placement = one_unit(["a", "b", "c"], kv_blocks=kv_blocks, max_batch=8, rates=[3.0, 2.0, 1.0])
-    res = Checked(wl, placement, make_batching(policy), cost, SPECS, mode=mode, skip_steps=skip).run()
+    res = Checked(wl, placement, make_batching(policy), cost, SPECS, mode=mode, skip_steps=skip,
+                  interference=interference).run()
     return wl, res.records.sort_values("request_id").reset_index(drop=True)
 
 
@@ -160,15 +177,17 @@ def test_every_request_is_reported_exactly_once_and_budgets_hold(rows, policy, m
 
 @PROPERTY
 @given(rows=requests, policy=st.sampled_from(["adbs", "fcfs", "round_robin"]),
-       mode=st.sampled_from(["split", "mixed"]), tight=st.booleans(), burst=st.booleans())
-def test_skipping_decode_steps_equals_step_by_step(rows, policy, mode, tight, burst):
+       mode=st.sampled_from(["split", "mixed"]), tight=st.booleans(), burst=st.booleans(),
+       interfere=st.booleans())
+def test_skipping_decode_steps_equals_step_by_step(rows, policy, mode, tight, burst, interfere):
     if burst:  # arrivals close together, then none: long runs through finishes with an empty queue
         rows = [(llm, t / 100, prompt, output) for llm, t, prompt, output in rows]
     chunk = blocks_per_chunk(SPECS["llama-7b"])
     kv = blocks_for_tokens(2048, chunk) * (3 if tight else 300)
     cost = table(per_token=1e-4)
-    _, fast = _run(rows, policy, mode, True, kv, cost)
-    _, slow = _run(rows, policy, mode, False, kv, cost)
+    slowdown = InterferenceModel({"prefill": (0.3, 0.5), "decode": (0.2, 1.0), "mixed": (0.1, 0.2)}) if interfere else None
+    _, fast = _run(rows, policy, mode, True, kv, cost, slowdown)
+    _, slow = _run(rows, policy, mode, False, kv, cost, slowdown)
     pd.testing.assert_frame_equal(fast, slow)
 
 
