@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -11,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policies.batching import make_batching
-from policies.cost import InterferenceModel
+from policies.cost import InterferenceModel, TableCostModel
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from sim import SimulationError, Simulator
 from sim.engine import UnitState
@@ -222,3 +223,26 @@ def test_memory_follows_requests_in_flight_not_trace_length(tmp_path):
 
     short, long = peak(300), peak(1_200)
     assert long < 1.5 * short, (short, long)
+
+
+A100_TABLE = Path(__file__).parents[2] / "shared" / "data" / "muxserve_llama_a100.json"
+
+
+@pytest.mark.skipif(not A100_TABLE.exists(), reason="MuxServe's A100 table is not in ../shared/data")
+@pytest.mark.parametrize("interfere", [False, True])
+def test_skipping_equals_step_by_step_on_the_measured_table_and_the_paper_workload(interfere):
+    """The constant tables above make step latencies linear in context; the measured one bends and
+    is extrapolated, and 19 LLMs on 32 GPUs colocate several per unit under ADBS."""
+    from experiments.systems import run_system
+    from policies.specs import ClusterSpec
+    from traces.spec import muxserve_synthetic
+    from traces.synthetic import generate
+
+    wl = generate(muxserve_synthetic(0.7, 1.0), 4, seed=3)
+    slowdown = InterferenceModel({"prefill": (0.3, 0.5), "decode": (0.2, 1.0)}) if interfere else None
+    runs = [run_system("muxserve", wl, ClusterSpec(4, 8), TableCostModel.from_muxserve_json(A100_TABLE),
+                       skip_steps=skip, interference=slowdown) for skip in (True, False)]
+    fast, slow = (r.records.sort_values("request_id").reset_index(drop=True) for r in runs)
+    pd.testing.assert_frame_equal(fast, slow)
+    assert (fast.status == "finished").all() and runs[0].stats["decisions"] < runs[1].stats["decisions"]
+    assert (runs[0].stats.get("rescaled_jobs", 0) > 0) == interfere
