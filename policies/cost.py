@@ -333,21 +333,30 @@ class RooflineCostModel:
         one = 2 * (tp - 1) / tp * nbytes / self.gpu.link_bandwidth + self.gpu.link_latency_s
         return 2 * model.num_layers * one
 
-    def prefill_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, seq_len: float) -> float:
-        flops_rate, bw = self._rates(tp, sm_pct)
+    @staticmethod
+    def prefill_work(model: ModelSpec, batch: int, seq_len: float) -> tuple[float, float]:
+        """FLOPs and HBM bytes of one prefill of `batch` prompts of `seq_len` tokens, whole model."""
         tokens = batch * seq_len
         flops = tokens * model.flops_per_token + 2 * model.num_layers * batch * seq_len**2 * model.hidden_size
-        traffic = model.weight_bytes + tokens * model.kv_bytes_per_token
-        return float(max(flops / flops_rate, traffic / bw) + self._allreduce(model, tp, tokens))
+        return flops, model.weight_bytes + tokens * model.kv_bytes_per_token
+
+    @staticmethod
+    def decode_work(model: ModelSpec, batch: int, ctx: np.ndarray | float) -> tuple[np.ndarray | float, np.ndarray | float]:
+        """FLOPs and HBM bytes of one decode step of `batch` requests at context `ctx`, whole model."""
+        flops = batch * model.flops_per_token + 4 * model.num_layers * batch * ctx * model.hidden_size
+        return flops, model.weight_bytes + batch * ctx * model.kv_bytes_per_token
+
+    def prefill_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, seq_len: float) -> float:
+        flops_rate, bw = self._rates(tp, sm_pct)
+        flops, traffic = self.prefill_work(model, batch, seq_len)
+        return float(max(flops / flops_rate, traffic / bw) + self._allreduce(model, tp, batch * seq_len))
 
     def decode_time(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_len: float) -> float:
         return float(self.decode_times(model, tp, sm_pct, batch, np.array([ctx_len]))[0])
 
     def decode_times(self, model: ModelSpec, tp: int, sm_pct: int, batch: int, ctx_lens: np.ndarray) -> np.ndarray:
         flops_rate, bw = self._rates(tp, sm_pct)
-        ctx = np.asarray(ctx_lens, dtype=float)
-        flops = batch * model.flops_per_token + 4 * model.num_layers * batch * ctx * model.hidden_size
-        traffic = model.weight_bytes + batch * ctx * model.kv_bytes_per_token
+        flops, traffic = self.decode_work(model, batch, np.asarray(ctx_lens, dtype=float))
         return np.maximum(flops / flops_rate, traffic / bw) + self._allreduce(model, tp, float(batch))
 
     def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
@@ -389,28 +398,53 @@ class CompositeCostModel:
 
 
 def roofline_gap(table: TableCostModel, roofline: RooflineCostModel, specs: dict[str, ModelSpec]) -> pd.DataFrame:
-    """Measured ÷ roofline latency on every measured cell of the models in `specs`.
+    """Measured ÷ roofline latency on every measured cell of the models in `specs`, and what the
+    measurement achieves as a share of the datasheet peaks of its `tp` GPUs (whatever its SM share).
 
-    A ratio of 2 means the hardware reaches half the roofline's speed there; the summary (by phase)
-    is the number a user of roofline-only results needs to know.
+    A ratio of 2 means the hardware reaches half the roofline's speed there. Prefill is read against
+    peak FLOP/s and decode against peak HBM bandwidth, the limits the roofline assumes for each.
     """
+    gpu = roofline.gpu
     rows = []
     for (name, tp), grid in table.grids.items():
         model = specs.get(name)
         if model is None:
             continue
         for phase, cube in (("prefill", grid.prefill), ("decode", grid.decode)):
+            work = roofline.prefill_work if phase == "prefill" else roofline.decode_work
+            estimate = roofline.prefill_time if phase == "prefill" else roofline.decode_time
             for a, sm in enumerate(grid.sm):
                 for b, batch in enumerate(grid.batch):
                     for c, seq in enumerate(grid.seq):
                         measured = cube[a, b, c]
                         if np.isnan(measured):
                             continue
-                        fn = roofline.prefill_time if phase == "prefill" else roofline.decode_time
-                        est = fn(model, tp, int(sm), int(batch), float(seq))
-                        rows.append((name, tp, int(sm), int(batch), int(seq), phase, measured, est, measured / est))
-    return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase",
-                                       "measured_s", "roofline_s", "ratio"])
+                        est = estimate(model, tp, int(sm), int(batch), float(seq))
+                        flops, traffic = work(model, int(batch), float(seq))
+                        rows.append((name, tp, int(sm), int(batch), int(seq), phase, measured, est, measured / est,
+                                     100 * flops / measured / (tp * gpu.peak_flops),
+                                     100 * traffic / measured / (tp * gpu.hbm_bandwidth)))
+    return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase", "measured_s",
+                                       "roofline_s", "ratio", "pct_peak_flops", "pct_peak_bandwidth"])
+
+
+def table_cells(table: TableCostModel) -> pd.DataFrame:
+    """Every measured cell of a table, long form: what two tables are compared on."""
+    rows = []
+    for (name, tp), grid in table.grids.items():
+        for phase, cube in (("prefill", grid.prefill), ("decode", grid.decode)):
+            for (a, b, c), latency in np.ndenumerate(cube):
+                if not np.isnan(latency):
+                    rows.append((name, tp, int(grid.sm[a]), int(grid.batch[b]), int(grid.seq[c]), phase, latency))
+    return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_s"])
+
+
+def table_ratio(table: TableCostModel, against: TableCostModel) -> pd.DataFrame:
+    """Latency in `table` ÷ latency in `against` on the cells both measured (same model, TP, SM
+    share, batch, length and phase); no interpolation, so every ratio compares two measurements."""
+    keys = ["model", "tp", "sm_pct", "batch", "seq_len", "phase"]
+    both = table_cells(table).merge(table_cells(against), on=keys, suffixes=("", "_against"))
+    return both.assign(ratio=both["latency_s"] / both["latency_s_against"])
 
 
 INTERFERENCE_FIT_COLUMNS = ("phase", "own_pct", "other_pct", "slowdown")
