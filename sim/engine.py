@@ -551,7 +551,7 @@ class Job:
         spec, tp, sm_pct = self.llm.spec, self.llm.placement.tp, self.sm_pct
         boundaries = [self.end]  # step 0, timed above
         t = self.end
-        for alive, alive_ctx, _, stop in _segments(contexts, left, max_steps):
+        for alive, alive_ctx, stop in _segments(contexts, left, max_steps):
             if t >= horizon:
                 break
             start = len(boundaries)  # the first step not timed yet
@@ -636,20 +636,21 @@ class Job:
 SHORT_RUN = 16
 
 
-def _segments(contexts: list[int], left: list[int], max_steps: int) -> Iterator[tuple[int, int, int, int]]:
-    """Stretches of a decode run over which its batch stays the same: (requests, their summed
-    context at step 0, first step, end step), covering steps 0..max_steps-1. A request with `left`
-    tokens to go takes part in steps 0..left-1."""
+def _segments(contexts: list[int], left: list[int], max_steps: int) -> Iterator[tuple[int, int, int]]:
+    """Stretches of a decode run over which its batch stays the same, in order, covering steps
+    0..max_steps-1: (requests, their summed context at step 0, the step the stretch ends before;
+    each starts where the previous one ended). A request with `left` tokens to go takes part in
+    steps 0..left-1."""
     n, total, start = len(left), sum(contexts), 0
     if min(left) >= max_steps:
-        yield n, total, start, max_steps
+        yield n, total, max_steps
         return
     ending = list(zip(left, contexts, strict=True))
     heapq.heapify(ending)  # popped lazily: a run usually stops at the next event after a few finishes
     while ending:
         request_left, ctx = heapq.heappop(ending)
         if request_left > start:
-            yield n, total, start, min(request_left, max_steps)
+            yield n, total, min(request_left, max_steps)
             start = request_left
             if start >= max_steps:
                 return
