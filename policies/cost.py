@@ -397,6 +397,17 @@ class CompositeCostModel:
         return self._pick(model, tp).decode_curve(model, tp, sm_pct, batch)
 
 
+def table_cells(table: TableCostModel) -> pd.DataFrame:
+    """Every measured cell of a table, long form: what a table is compared on."""
+    rows = []
+    for (name, tp), grid in table.grids.items():
+        for phase, cube in (("prefill", grid.prefill), ("decode", grid.decode)):
+            for (a, b, c), latency in np.ndenumerate(cube):
+                if not np.isnan(latency):
+                    rows.append((name, tp, int(grid.sm[a]), int(grid.batch[b]), int(grid.seq[c]), phase, latency))
+    return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_s"])
+
+
 def roofline_gap(table: TableCostModel, roofline: RooflineCostModel, specs: dict[str, ModelSpec]) -> pd.DataFrame:
     """Measured ÷ roofline latency on every measured cell of the models in `specs`, and what the
     measurement achieves as a share of the datasheet peaks of its `tp` GPUs (whatever its SM share).
@@ -406,37 +417,18 @@ def roofline_gap(table: TableCostModel, roofline: RooflineCostModel, specs: dict
     """
     gpu = roofline.gpu
     rows = []
-    for (name, tp), grid in table.grids.items():
+    for name, tp, sm, batch, seq, phase, measured in table_cells(table).itertuples(index=False):
         model = specs.get(name)
         if model is None:
             continue
-        for phase, cube in (("prefill", grid.prefill), ("decode", grid.decode)):
-            work = roofline.prefill_work if phase == "prefill" else roofline.decode_work
-            estimate = roofline.prefill_time if phase == "prefill" else roofline.decode_time
-            for a, sm in enumerate(grid.sm):
-                for b, batch in enumerate(grid.batch):
-                    for c, seq in enumerate(grid.seq):
-                        measured = cube[a, b, c]
-                        if np.isnan(measured):
-                            continue
-                        est = estimate(model, tp, int(sm), int(batch), float(seq))
-                        flops, traffic = work(model, int(batch), float(seq))
-                        rows.append((name, tp, int(sm), int(batch), int(seq), phase, measured, est, measured / est,
-                                     100 * flops / measured / (tp * gpu.peak_flops),
-                                     100 * traffic / measured / (tp * gpu.hbm_bandwidth)))
+        prefill = phase == "prefill"
+        est = (roofline.prefill_time if prefill else roofline.decode_time)(model, tp, sm, batch, float(seq))
+        flops, traffic = (roofline.prefill_work if prefill else roofline.decode_work)(model, batch, float(seq))
+        rows.append((name, tp, sm, batch, seq, phase, measured, est, measured / est,
+                     100 * flops / measured / (tp * gpu.peak_flops),
+                     100 * traffic / measured / (tp * gpu.hbm_bandwidth)))
     return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase", "measured_s",
                                        "roofline_s", "ratio", "pct_peak_flops", "pct_peak_bandwidth"])
-
-
-def table_cells(table: TableCostModel) -> pd.DataFrame:
-    """Every measured cell of a table, long form: what two tables are compared on."""
-    rows = []
-    for (name, tp), grid in table.grids.items():
-        for phase, cube in (("prefill", grid.prefill), ("decode", grid.decode)):
-            for (a, b, c), latency in np.ndenumerate(cube):
-                if not np.isnan(latency):
-                    rows.append((name, tp, int(grid.sm[a]), int(grid.batch[b]), int(grid.seq[c]), phase, latency))
-    return pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_s"])
 
 
 def table_ratio(table: TableCostModel, against: TableCostModel) -> pd.DataFrame:
