@@ -44,6 +44,7 @@ from experiments.config import (
     validate,
 )
 from experiments.max_rate import find_max_rate
+from policies.cost import InterferenceModel
 
 log = logging.getLogger("muxsim.run")
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -145,6 +146,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     runner = resolve_runner(cfg)
     cluster = build_cluster(cfg)
     cost = build_cost(cfg, cluster)
+    interference = build_interference(cfg)  # fitted once: every system and search step shares it
     workload = build_workload(cfg)
     facts = workload_facts(cfg, workload)
     log.info("%d requests of %d LLMs over %.1f s (%.1f req/s) on %d GPUs; cost model: %s",
@@ -161,7 +163,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
         h.addFilter(quiet)
     try:
         for system in cfg.systems:
-            simulate = partial(simulate_system, runner, cfg, system, cluster, cost)
+            simulate = partial(simulate_system, runner, cfg, system, cluster, cost, interference)
             progress = SimProgress(system, bar_total, bool(cfg.report.progress) and progress_bars)
             t0 = time.perf_counter()
             try:
@@ -196,7 +198,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
 
 
 def simulate_system(runner: Callable[..., Any], cfg: DictConfig, system: str, cluster: Any, cost: Any,
-                    workload: Any, records_path: Path | None = None,
+                    interference: InterferenceModel | None, workload: Any, records_path: Path | None = None,
                     progress: Callable[[float], None] | None = None) -> Any:
     """One system on one workload, with cfg's placement, batching and simulator settings."""
     placer, batcher = system_policies(system)
@@ -204,12 +206,11 @@ def simulate_system(runner: Callable[..., Any], cfg: DictConfig, system: str, cl
                   placement_opts=placement_opts(cfg, placer), batching_opts=batching_opts(cfg, batcher),
                   mode=cfg.sim.mode, skip_steps=bool(cfg.sim.skip_steps), horizon_s=cfg.sim.horizon_s,
                   records_path=records_path, progress=progress, **_batcher_override(system, batcher),
-                  **_interference(cfg))
+                  **_interference(interference))
 
 
-def _interference(cfg: DictConfig) -> dict[str, Any]:
+def _interference(model: InterferenceModel | None) -> dict[str, Any]:
     """Only the simulator models interference (validate() refuses it for runner=hwloop)."""
-    model = build_interference(cfg)
     return {"interference": model} if model is not None else {}
 
 
