@@ -9,11 +9,11 @@ Cases from the issue:
 - the same Azure lengths, arrivals compressed `--azure-speedup` times (a loaded GPU), which is where a
   simulator spends its time per request.
 
-Each runs with step skipping and step by step in the same process, so the ratio is robust to a noisy
-machine. "simulator" is `Simulator.run` alone; "total" adds placement, SLO baselines and the summary.
-Each case runs in a fresh process. Each mode runs `--repeat` times, alternating with the other so that a noisy stretch of time hits
-both, and the fastest run is reported (as `timeit` does: other processes only ever add time), with
-the slowest beside it to show the noise.
+Each case runs in a fresh process, with step skipping and step by step, so the ratio is robust to a
+noisy machine. "simulator" is `Simulator.run` alone; "total" adds placement, SLO baselines and the
+summary. Each mode runs `--repeat` times, alternating with the other so that a noisy stretch of
+time hits both, and the fastest run is reported (as `timeit` does: other processes only ever add
+time), with the slowest beside it to show the noise.
 """
 
 from __future__ import annotations
@@ -53,18 +53,19 @@ class Timing:
     run: SystemRun
 
 
-def best_of(runs: list[tuple[float, float, SystemRun]]) -> Timing:
-    sims = [sim_s for _, sim_s, _ in runs]
-    return Timing(min(total for total, _, _ in runs), min(sims), max(sims), runs[0][2])
-
-
 def alternating(case: Case, table: str, repeat: int) -> tuple[Timing, Timing]:
-    """(skipping, step by step), each the best of `repeat` runs taken in turns."""
-    runs: dict[bool, list[tuple[float, float, SystemRun]]] = {True: [], False: []}
+    """(skipping, step by step), each the best of `repeat` runs taken in turns. One run's records
+    per mode are kept for the report; keeping every run's would only fill memory."""
+    times: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
+    first: dict[bool, SystemRun] = {}
     for _ in range(repeat):
         for skip in (True, False):
-            runs[skip].append(timed(case, table, skip))
-    return best_of(runs[True]), best_of(runs[False])
+            total_s, sim_s, run = timed(case, table, skip)
+            times[skip].append((total_s, sim_s))
+            first.setdefault(skip, run)
+    timings = {skip: Timing(min(t for t, _ in ts), min(s for _, s in ts), max(s for _, s in ts), first[skip])
+               for skip, ts in times.items()}
+    return timings[True], timings[False]
 
 
 def timed(case: Case, table: str, skip: bool) -> tuple[float, float, SystemRun]:
