@@ -89,8 +89,18 @@ class Workload:
         return float(self.df["arrival_s"].iloc[-1] - self.df["arrival_s"].iloc[0])
 
     def rates(self) -> dict[str, float]:
-        """Mean request rate per model over the whole trace span (req/s)."""
-        span = max(self.duration_s, 1e-9)
+        """Mean request rate per model over the whole trace span (req/s).
+
+        A workload whose requests all arrive at one instant has no rate; any number given for it
+        (one request "per nanosecond") would drive placement to nonsense, so it is refused.
+        """
+        span = self.duration_s
+        if span <= 0:
+            raise WorkloadError(
+                f"{self.meta.get('source', '<workload>')}: its {len(self)} request(s) all arrive at "
+                f"{self.df['arrival_s'].iloc[0]:g} s, so it has no request rate (a rate needs at least "
+                "two distinct arrival times)"
+            )
         counts = self.df["model"].value_counts()
         return {m: float(counts[m]) / span for m in self.models}
 
