@@ -39,10 +39,10 @@ import hydra
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments import hardware
-from experiments.config import CONF_DIR, ConfigError, absolute, build_cluster
+from experiments.config import CONF_DIR, ConfigError, _check, _number, absolute, build_cluster
 from experiments.plots import SYSTEM_COLORS, _plain_log
 from experiments.systems import SYSTEMS, place, run_system, specs_of
 from hwloop.mirror import CoreShareCost, core_slices, gpu_core_table, profile_shares
@@ -56,11 +56,11 @@ from hwloop.profiler import (
     share_groups,
     write_profile,
 )
-from policies.batching import BATCHING_POLICIES
+from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
 from policies.cost import CostModelError, TableCostModel
 from policies.placement import Placement, PlacementError
 from policies.records import RECORD_COLUMNS
-from policies.specs import ClusterSpec, ModelSpec
+from policies.specs import ClusterSpec, ModelSpec, SpecError
 from sim.metrics import standalone_latency, summarize
 from traces import WorkloadError, generate
 from traces.lengths import LengthLimits, LognormalLengths
@@ -114,9 +114,12 @@ def build_setup(cfg: DictConfig) -> Setup:
     if not specs:
         raise ConfigError("models must list at least one model shape")
     w = cfg.workload
-    rates = [float(r) for r in w.rates]
-    if not rates or any(not math.isfinite(r) or r <= 0 for r in rates):
-        raise ConfigError(f"workload.rates must be a non-empty list of rates > 0 req/s (got {rates})")
+    rates = list(w.rates) if isinstance(w.rates, ListConfig) else []
+    if not rates or any(isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0
+                        for r in rates):
+        raise ConfigError(f"workload.rates must be a non-empty list of rates > 0 req/s (got {w.rates})")
+    rates = [float(r) for r in rates]
+    check_numbers(cfg)
     if "spatial" in systems and len(rates) > len(cores):
         raise ConfigError(f"systems: spatial gives each LLM its own cores: {len(rates)} LLMs need ≥ {len(rates)} "
                           f"cores, {len(cores)} given (drop spatial or add cores)")
@@ -142,9 +145,47 @@ def build_setup(cfg: DictConfig) -> Setup:
                  bool(cfg.report.progress))
 
 
+def _integers(cfg: DictConfig, key: str, lowest: int) -> tuple[int, ...]:
+    values = OmegaConf.select(cfg, key)
+    ok = isinstance(values, ListConfig) and len(values) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= lowest for v in values)
+    _check(ok, key, f"a non-empty list of integers ≥ {lowest}", values)
+    return tuple(values)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """The numeric keys of the workload, profile grid, batching and targets: a bad profile grid would
+    otherwise fail only inside a started vLLM worker, minutes later."""
+    for key, rule, ok in (("workload.duration_s", "> 0", lambda v: v > 0), ("workload.cv", "> 0", lambda v: v > 0),
+                          ("workload.prompt_mean", "≥ 1", lambda v: v >= 1), ("workload.output_mean", "≥ 1", lambda v: v >= 1),
+                          ("workload.length_sigma", "≥ 0", lambda v: v >= 0),
+                          ("workload.seed", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
+                          ("profile.warmup", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
+                          ("profile.repeats", "an integer ≥ 1", lambda v: v == int(v) and v >= 1),
+                          ("targets.relative", "> 0", lambda v: v > 0), ("targets.slo_points", "> 0", lambda v: v > 0)):
+        _number(cfg, key, rule, ok)
+    _integers(cfg, "profile.batches", 1)
+    _integers(cfg, "profile.seq_lens", 1)
+    opts = OmegaConf.select(cfg, "batching")
+    _check(opts is None or isinstance(opts, DictConfig), "batching", "a mapping of options (or null)", opts)
+    given = dict(OmegaConf.to_container(opts, resolve=True) or {}) if opts is not None else {}  # type: ignore[arg-type]
+    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in BATCHING_POLICIES.values())) - set(FIXED_FIELDS)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"batching: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for policy in BATCHING_POLICIES.values():
+        fields = {f.name for f in dataclasses.fields(policy)}
+        try:
+            policy(**{k: v for k, v in given.items() if k in fields})
+        except ValueError as e:
+            raise ConfigError(f"batching.{e}") from None
+
+
 def _model(i: int, m: Any) -> ModelSpec:
     try:
         return ModelSpec(**OmegaConf.to_container(m, resolve=True))  # type: ignore[arg-type]
+    except SpecError as e:
+        raise ConfigError(f"models[{i}]: {e}") from None
     except TypeError as e:
         raise ConfigError(f"models[{i}]: {e} (fields: {', '.join(f.name for f in dataclasses.fields(ModelSpec))})") from None
 

@@ -422,7 +422,7 @@ def test_workload_read_names_duplicate_ids(tmp_path: Path) -> None:
         tmp_path / "dup.csv",
         "request_id,model,arrival_s,prompt_tokens,output_tokens\n0,m,0.0,1,1\n0,m,1.0,1,1\n",
     )
-    with pytest.raises(WorkloadError, match=r"dup.csv: row 1: duplicate request_id 0"):
+    with pytest.raises(WorkloadError, match=r"dup.csv: line 3: duplicate request_id 0"):
         load(path)
     assert isinstance(
         load(
