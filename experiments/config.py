@@ -167,29 +167,36 @@ def _table_path(cfg: DictConfig) -> Path:
 
 def build_cost(cfg: DictConfig, cluster: ClusterSpec) -> CostModel:
     c = cfg.cost
-    kind = c.kind
-    check_cost(cfg)
-    if kind == "roofline":
+    table = check_cost(cfg)
+    if table is None:
         return RooflineCostModel(cluster.gpu, compute_efficiency=float(c.compute_efficiency),
                                  bandwidth_efficiency=float(c.bandwidth_efficiency),
                                  bw_saturation_share=float(c.bw_saturation_share))
-    path = _table_path(cfg)
-    reader = TableCostModel.from_muxserve_json if kind == "table" else TableCostModel.from_profile
-    table = reader(path, extrapolation=c.extrapolation)
     return CompositeCostModel(table, RooflineCostModel(cluster.gpu)) if c.roofline_fallback else table
 
 
-def check_cost(cfg: DictConfig) -> None:
+def check_cost(cfg: DictConfig) -> TableCostModel | None:
+    """Every cost key checked, and the measured table read (None for the roofline)."""
     kind = _require(cfg, "cost.kind")
     _check(kind in ("table", "profile", "roofline"), "cost.kind", "table, profile or roofline", kind)
     if kind == "roofline":
         for key in ("compute_efficiency", "bandwidth_efficiency", "bw_saturation_share"):
             _number(cfg, f"cost.{key}", "within (0, 1]", lambda v: 0 < v <= 1)
-        return
+        return None
     extrapolation = _require(cfg, "cost.extrapolation")
     _check(extrapolation in ("linear", "error"), "cost.extrapolation", "linear or error", extrapolation)
     _flag(cfg, "cost.roofline_fallback")
-    _table_path(cfg)
+    return read_table(cfg)
+
+
+def read_table(cfg: DictConfig) -> TableCostModel:
+    """The measured table at cost.path, every cell checked (`policies.cost.cell_problem`)."""
+    path = _table_path(cfg)
+    reader = TableCostModel.from_muxserve_json if cfg.cost.kind == "table" else TableCostModel.from_profile
+    try:
+        return reader(path, extrapolation=cfg.cost.extrapolation)
+    except CostModelError as e:
+        raise ConfigError(f"cost.path: {e}") from None
 
 
 def build_interference(cfg: DictConfig) -> InterferenceModel | None:
