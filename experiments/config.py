@@ -135,12 +135,14 @@ def build_cluster(cfg: DictConfig) -> ClusterSpec:
     c = cfg.cluster
     for key in ("nnodes", "gpus_per_node"):
         value = _require(cfg, f"cluster.{key}")
-        _check(isinstance(value, int) and value >= 1, f"cluster.{key}", "an integer ≥ 1", value)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"cluster.{key}",
+               "an integer ≥ 1", value)
     gpu = c.gpu
     if isinstance(gpu, str):
         _check(gpu in GPU_PRESETS, "cluster.gpu", f"one of {', '.join(GPU_PRESETS)} or a mapping", gpu)
         spec = GPU_PRESETS[gpu]
     else:
+        _check(isinstance(gpu, DictConfig), "cluster.gpu", f"one of {', '.join(GPU_PRESETS)} or a mapping", gpu)
         fields = {f.name for f in dataclasses.fields(GPUSpec)}
         given = OmegaConf.to_container(gpu, resolve=True)
         unknown = sorted(set(given) - fields)  # type: ignore[arg-type]
@@ -239,8 +241,8 @@ def check_workload(cfg: DictConfig) -> None:
         _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "workload.seed",
                "an integer ≥ 0", seed)
         types = check_models(cfg)
-        spec = power_law_spec(types, float(w.alpha), top_rate=float(cfg.models.top_rate) * float(w.scale))
         try:
+            spec = power_law_spec(types, float(w.alpha), top_rate=float(cfg.models.top_rate) * float(w.scale))
             check_size(spec, float(w.duration_s), RUN_BYTES_PER_REQUEST, "running them")
         except WorkloadError as e:
             raise ConfigError(f"workload.scale: {e} (lower workload.scale, workload.duration_s or "
