@@ -35,7 +35,7 @@ from sim.metrics import SLO_SCALES
 from traces import FORMATS, Workload, WorkloadError, generate, load, power_law_spec
 from traces.loaders import check_options
 from traces.ops import skip_idle
-from traces.synthetic import check_size
+from traces.synthetic import MAX_CV, check_size
 
 # Peak memory of a whole run per request (generation, simulation, records, summary): 0.8-2.1 KiB,
 # measured as the growth of peak RSS over 23k- and 46k-request roofline runs of one system. An
@@ -235,7 +235,8 @@ def check_workload(cfg: DictConfig) -> None:
     kind = _require(cfg, "workload.kind")
     if kind == "synthetic":
         for key, rule, ok in (("alpha", "≥ 0", lambda v: v >= 0), ("scale", "> 0", lambda v: v > 0),
-                              ("cv", "> 0", lambda v: v > 0), ("duration_s", "> 0", lambda v: v > 0)):
+                              ("cv", f"within (0, {MAX_CV:g}]", lambda v: 0 < v <= MAX_CV),
+                              ("duration_s", "> 0", lambda v: v > 0)):
             _number(cfg, f"workload.{key}", rule, ok)
         seed = _require(cfg, "workload.seed")
         _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "workload.seed",

@@ -66,6 +66,7 @@ from traces import WorkloadError, generate
 from traces.lengths import LengthLimits, LognormalLengths
 from traces.schema import Workload
 from traces.spec import ServedLLM, WorkloadSpec
+from traces.synthetic import MAX_CV
 
 log = logging.getLogger("muxsim.validate")
 USER_ERRORS = (ConfigError, CostModelError, PlacementError, ProfileError, WorkloadError)
@@ -98,12 +99,12 @@ class Setup:
 
 def build_setup(cfg: DictConfig) -> Setup:
     """Every check that needs no engine; each failure is one ConfigError line naming the key."""
-    systems = tuple(str(s) for s in cfg.systems)
+    systems = tuple(str(s) for s in cfg.systems) if isinstance(cfg.systems, ListConfig) else ()
     unknown = [s for s in systems if s not in SYSTEMS]
     if not systems or unknown:
-        raise ConfigError(f"systems must list some of {', '.join(SYSTEMS)} (got {list(systems)})")
+        raise ConfigError(f"systems must list some of {', '.join(SYSTEMS)} (got {cfg.systems})")
     mine = available_cores()
-    cores = tuple(int(c) for c in cfg.cores) if cfg.cores is not None else mine
+    cores = _integers(cfg, "cores", 0) if cfg.cores is not None else mine
     if not cores or not set(cores) <= set(mine):
         raise ConfigError(f"cores must be a non-empty subset of this process's cores {list(mine)} (got {list(cores)})")
     cluster = build_cluster(cfg)
@@ -136,9 +137,11 @@ def build_setup(cfg: DictConfig) -> Setup:
     limits = LengthLimits(prompt_min=min(grid.seq_lens), output_min=4, max_total=max(grid.seq_lens))
     workload = generate(WorkloadSpec(tuple(llms), label="validate"), float(w.duration_s), seed=int(w.seed),
                         cv=float(w.cv), lengths=lengths, limits=limits)
-    scales = tuple(float(k) for k in cfg.report.slo_scales)
-    if not scales or any(k <= 0 for k in scales):
-        raise ConfigError(f"report.slo_scales must be numbers > 0 (got {list(scales)})")
+    given = cfg.report.slo_scales
+    if not isinstance(given, ListConfig) or not given or any(
+            isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k < math.inf for k in given):
+        raise ConfigError(f"report.slo_scales must be a non-empty list of numbers > 0 (got {given})")
+    scales = tuple(float(k) for k in given)
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, {"relative": float(cfg.targets.relative), "slo_points": float(cfg.targets.slo_points)},
@@ -156,9 +159,9 @@ def _integers(cfg: DictConfig, key: str, lowest: int) -> tuple[int, ...]:
 def check_numbers(cfg: DictConfig) -> None:
     """The numeric keys of the workload, profile grid, batching and targets: a bad profile grid would
     otherwise fail only inside a started vLLM worker, minutes later."""
-    for key, rule, ok in (("workload.duration_s", "> 0", lambda v: v > 0), ("workload.cv", "> 0", lambda v: v > 0),
+    for key, rule, ok in (("workload.duration_s", "> 0", lambda v: v > 0), ("workload.cv", f"within (0, {MAX_CV:g}]", lambda v: 0 < v <= MAX_CV),
                           ("workload.prompt_mean", "≥ 1", lambda v: v >= 1), ("workload.output_mean", "≥ 1", lambda v: v >= 1),
-                          ("workload.length_sigma", "≥ 0", lambda v: v >= 0),
+                          ("workload.length_sigma", "within [0, 10]", lambda v: 0 <= v <= 10),
                           ("workload.seed", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
                           ("profile.warmup", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
                           ("profile.repeats", "an integer ≥ 1", lambda v: v == int(v) and v >= 1),

@@ -107,3 +107,42 @@ def test_random_overrides_give_one_line_or_a_sound_run(extra: tuple[str, ...]) -
             assert "\n" not in str(e), str(e)
             return
         check_records(cfg, out, res)
+
+
+# ---- experiments.validate's set-up (everything it checks before an engine starts) -------------------
+
+VALIDATE_VALUES: dict[str, list[str]] = {
+    "systems": ["[muxserve]", "[spatial,temporal]", "[]", "[bogus]", "muxserve"],
+    "cores": ["null", "[0]", "[]", "[99999]", "abc", "[-1]"],
+    "workload.rates": ["[1.0]", "[2,1]", "[]", "[0]", "[abc]", "5", *BAD],
+    "workload.duration_s": ["5", *BAD],
+    "workload.cv": ["1", *BAD],
+    "workload.prompt_mean": ["64", *BAD],
+    "workload.length_sigma": ["0.5", *BAD],
+    "workload.seed": ["0", *BAD],
+    "profile.batches": ["[1,2]", "[-1,0]", "[]", "[1.5]", "abc", "[true]"],
+    "profile.seq_lens": ["[8,64]", "[0]", "[]", "[100000]", "abc"],
+    "profile.warmup": ["0", "2", *BAD],
+    "profile.repeats": ["1", "5", *BAD],
+    "batching.max_prefill_tokens": ["64", "2048", *BAD],
+    "targets.relative": ["0.1", *BAD],
+    "report.slo_scales": ["[2,5]", "[]", "[0]", "[abc]"],
+    "models.0.num_layers": ["2", "0", "-1", "abc", "1.5"],
+    "models.0.num_heads": ["8", "3", "0"],
+    "cluster.nnodes": ["1", "2", *BAD],
+}
+VALIDATE_OVERRIDES = {key: [f"{key}={v}" for v in values] for key, values in VALIDATE_VALUES.items()}
+validate_overrides = st.sets(st.sampled_from(sorted(VALIDATE_VALUES)), max_size=4).flatmap(
+    lambda keys: st.tuples(*(st.sampled_from(VALIDATE_OVERRIDES[k]) for k in sorted(keys))))
+
+
+@settings(max_examples=int(os.environ.get("MUXSIM_FUZZ_EXAMPLES", "40")), deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(validate_overrides)
+def test_validate_config_checks_give_one_line_or_a_setup(extra: tuple[str, ...]) -> None:
+    """`config_error` runs every check of build_setup (workload generated, no profile, no engine)."""
+    from experiments.validate import USER_ERRORS, config_error
+
+    message = config_error(list(extra))
+    names = tuple(f"{e.__name__}: " for e in USER_ERRORS)
+    assert message is None or ("\n" not in message and message.startswith(names)), message

@@ -23,6 +23,10 @@ from traces.spec import WorkloadSpec
 GENERATE_BYTES_PER_REQUEST = 221
 
 
+# Burstier than this and the Gamma shape 1/cv² underflows: the draws are all zeros and one huge gap.
+MAX_CV = 100.0
+
+
 def available_memory_bytes() -> int:
     """Memory the system can give this process now without swapping (Linux MemAvailable)."""
     try:
@@ -56,8 +60,8 @@ def check_size(spec: WorkloadSpec, duration_s: float, bytes_per_request: float =
 def _check_process(rate: float, cv: float) -> None:
     if not math.isfinite(rate) or rate < 0:
         raise WorkloadError(f"arrivals: rate must be a finite number >= 0 (got {rate})")
-    if not math.isfinite(cv) or cv <= 0:
-        raise WorkloadError(f"arrivals: cv must be a finite number > 0 (got {cv})")
+    if not math.isfinite(cv) or not 0 < cv <= MAX_CV:
+        raise WorkloadError(f"arrivals: cv must be a number within (0, {MAX_CV:g}] (got {cv})")
 
 
 def _gaps(rng: np.random.Generator, rate: float, cv: float, n: int) -> np.ndarray:
