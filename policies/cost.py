@@ -590,7 +590,23 @@ class InterferenceModel:
         path = Path(path)
         if not path.exists():
             raise CostModelError(f"{path}: interference table not found")
-        return cls.fit(pd.read_csv(path), label=f"fitted: {path.name}")
+        try:
+            table = pd.read_csv(path)
+        except Exception as e:  # pandas raises several types for unreadable files
+            raise CostModelError(f"{path}: not a readable CSV ({type(e).__name__})") from None
+        missing = set(INTERFERENCE_FIT_COLUMNS) - set(table.columns)
+        if missing:
+            raise CostModelError(f"{path}: interference table lacks column(s) {', '.join(sorted(missing))}")
+        for col in ("own_pct", "other_pct", "slowdown"):
+            values = pd.to_numeric(table[col], errors="coerce").to_numpy(float)
+            positive = col == "slowdown"
+            blank = table[col].isna().to_numpy()  # not measured (no concurrent samples): `fit` skips it
+            bad = np.flatnonzero(~blank & (~np.isfinite(values) | ((values <= 0) if positive else (values < 0))))
+            if bad.size:  # line 1 is the header, so data row i is line i + 2
+                i = int(bad[0])
+                rule = "a number > 0" if positive else "a number ≥ 0"
+                raise CostModelError(f"{path}: line {i + 2}: {col} = {table[col].iat[i]!r}: must be {rule}")
+        return cls.fit(table, label=f"fitted: {path.name}")
 
 
 def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:

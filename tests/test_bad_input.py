@@ -110,6 +110,15 @@ def test_a_bad_profile_cell_names_its_csv_line(tmp_path: Path) -> None:
         TableCostModel.from_profile(path)
 
 
+def test_a_bad_interference_row_names_its_csv_line_and_blank_means_not_measured(tmp_path: Path) -> None:
+    path = tmp_path / "interference.csv"
+    path.write_text("phase,own_pct,other_pct,slowdown\nprefill,50,50,1.3\ndecode,30,70,\ndecode,30,abc,1.4\n")
+    assert error(f"sim.interference={path}") == (f"ConfigError: sim.interference: {path}: line 4: other_pct = 'abc': "
+                                                 "must be a number ≥ 0")
+    path.write_text("phase,own_pct,other_pct,slowdown\nprefill,50,50,1.3\ndecode,30,70,\n")
+    assert precheck([f"sim.interference={path}"], CONF_DIR) is None
+
+
 # ---- options: batching, placement, simulator ------------------------------------------------------
 
 @pytest.mark.parametrize(("override", "expected"), [
