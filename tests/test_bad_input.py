@@ -30,7 +30,7 @@ from experiments.precheck import precheck
 from policies.batching import ADBS, FCFS
 from policies.cost import CostModelError, TableCostModel
 from policies.placement_algos import PlacerOptions
-from traces import Workload, WorkloadError, generate, muxserve_synthetic
+from traces import Workload, WorkloadError, generate, load, muxserve_synthetic
 from traces import __main__ as traces_cli
 from traces.ops import MAX_IDLE_GAP_S, skip_idle
 
@@ -239,6 +239,15 @@ def test_workload_csv_errors_name_the_file_line(tmp_path: Path) -> None:
     with pytest.raises(WorkloadError, match=r"w.csv: line 3: column prompt_tokens must be > 0"):
         Workload.read(path)
     assert traces_cli.main(["stats", str(path)]) == 2
+
+
+def test_json_list_errors_name_the_record_and_its_line(tmp_path: Path) -> None:
+    good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps([good, good, {"id": "x"}], indent=2))
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if '"id"' in text) - 1
+    with pytest.raises(WorkloadError, match=rf"sharegpt.json: record 2 \(line {line}\): missing column conversations"):
+        load(path, format="sharegpt", rate=1.0)
 
 
 # ---- other apps -------------------------------------------------------------------------------------
