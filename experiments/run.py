@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -48,6 +47,7 @@ from experiments.config import (
 from experiments.max_rate import find_max_rate
 from experiments.systems import check_baseline, place
 from policies.cost import InterferenceModel
+from policies.records import records_file, write_atomically
 
 log = logging.getLogger("muxsim.run")
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -91,19 +91,6 @@ class Terminated(KeyboardInterrupt):
 
 def _terminate(signum: int, frame: object) -> None:
     raise Terminated
-
-
-def records_paths(out_dir: Path, system: str) -> tuple[Path, Path, Path]:
-    """(while writing, complete, partial): a file under the final name is always complete."""
-    final = out_dir / f"records_{system}.parquet"
-    return final.with_name(final.name + ".tmp"), final, out_dir / f"records_{system}.partial.parquet"
-
-
-def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
-    """`write(temp)` then rename onto `path`: a reader never sees a half-written file."""
-    temp = path.with_name(path.name + ".tmp")
-    write(temp)
-    os.replace(temp, path)
 
 
 def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
@@ -201,28 +188,25 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
         for system in cfg.systems:
             simulate = partial(simulate_system, runner, cfg, system, cluster, cost, interference)
             progress = SimProgress(system, bar_total, bool(cfg.report.progress) and progress_bars)
-            writing, final, partial_path = records_paths(out_dir, system)
+            records = out_dir / f"records_{system}.parquet" if cfg.report.records else None
             t0 = time.perf_counter()
-            finished = False
             try:
-                placement, placement_s = placements[system]
-                sr = simulate(workload, writing if cfg.report.records else None, progress, placement)
-                sr.stats["placement_s"] = placement_s
-                finished = True
+                with records_file(records) as writing:  # complete under its name, else .partial.parquet
+                    placement, placement_s = placements[system]
+                    sr = simulate(workload, writing, progress, placement)
+                    sr.stats["placement_s"] = placement_s
             except _user_errors() as e:
                 # The SLO baseline places every LLM spatially, so name the system that was running.
                 raise type(e)(f"while running {system}: {e}") from None
             finally:
                 progress.close()
-                if writing.exists():  # the executor closed it: complete on success, else partial
-                    os.replace(writing, final if finished else partial_path)
             log.info("%s: %.1f s wall, %.2f req/s", system, time.perf_counter() - t0,
                      sr.summary.overall["throughput_rps"])
             rows.append(summary_row(system, sr, facts))
             per_llm.append(sr.summary.per_llm.assign(system=system))
             res.records[system] = sr.records
             placement_json = json.dumps(sr.placement.to_dict(), indent=1, default=str)
-            atomic_write(out_dir / f"placement_{system}.json", lambda p, text=placement_json: p.write_text(text))
+            write_atomically(out_dir / f"placement_{system}.json", lambda p, text=placement_json: p.write_text(text))
             if search is not None:  # after the row is kept, so Ctrl-C during the search loses only the search
                 rows[-1] |= find_max_rate(search, cfg, simulate, system)
     except KeyboardInterrupt as e:
@@ -287,11 +271,11 @@ def _batcher_override(system: str, batcher: str) -> dict[str, Any]:
 def write_results(res: Results, cfg: DictConfig) -> None:
     if res.summary.empty:
         return
-    atomic_write(res.out_dir / "summary.csv", lambda p: res.summary.to_csv(p, index=False))
-    atomic_write(res.out_dir / "summary.json", lambda p: p.write_text(json.dumps(
+    write_atomically(res.out_dir / "summary.csv", lambda p: res.summary.to_csv(p, index=False))
+    write_atomically(res.out_dir / "summary.json", lambda p: p.write_text(json.dumps(
         {"config": OmegaConf.to_container(cfg, resolve=True), "interrupted": res.interrupted,
          "systems": res.summary.to_dict(orient="records")}, indent=1, default=_json_default)))
-    atomic_write(res.out_dir / "per_llm.csv", lambda p: res.per_llm.to_csv(p, index=False))
+    write_atomically(res.out_dir / "per_llm.csv", lambda p: res.per_llm.to_csv(p, index=False))
     if cfg.report.plots:
         res.plots = [
             plots.slo_curves(res.summary, res.out_dir / "slo_attainment.png"),

@@ -59,7 +59,7 @@ from hwloop.profiler import (
 from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
 from policies.cost import CostModelError, TableCostModel
 from policies.placement import Placement, PlacementError
-from policies.records import RECORD_COLUMNS
+from policies.records import RECORD_COLUMNS, records_file, write_atomically
 from policies.specs import ClusterSpec, ModelSpec, SpecError
 from sim.metrics import standalone_latency, summarize
 from traces import WorkloadError, generate
@@ -282,14 +282,15 @@ def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparis
     common = {"batching_opts": batching_opts(s, batcher), "mode": "mixed", "extra_specs": s.specs,
               "placement": placement}
     end = float(s.workload.df["arrival_s"].max())
-    with _bar(f"{system:>9} sim", end, "s", s.progress) as bar:
+    with _bar(f"{system:>9} sim", end, "s", s.progress) as bar, \
+            records_file(out / f"records_{system}_sim.parquet") as records:
         sim = run_system(system, s.workload, cluster, cost, core_slices=slices, progress=_to(bar),
-                         records_path=out / f"records_{system}_sim.parquet", **common)
+                         records_path=records, **common)
     load = os.getloadavg()[0]
-    with _bar(f"{system:>9} hw", end, "s", s.progress) as bar:
+    with _bar(f"{system:>9} hw", end, "s", s.progress) as bar, \
+            records_file(out / f"records_{system}_hw.parquet") as records:
         hw = hardware.run_system(system, s.workload, cluster, cost, gpu_cores=gpu_cores, progress=_to(bar),
-                                 records_path=out / f"records_{system}_hw.parquet", work_dir=out / "hw" / system,
-                                 **common)
+                                 records_path=records, work_dir=out / "hw" / system, **common)
     hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
     return Comparison(system, {"sim": sim.records, "hw": hw.records}, {"sim": sim.stats, "hw": hw.stats},
                       placement, slices)
@@ -407,12 +408,13 @@ def report(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, profiles
 
 def write_summary(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, paths: list[Path], out: Path,
                   cfg: DictConfig) -> None:
-    rows.to_csv(out / "summary.csv", index=False)
+    write_atomically(out / "summary.csv", lambda p: rows.to_csv(p, index=False))
     stats = {c.system: c.stats for c in comparisons}
     doc = {"config": OmegaConf.to_container(cfg, resolve=True), "command": " ".join(sys.argv),
            "cores": list(s.cores), "host": host_info(), "profiles": {str(p): profile_noise(p) for p in paths},
            "stats": stats, "rows": rows.to_dict(orient="records")}
-    (out / "summary.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    text = json.dumps(doc, indent=1, default=_json_default)
+    write_atomically(out / "summary.json", lambda p: p.write_text(text))
 
 
 def _json_default(value: Any) -> Any:
