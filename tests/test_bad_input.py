@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import signal
 import subprocess
@@ -43,6 +44,7 @@ TINY = ["models.types=[llama-7b,llama-7b,llama-13b]", "models.top_rate=3", "clus
 def main(app: object, args: list[str], out: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
     """(exit status, stderr) of a command's main() called in this process, like a shell would."""
     argv, handler = sys.argv, signal.getsignal(signal.SIGTERM)
+    root, level = logging.root.handlers[:], logging.root.level
     sys.argv = ["muxsim", *args, f"hydra.run.dir={out}"]
     capsys.readouterr()
     code = 0
@@ -54,6 +56,10 @@ def main(app: object, args: list[str], out: Path, capsys: pytest.CaptureFixture[
         sys.argv = argv
         signal.signal(signal.SIGTERM, handler)
         GlobalHydra.instance().clear()
+        for h in logging.root.handlers:  # Hydra's, on this test's captured stderr and run.log
+            if h not in root:
+                h.close()
+        logging.root.handlers[:], logging.root.level = root, level
     return code, capsys.readouterr().err
 
 
