@@ -93,6 +93,10 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
+    return signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+
+
 def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
     """Columns that make a summary row self-describing once sweeps are collected into one table."""
     df = workload.df
@@ -211,9 +215,8 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
                 rows[-1] |= find_max_rate(search, cfg, simulate, system)
     except KeyboardInterrupt as e:
         res.interrupted = True
-        res.exit_status = 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
-        log.warning("interrupted (%s): writing the %d system(s) that finished",
-                    "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C", len(rows))
+        res.exit_status = 128 + _signal_of(e)
+        log.warning("interrupted (%s): writing the %d system(s) that finished", _signal_of(e).name, len(rows))
     finally:
         for h in console_handlers():
             h.removeFilter(quiet)
@@ -362,7 +365,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except KeyboardInterrupt as e:  # before the first system started: nothing to keep
         print("interrupted before any system ran", file=sys.stderr)
-        sys.exit(128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT))
+        sys.exit(128 + _signal_of(e))
     if multirun:
         overrides = " ".join(HydraConfig.get().overrides.task)
         for row in res.summary.itertuples():
@@ -373,9 +376,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if res.interrupted:
         sys.exit(res.exit_status)
     failed = res.all_failed()
-    if failed:
-        print(f"RunError: no request finished under {'; '.join(failed)}", file=sys.stderr)
-        sys.exit(1)
+    if failed:  # a sweep goes on with its other jobs; a single run says so in its exit status
+        message = f"RunError: no request finished under {'; '.join(failed)}"
+        if multirun:
+            log.error("%s", message)
+        else:
+            print(message, file=sys.stderr)
+            sys.exit(1)
     # The sweep's objective, for optimising sweepers: the first system's throughput.
     return float(res.summary["throughput_rps"].iloc[0]) if not res.summary.empty else None
 
