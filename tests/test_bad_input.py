@@ -256,6 +256,13 @@ def test_json_list_errors_name_the_record_and_its_line(tmp_path: Path) -> None:
         load(path, format="sharegpt", rate=1.0)
 
 
+@pytest.mark.parametrize("args", [["--seed", "-1"], ["--cv", "1e308"], ["--duration", "1e308"], ["--scale", "1e308"]])
+def test_traces_synth_refuses_what_numpy_would_crash_on(tmp_path: Path, args: list[str],
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    assert traces_cli.main(["synth", *args, "-o", str(tmp_path / "w.parquet")]) == 2
+    assert one_line(capsys.readouterr().err).startswith("error: ")
+
+
 # ---- other apps -------------------------------------------------------------------------------------
 
 def test_place_out_a_directory_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -15,6 +15,7 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 
 from traces.schema import DropLog, Workload, WorkloadError
+from traces.synthetic import seeded
 
 logger = logging.getLogger("traces")
 
@@ -118,7 +119,7 @@ def sample(workload: Workload, n: int, seed: int = 0) -> Workload:
     if not 0 < n <= len(workload):
         raise WorkloadError(f"{_source(workload)}: cannot sample {n} of {len(workload)} requests")
     keep = np.zeros(len(workload), dtype=bool)
-    keep[np.random.default_rng(seed).choice(len(workload), n, replace=False)] = True
+    keep[seeded(seed).choice(len(workload), n, replace=False)] = True
     drops = DropLog(_source(workload))
     df = drops.drop(workload.df, ~keep, f"not in a random sample of {n} (seed {seed})")
     return workload.with_frame(

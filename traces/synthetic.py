@@ -57,6 +57,13 @@ def check_size(spec: WorkloadSpec, duration_s: float, bytes_per_request: float =
         )
 
 
+def seeded(seed: object) -> np.random.Generator:
+    """A generator for `seed`, refusing what numpy would fail on deep inside with a traceback."""
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise WorkloadError(f"seed must be an integer >= 0 (got {seed!r})")
+    return np.random.default_rng(int(seed))
+
+
 def _check_process(rate: float, cv: float) -> None:
     if not math.isfinite(rate) or rate < 0:
         raise WorkloadError(f"arrivals: rate must be a finite number >= 0 (got {rate})")
@@ -111,6 +118,7 @@ def generate(
     if not math.isfinite(duration_s) or duration_s <= 0:
         raise WorkloadError(f"generate: duration_s must be a finite number > 0 (got {duration_s})")
     check_size(spec, duration_s)
+    seeded(seed)
     children = np.random.SeedSequence(seed).spawn(len(spec.llms))
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for child, llm in zip(children, spec.llms, strict=True):

@@ -21,7 +21,7 @@ from traces.loaders._common import (
     record_where,
 )
 from traces.schema import DropLog, Workload, WorkloadError
-from traces.synthetic import arrivals_count
+from traces.synthetic import arrivals_count, seeded
 from traces.tokens import token_counter
 
 
@@ -54,7 +54,7 @@ def load_sharegpt(
     frame = first_exchanges(raw, frame, "conversations", ("from", "value"), ("human", "gpt"), drops)
     frame = drop_empty_lengths(count_tokens(frame, counter), drops)
     frame = frame.assign(
-        arrival_s=arrivals_count(np.random.default_rng(seed), rate, len(frame), cv),
+        arrival_s=arrivals_count(seeded(seed), rate, len(frame), cv),
         model=model,
         source_row=frame["pos"],
     ).drop(columns=["pos", "conversations"])
