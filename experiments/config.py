@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments.systems import SYSTEMS
-from policies.batching import BATCHING_POLICIES
+from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
 from policies.cost import (
     CompositeCostModel,
     CostModel,
@@ -30,8 +30,17 @@ from policies.cost import (
 )
 from policies.placement_algos import PLACERS, PlacerOptions
 from policies.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, model_spec
+from policies.view import EXECUTION_MODES
 from sim.metrics import SLO_SCALES
-from traces import Workload, generate, load, power_law_spec
+from traces import FORMATS, Workload, WorkloadError, generate, load, power_law_spec
+from traces.loaders import check_options
+from traces.ops import skip_idle
+from traces.synthetic import MAX_CV, check_size
+
+# Peak memory of a whole run per request (generation, simulation, records, summary): 0.8-2.1 KiB,
+# measured as the growth of peak RSS over 23k- and 46k-request roofline runs of one system. An
+# estimate, used only to refuse a workload that cannot fit before anything is allocated.
+RUN_BYTES_PER_REQUEST = 2048
 
 # The Hydra config groups every app composes from (run, place, validate).
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -64,6 +73,21 @@ def _check(ok: bool, key: str, rule: str, value: Any) -> None:
         raise ConfigError(f"{key} must be {rule} (got {value!r})")
 
 
+def _mapping(cfg: DictConfig, key: str) -> dict[str, Any]:
+    """A block of options: a mapping, or null for none."""
+    node = OmegaConf.select(cfg, key)
+    if node is None:
+        return {}
+    _check(isinstance(node, DictConfig), key, "a mapping of options (or null)", node)
+    return dict(OmegaConf.to_container(node, resolve=True))  # type: ignore[arg-type]
+
+
+def _flag(cfg: DictConfig, key: str) -> bool:
+    value = _require(cfg, key)
+    _check(isinstance(value, bool), key, "true or false", value)
+    return value
+
+
 def _number(cfg: DictConfig, key: str, rule: str = "", ok: Callable[[float], bool] = lambda v: True) -> float:
     value = _require(cfg, key)
     _check(isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value),
@@ -91,9 +115,8 @@ def placement_opts(cfg: DictConfig, placer: str) -> dict[str, Any]:
     """placement.opts apply to the systems whose placer is placement.policy; others keep defaults."""
     if cfg.placement.policy != placer:
         return {}
-    opts = OmegaConf.to_container(cfg.placement.opts, resolve=True) or {}
     # YAML lists become tuples, the PlacerOptions field types (hashable, like its defaults).
-    return {k: _tuples(v) for k, v in opts.items()}  # type: ignore[union-attr]
+    return {k: _tuples(v) for k, v in _mapping(cfg, "placement.opts").items()}
 
 
 def _tuples(value: Any) -> Any:
@@ -103,7 +126,7 @@ def _tuples(value: Any) -> Any:
 def batching_opts(cfg: DictConfig, batcher: str) -> dict[str, Any]:
     if cfg.batching.policy != batcher:
         return {}
-    return dict(OmegaConf.to_container(cfg.batching.opts, resolve=True) or {})  # type: ignore[arg-type]
+    return _mapping(cfg, "batching.opts")
 
 
 # ---- cluster, cost, workload --------------------------------------------------------------------
@@ -112,12 +135,14 @@ def build_cluster(cfg: DictConfig) -> ClusterSpec:
     c = cfg.cluster
     for key in ("nnodes", "gpus_per_node"):
         value = _require(cfg, f"cluster.{key}")
-        _check(isinstance(value, int) and value >= 1, f"cluster.{key}", "an integer ≥ 1", value)
+        _check(isinstance(value, int) and not isinstance(value, bool) and value >= 1, f"cluster.{key}",
+               "an integer ≥ 1", value)
     gpu = c.gpu
     if isinstance(gpu, str):
         _check(gpu in GPU_PRESETS, "cluster.gpu", f"one of {', '.join(GPU_PRESETS)} or a mapping", gpu)
         spec = GPU_PRESETS[gpu]
     else:
+        _check(isinstance(gpu, DictConfig), "cluster.gpu", f"one of {', '.join(GPU_PRESETS)} or a mapping", gpu)
         fields = {f.name for f in dataclasses.fields(GPUSpec)}
         given = OmegaConf.to_container(gpu, resolve=True)
         unknown = sorted(set(given) - fields)  # type: ignore[arg-type]
@@ -144,18 +169,36 @@ def _table_path(cfg: DictConfig) -> Path:
 
 def build_cost(cfg: DictConfig, cluster: ClusterSpec) -> CostModel:
     c = cfg.cost
-    kind = c.kind
-    if kind == "roofline":
+    table = check_cost(cfg)
+    if table is None:
         return RooflineCostModel(cluster.gpu, compute_efficiency=float(c.compute_efficiency),
                                  bandwidth_efficiency=float(c.bandwidth_efficiency),
                                  bw_saturation_share=float(c.bw_saturation_share))
-    if kind not in ("table", "profile"):
-        raise ConfigError(f"cost.kind must be table, profile or roofline (got {kind!r})")
-    _check(c.extrapolation in ("linear", "error"), "cost.extrapolation", "linear or error", c.extrapolation)
-    path = _table_path(cfg)
-    reader = TableCostModel.from_muxserve_json if kind == "table" else TableCostModel.from_profile
-    table = reader(path, extrapolation=c.extrapolation)
     return CompositeCostModel(table, RooflineCostModel(cluster.gpu)) if c.roofline_fallback else table
+
+
+def check_cost(cfg: DictConfig) -> TableCostModel | None:
+    """Every cost key checked, and the measured table read (None for the roofline)."""
+    kind = _require(cfg, "cost.kind")
+    _check(kind in ("table", "profile", "roofline"), "cost.kind", "table, profile or roofline", kind)
+    if kind == "roofline":
+        for key in ("compute_efficiency", "bandwidth_efficiency", "bw_saturation_share"):
+            _number(cfg, f"cost.{key}", "within (0, 1]", lambda v: 0 < v <= 1)
+        return None
+    extrapolation = _require(cfg, "cost.extrapolation")
+    _check(extrapolation in ("linear", "error"), "cost.extrapolation", "linear or error", extrapolation)
+    _flag(cfg, "cost.roofline_fallback")
+    return read_table(cfg)
+
+
+def read_table(cfg: DictConfig) -> TableCostModel:
+    """The measured table at cost.path, every cell checked (`policies.cost.cell_problem`)."""
+    path = _table_path(cfg)
+    reader = TableCostModel.from_muxserve_json if cfg.cost.kind == "table" else TableCostModel.from_profile
+    try:
+        return reader(path, extrapolation=cfg.cost.extrapolation)
+    except CostModelError as e:
+        raise ConfigError(f"cost.path: {e}") from None
 
 
 def build_interference(cfg: DictConfig) -> InterferenceModel | None:
@@ -172,10 +215,13 @@ def build_interference(cfg: DictConfig) -> InterferenceModel | None:
 
 
 def check_models(cfg: DictConfig) -> list[str]:
-    types = list(_require(cfg, "models.types"))
+    node = _require(cfg, "models.types")
+    _check(isinstance(node, ListConfig), "models.types", "a list of model types", node)
+    types = list(node)
     if not types:
         raise ConfigError("models.types must list at least one model type (got [])")
     for t in types:
+        _check(isinstance(t, str), "models.types", "a list of model type names", t)
         try:
             model_spec(t)
         except SpecError as e:
@@ -186,28 +232,52 @@ def check_models(cfg: DictConfig) -> list[str]:
 
 def check_workload(cfg: DictConfig) -> None:
     w = cfg.workload
-    if w.kind == "synthetic":
+    kind = _require(cfg, "workload.kind")
+    if kind == "synthetic":
         for key, rule, ok in (("alpha", "≥ 0", lambda v: v >= 0), ("scale", "> 0", lambda v: v > 0),
-                              ("cv", "> 0", lambda v: v > 0), ("duration_s", "> 0", lambda v: v > 0)):
+                              ("cv", f"within (0, {MAX_CV:g}]", lambda v: 0 < v <= MAX_CV),
+                              ("duration_s", "> 0", lambda v: v > 0)):
             _number(cfg, f"workload.{key}", rule, ok)
-        _check(isinstance(w.seed, int), "workload.seed", "an integer", w.seed)
-    elif w.kind == "trace":
-        path = absolute(_require(cfg, "workload.path", f" for workload format {w.format} (pass workload.path=FILE)"))
+        seed = _require(cfg, "workload.seed")
+        _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "workload.seed",
+               "an integer ≥ 0", seed)
+        types = check_models(cfg)
+        try:
+            spec = power_law_spec(types, float(w.alpha), top_rate=float(cfg.models.top_rate) * float(w.scale))
+            check_size(spec, float(w.duration_s), RUN_BYTES_PER_REQUEST, "running them")
+        except WorkloadError as e:
+            raise ConfigError(f"workload.scale: {e} (lower workload.scale, workload.duration_s or "
+                              "models.top_rate)") from None
+    elif kind == "trace":
+        fmt = _require(cfg, "workload.format")
+        _check(fmt in FORMATS, "workload.format", f"one of {', '.join(FORMATS)}", fmt)
+        path = absolute(_require(cfg, "workload.path", f" for workload format {fmt} (pass workload.path=FILE)"))
         if not path.is_file():
             raise ConfigError(f"workload.path: trace {path} not found")
+        try:
+            check_options(fmt, _mapping(cfg, "workload.options"))
+        except WorkloadError as e:
+            raise ConfigError(f"workload.options: {e}") from None
     else:
-        raise ConfigError(f"workload.kind must be synthetic or trace (got {w.kind!r})")
+        raise ConfigError(f"workload.kind must be synthetic or trace (got {kind!r})")
 
 
 def build_workload(cfg: DictConfig) -> Workload:
+    """The run's requests: generated or loaded, with idle gaps past `traces.ops.MAX_IDLE_GAP_S`
+    shortened (a warning says so), and refused in one line when they have no request rate."""
     w = cfg.workload
     types = check_models(cfg)
     if w.kind == "synthetic":
         spec = power_law_spec(types, float(w.alpha), top_rate=float(cfg.models.top_rate) * float(w.scale))
-        return generate(spec, float(w.duration_s), seed=int(w.seed), cv=float(w.cv))
-    options = OmegaConf.to_container(w.options, resolve=True) or {}
-    workload = load(absolute(w.path), format=w.format, **options)  # type: ignore[arg-type]
-    return with_model_types(workload, types)
+        workload = generate(spec, float(w.duration_s), seed=int(w.seed), cv=float(w.cv))
+    else:
+        workload = with_model_types(load(absolute(w.path), format=w.format, **_mapping(cfg, "workload.options")), types)
+    if workload.duration_s <= 0:
+        where = f"workload.path: {w.path}" if w.kind == "trace" else "workload.duration_s"
+        raise ConfigError(f"{where}: its {len(workload)} request(s) all arrive at "
+                          f"{workload.df['arrival_s'].iloc[0]:g} s, so the workload has no request rate "
+                          "(it needs at least two distinct arrival times)")
+    return skip_idle(workload)
 
 
 def with_model_types(workload: Workload, types: Sequence[str]) -> Workload:
@@ -274,40 +344,69 @@ def resolve_runner(cfg: DictConfig) -> Callable[..., Any]:
 
 def validate(cfg: DictConfig) -> None:
     """Every check that needs no simulation, so sweeps fail before their first job runs."""
-    systems = list(_require(cfg, "systems"))
-    if not systems:
+    node = _require(cfg, "systems")
+    _check(isinstance(node, ListConfig), "systems", "a list of systems", node)
+    if not node:
         raise ConfigError("systems must list at least one system (got [])")
+    systems = [str(s) for s in node]
     for s in systems:
-        system_policies(str(s))
-    _check(cfg.placement.policy in PLACERS, "placement.policy", f"one of {', '.join(PLACERS)}",
-           cfg.placement.policy)
-    known = {f.name for f in dataclasses.fields(PlacerOptions)}
-    unknown = sorted(set(cfg.placement.opts or {}) - known)
-    if unknown:
-        raise ConfigError(f"placement.opts: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-    try:
-        PlacerOptions(**placement_opts(cfg, cfg.placement.policy))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"placement.opts: {e}") from None
-    policy = cfg.batching.policy
-    _check(policy in BATCHING_POLICIES, "batching.policy", f"one of {', '.join(BATCHING_POLICIES)}", policy)
-    fields = {f.name for f in dataclasses.fields(BATCHING_POLICIES[policy])}
-    unknown = sorted(set(cfg.batching.opts or {}) - fields)
-    if unknown:
-        raise ConfigError(f"batching.opts: unknown option(s) {', '.join(unknown)} for {policy} (known: {', '.join(sorted(fields))})")
+        system_policies(s)
+    twice = sorted({s for s in systems if systems.count(s) > 1})
+    if twice:
+        raise ConfigError(f"systems: {', '.join(twice)} listed twice (each system's files are named after it)")
+    check_placement_opts(cfg)
+    check_batching_opts(cfg)
     check_models(cfg)
     check_workload(cfg)
     build_cluster(cfg)
-    _check(cfg.cost.kind in ("table", "profile", "roofline"), "cost.kind", "table, profile or roofline",
-           cfg.cost.kind)
-    if cfg.cost.kind != "roofline":
-        _table_path(cfg)
-    horizon = cfg.sim.horizon_s
-    if horizon is not None:
-        _check(isinstance(horizon, int | float) and horizon > 0, "sim.horizon_s", "> 0 or null", horizon)
+    check_cost(cfg)
+    check_sim(cfg)
     build_interference(cfg)
-    scales = list(cfg.report.slo_scales)
-    _check(all(isinstance(s, int | float) and s > 0 for s in scales), "report.slo_scales",
-           "a list of numbers > 0", scales)
+    check_report(cfg)
     max_rate_search(cfg)
     resolve_runner(cfg)
+
+
+def check_placement_opts(cfg: DictConfig) -> None:
+    policy = _require(cfg, "placement.policy")
+    _check(policy in PLACERS, "placement.policy", f"one of {', '.join(PLACERS)}", policy)
+    known = {f.name for f in dataclasses.fields(PlacerOptions)}
+    unknown = sorted(set(_mapping(cfg, "placement.opts")) - known)
+    if unknown:
+        raise ConfigError(f"placement.opts: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    try:
+        PlacerOptions(**placement_opts(cfg, policy))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"placement.opts.{e}" if str(e).split(" ")[0] in known else f"placement.opts: {e}") from None
+
+
+def check_batching_opts(cfg: DictConfig) -> None:
+    policy = _require(cfg, "batching.policy")
+    _check(policy in BATCHING_POLICIES, "batching.policy", f"one of {', '.join(BATCHING_POLICIES)}", policy)
+    fields = {f.name for f in dataclasses.fields(BATCHING_POLICIES[policy])} - set(FIXED_FIELDS)
+    opts = _mapping(cfg, "batching.opts")
+    unknown = sorted(set(opts) - fields)
+    if unknown:
+        raise ConfigError(f"batching.opts: unknown option(s) {', '.join(unknown)} for {policy} (known: {', '.join(sorted(fields))})")
+    try:
+        BATCHING_POLICIES[policy](**opts)
+    except ValueError as e:
+        raise ConfigError(f"batching.opts.{e}") from None
+
+
+def check_sim(cfg: DictConfig) -> None:
+    mode = _require(cfg, "sim.mode")
+    _check(mode in EXECUTION_MODES, "sim.mode", " or ".join(EXECUTION_MODES), mode)
+    _flag(cfg, "sim.skip_steps")
+    horizon = _require(cfg, "sim.horizon_s")
+    if horizon is not None:
+        _number(cfg, "sim.horizon_s", "> 0 or null", lambda v: v > 0)
+
+
+def check_report(cfg: DictConfig) -> None:
+    scales = _require(cfg, "report.slo_scales")
+    _check(isinstance(scales, ListConfig) and len(scales) > 0
+           and all(isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s) and s > 0
+                   for s in scales), "report.slo_scales", "a non-empty list of numbers > 0", scales)
+    for key in ("progress", "plots", "records"):
+        _flag(cfg, f"report.{key}")

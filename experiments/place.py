@@ -108,20 +108,41 @@ def place_from_config(cfg: DictConfig, out: str | Path | None, console: Console 
     return place_and_report(demands, cluster, cost, policy, out, console, **placement_opts(cfg, policy))
 
 
+def check_out(cfg: DictConfig) -> None:
+    """`out` must name a file that can be written, checked before the placer runs."""
+    if cfg.get("out") is None:
+        return
+    out = absolute(cfg.out)
+    if out.is_dir():
+        raise ConfigError(f"out: {out} is a directory; give a file name (e.g. out={out / 'placement.yaml'})")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ConfigError(f"out: cannot write {out} ({parent} is not a writable directory)")
+
+
+def check(cfg: DictConfig) -> None:
+    validate(cfg)
+    check_out(cfg)
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="place", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     out = absolute(cfg.out) if cfg.out else Path(HydraConfig.get().runtime.output_dir) / "placement.yaml"
     try:
+        check_out(cfg)
         place_from_config(cfg, out)
     except USER_ERRORS as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as e:  # the file system refused `out` after all (full disk, permissions)
+        print(f"ConfigError: out: cannot write {out} ({e.strerror})", file=sys.stderr)
         sys.exit(2)
 
 
 def main() -> None:
     from experiments.precheck import exit_on, precheck
 
-    exit_on(precheck(sys.argv[1:], config_name="place"))
+    exit_on(precheck(sys.argv[1:], config_name="place", check=check))
     _hydra_main()
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +45,9 @@ from experiments.config import (
     validate,
 )
 from experiments.max_rate import find_max_rate
+from experiments.systems import check_baseline, place
 from policies.cost import InterferenceModel
+from policies.records import records_file, write_atomically
 
 log = logging.getLogger("muxsim.run")
 def _user_errors() -> tuple[type[Exception], ...]:
@@ -68,7 +71,30 @@ class Results:
     per_llm: pd.DataFrame = field(default_factory=pd.DataFrame)
     records: dict[str, pd.DataFrame] = field(default_factory=dict)
     interrupted: bool = False
+    exit_status: int = 0  # 128 + the signal that interrupted the run (130 Ctrl-C, 143 SIGTERM)
     plots: list[Path] = field(default_factory=list)
+
+    def all_failed(self) -> list[str]:
+        """One line per system none of whose requests finished, with the commonest reasons."""
+        lines = []
+        for system, records in self.records.items():
+            if len(records) and not (records["status"] == "finished").any():
+                reasons = records["reason"].value_counts().head(2)
+                why = "; ".join(f"{n} × {reason or 'no reason recorded'}" for reason, n in reasons.items())
+                lines.append(f"{system}: all {len(records)} requests failed ({why})")
+        return lines
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm and `timeout` send), raised where the run is, so it stops as on Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
+def _signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
+    return signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
 
 
 def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
@@ -155,6 +181,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     horizon = cfg.sim.horizon_s
     bar_total = float(horizon) if horizon is not None else float(workload.df["arrival_s"].max())
     search = max_rate_search(cfg)
+    placements = place_all(cfg, cluster, cost, workload)  # every system's, before any simulation
     res = Results(out_dir)
     rows, per_llm = [], []
     # One extrapolation warning per (model, TP) of the table: worth keeping, not worth a screenful.
@@ -165,10 +192,13 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
         for system in cfg.systems:
             simulate = partial(simulate_system, runner, cfg, system, cluster, cost, interference)
             progress = SimProgress(system, bar_total, bool(cfg.report.progress) and progress_bars)
+            records = out_dir / f"records_{system}.parquet" if cfg.report.records else None
             t0 = time.perf_counter()
             try:
-                sr = simulate(workload, out_dir / f"records_{system}.parquet" if cfg.report.records else None,
-                              progress)
+                with records_file(records) as writing:  # complete under its name, else .partial.parquet
+                    placement, placement_s = placements[system]
+                    sr = simulate(workload, writing, progress, placement)
+                    sr.stats["placement_s"] = placement_s
             except _user_errors() as e:
                 # The SLO baseline places every LLM spatially, so name the system that was running.
                 raise type(e)(f"while running {system}: {e}") from None
@@ -179,34 +209,56 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
             rows.append(summary_row(system, sr, facts))
             per_llm.append(sr.summary.per_llm.assign(system=system))
             res.records[system] = sr.records
-            (out_dir / f"placement_{system}.json").write_text(json.dumps(sr.placement.to_dict(), indent=1, default=str))
+            placement_json = json.dumps(sr.placement.to_dict(), indent=1, default=str)
+            write_atomically(out_dir / f"placement_{system}.json", lambda p, text=placement_json: p.write_text(text))
             if search is not None:  # after the row is kept, so Ctrl-C during the search loses only the search
                 rows[-1] |= find_max_rate(search, cfg, simulate, system)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         res.interrupted = True
-        log.warning("interrupted: writing the %d system(s) that finished", len(rows))
+        res.exit_status = 128 + _signal_of(e)
+        log.warning("interrupted (%s): writing the %d system(s) that finished", _signal_of(e).name, len(rows))
     finally:
         for h in console_handlers():
             h.removeFilter(quiet)
     if quiet.count:
         log.info("cost model: %d warning(s) (extrapolation past the measured table), see %s",
                  quiet.count, out_dir / "run.log")
-    res.summary = pd.DataFrame(rows)
+    res.summary = pd.DataFrame(rows).assign(interrupted=res.interrupted) if rows else pd.DataFrame()
     res.per_llm = pd.concat(per_llm, ignore_index=True) if per_llm else pd.DataFrame()
     write_results(res, cfg)
     return res
 
 
+def place_all(cfg: DictConfig, cluster: Any, cost: Any, workload: Any) -> dict[str, tuple[Any, float]]:
+    """(placement, seconds it took) per system, and the SLO baseline's check, so that a system whose
+    placement cannot work is reported before the first system simulates."""
+    try:
+        check_baseline(workload, cluster, cost)
+    except _user_errors() as e:
+        raise type(e)(f"SLO baseline (each LLM alone on its spatial GPUs): {e}") from None
+    out = {}
+    for system in cfg.systems:
+        placer, _ = system_policies(system)
+        t0 = time.perf_counter()
+        try:
+            placement = place(placer, workload, cluster, cost, placement_opts=placement_opts(cfg, placer))
+        except _user_errors() as e:
+            raise type(e)(f"placing {system}: {e}") from None
+        out[system] = (placement, time.perf_counter() - t0)
+    return out
+
+
 def simulate_system(runner: Callable[..., Any], cfg: DictConfig, system: str, cluster: Any, cost: Any,
                     interference: InterferenceModel | None, workload: Any, records_path: Path | None = None,
-                    progress: Callable[[float], None] | None = None) -> Any:
-    """One system on one workload, with cfg's placement, batching and simulator settings."""
+                    progress: Callable[[float], None] | None = None, placement: Any = None) -> Any:
+    """One system on one workload, with cfg's placement, batching and simulator settings; `placement`
+    when it was computed already (the max-rate search places each probe's workload anew)."""
     placer, batcher = system_policies(system)
     return runner(system if "+" not in system else placer, workload, cluster, cost,
                   placement_opts=placement_opts(cfg, placer), batching_opts=batching_opts(cfg, batcher),
                   mode=cfg.sim.mode, skip_steps=bool(cfg.sim.skip_steps), horizon_s=cfg.sim.horizon_s,
-                  records_path=records_path, progress=progress, **_batcher_override(system, batcher),
-                  **_interference(interference))
+                  records_path=records_path, progress=progress, placement=placement,
+                  **_batcher_override(system, batcher), **_interference(interference))
 
 
 def _interference(model: InterferenceModel | None) -> dict[str, Any]:
@@ -222,11 +274,11 @@ def _batcher_override(system: str, batcher: str) -> dict[str, Any]:
 def write_results(res: Results, cfg: DictConfig) -> None:
     if res.summary.empty:
         return
-    res.summary.to_csv(res.out_dir / "summary.csv", index=False)
-    (res.out_dir / "summary.json").write_text(json.dumps(
+    write_atomically(res.out_dir / "summary.csv", lambda p: res.summary.to_csv(p, index=False))
+    write_atomically(res.out_dir / "summary.json", lambda p: p.write_text(json.dumps(
         {"config": OmegaConf.to_container(cfg, resolve=True), "interrupted": res.interrupted,
-         "systems": res.summary.to_dict(orient="records")}, indent=1, default=_json_default))
-    res.per_llm.to_csv(res.out_dir / "per_llm.csv", index=False)
+         "systems": res.summary.to_dict(orient="records")}, indent=1, default=_json_default)))
+    write_atomically(res.out_dir / "per_llm.csv", lambda p: res.per_llm.to_csv(p, index=False))
     if cfg.report.plots:
         res.plots = [
             plots.slo_curves(res.summary, res.out_dir / "slo_attainment.png"),
@@ -311,6 +363,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
             raise
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # before the first system started: nothing to keep
+        print("interrupted before any system ran", file=sys.stderr)
+        sys.exit(128 + _signal_of(e))
     if multirun:
         overrides = " ".join(HydraConfig.get().overrides.task)
         for row in res.summary.itertuples():
@@ -319,7 +374,15 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     else:
         report(res, cfg)
     if res.interrupted:
-        sys.exit(130)
+        sys.exit(res.exit_status)
+    failed = res.all_failed()
+    if failed:  # a sweep goes on with its other jobs; a single run says so in its exit status
+        message = f"RunError: no request finished under {'; '.join(failed)}"
+        if multirun:
+            log.error("%s", message)
+        else:
+            print(message, file=sys.stderr)
+            sys.exit(1)
     # The sweep's objective, for optimising sweepers: the first system's throughput.
     return float(res.summary["throughput_rps"].iloc[0]) if not res.summary.empty else None
 
@@ -328,6 +391,7 @@ def main() -> None:
     from experiments.precheck import exit_on, precheck
 
     exit_on(precheck(sys.argv[1:]))
+    signal.signal(signal.SIGTERM, _terminate)
     _hydra_main()
 
 

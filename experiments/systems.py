@@ -65,6 +65,13 @@ def baseline_latency(records: pd.DataFrame, workload: Workload, cluster: Cluster
     return standalone_latency(records, specs_of(workload, extra), tp_of, cost)
 
 
+def check_baseline(workload: Workload, cluster: ClusterSpec, cost: CostModel,
+                   extra: dict[str, ModelSpec] | None = None) -> None:
+    """Raise PlacementError now if `baseline_latency` could not be computed after a run: every
+    LLM's spatial-baseline mesh must hold its model."""
+    check_feasible(Estimator(demands_from_workload(workload, extra), cluster, cost, PlacerOptions()))
+
+
 def place(system: str, workload: Workload, cluster: ClusterSpec, cost: CostModel, *,
           placement_opts: dict[str, Any] | None = None,
           extra_specs: dict[str, ModelSpec] | None = None) -> Placement:

@@ -39,10 +39,10 @@ import hydra
 import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments import hardware
-from experiments.config import CONF_DIR, ConfigError, absolute, build_cluster
+from experiments.config import CONF_DIR, ConfigError, _check, _number, absolute, build_cluster
 from experiments.plots import SYSTEM_COLORS, _plain_log
 from experiments.systems import SYSTEMS, place, run_system, specs_of
 from hwloop.mirror import CoreShareCost, core_slices, gpu_core_table, profile_shares
@@ -56,16 +56,17 @@ from hwloop.profiler import (
     share_groups,
     write_profile,
 )
-from policies.batching import BATCHING_POLICIES
+from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
 from policies.cost import CostModelError, TableCostModel
 from policies.placement import Placement, PlacementError
-from policies.records import RECORD_COLUMNS
-from policies.specs import ClusterSpec, ModelSpec
+from policies.records import RECORD_COLUMNS, records_file, write_atomically
+from policies.specs import ClusterSpec, ModelSpec, SpecError
 from sim.metrics import standalone_latency, summarize
 from traces import WorkloadError, generate
 from traces.lengths import LengthLimits, LognormalLengths
 from traces.schema import Workload
 from traces.spec import ServedLLM, WorkloadSpec
+from traces.synthetic import MAX_CV
 
 log = logging.getLogger("muxsim.validate")
 USER_ERRORS = (ConfigError, CostModelError, PlacementError, ProfileError, WorkloadError)
@@ -98,12 +99,12 @@ class Setup:
 
 def build_setup(cfg: DictConfig) -> Setup:
     """Every check that needs no engine; each failure is one ConfigError line naming the key."""
-    systems = tuple(str(s) for s in cfg.systems)
+    systems = tuple(str(s) for s in cfg.systems) if isinstance(cfg.systems, ListConfig) else ()
     unknown = [s for s in systems if s not in SYSTEMS]
     if not systems or unknown:
-        raise ConfigError(f"systems must list some of {', '.join(SYSTEMS)} (got {list(systems)})")
+        raise ConfigError(f"systems must list some of {', '.join(SYSTEMS)} (got {cfg.systems})")
     mine = available_cores()
-    cores = tuple(int(c) for c in cfg.cores) if cfg.cores is not None else mine
+    cores = _integers(cfg, "cores", 0) if cfg.cores is not None else mine
     if not cores or not set(cores) <= set(mine):
         raise ConfigError(f"cores must be a non-empty subset of this process's cores {list(mine)} (got {list(cores)})")
     cluster = build_cluster(cfg)
@@ -114,9 +115,12 @@ def build_setup(cfg: DictConfig) -> Setup:
     if not specs:
         raise ConfigError("models must list at least one model shape")
     w = cfg.workload
-    rates = [float(r) for r in w.rates]
-    if not rates or any(not math.isfinite(r) or r <= 0 for r in rates):
-        raise ConfigError(f"workload.rates must be a non-empty list of rates > 0 req/s (got {rates})")
+    rates = list(w.rates) if isinstance(w.rates, ListConfig) else []
+    if not rates or any(isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0
+                        for r in rates):
+        raise ConfigError(f"workload.rates must be a non-empty list of rates > 0 req/s (got {w.rates})")
+    rates = [float(r) for r in rates]
+    check_numbers(cfg)
     if "spatial" in systems and len(rates) > len(cores):
         raise ConfigError(f"systems: spatial gives each LLM its own cores: {len(rates)} LLMs need ≥ {len(rates)} "
                           f"cores, {len(cores)} given (drop spatial or add cores)")
@@ -133,18 +137,58 @@ def build_setup(cfg: DictConfig) -> Setup:
     limits = LengthLimits(prompt_min=min(grid.seq_lens), output_min=4, max_total=max(grid.seq_lens))
     workload = generate(WorkloadSpec(tuple(llms), label="validate"), float(w.duration_s), seed=int(w.seed),
                         cv=float(w.cv), lengths=lengths, limits=limits)
-    scales = tuple(float(k) for k in cfg.report.slo_scales)
-    if not scales or any(k <= 0 for k in scales):
-        raise ConfigError(f"report.slo_scales must be numbers > 0 (got {list(scales)})")
+    given = cfg.report.slo_scales
+    if not isinstance(given, ListConfig) or not given or any(
+            isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k < math.inf for k in given):
+        raise ConfigError(f"report.slo_scales must be a non-empty list of numbers > 0 (got {given})")
+    scales = tuple(float(k) for k in given)
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, {"relative": float(cfg.targets.relative), "slo_points": float(cfg.targets.slo_points)},
                  bool(cfg.report.progress))
 
 
+def _integers(cfg: DictConfig, key: str, lowest: int) -> tuple[int, ...]:
+    values = OmegaConf.select(cfg, key)
+    ok = isinstance(values, ListConfig) and len(values) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= lowest for v in values)
+    _check(ok, key, f"a non-empty list of integers ≥ {lowest}", values)
+    return tuple(values)
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """The numeric keys of the workload, profile grid, batching and targets: a bad profile grid would
+    otherwise fail only inside a started vLLM worker, minutes later."""
+    for key, rule, ok in (("workload.duration_s", "> 0", lambda v: v > 0), ("workload.cv", f"within (0, {MAX_CV:g}]", lambda v: 0 < v <= MAX_CV),
+                          ("workload.prompt_mean", "≥ 1", lambda v: v >= 1), ("workload.output_mean", "≥ 1", lambda v: v >= 1),
+                          ("workload.length_sigma", "within [0, 10]", lambda v: 0 <= v <= 10),
+                          ("workload.seed", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
+                          ("profile.warmup", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
+                          ("profile.repeats", "an integer ≥ 1", lambda v: v == int(v) and v >= 1),
+                          ("targets.relative", "> 0", lambda v: v > 0), ("targets.slo_points", "> 0", lambda v: v > 0)):
+        _number(cfg, key, rule, ok)
+    _integers(cfg, "profile.batches", 1)
+    _integers(cfg, "profile.seq_lens", 1)
+    opts = OmegaConf.select(cfg, "batching")
+    _check(opts is None or isinstance(opts, DictConfig), "batching", "a mapping of options (or null)", opts)
+    given = dict(OmegaConf.to_container(opts, resolve=True) or {}) if opts is not None else {}  # type: ignore[arg-type]
+    known = set().union(*({f.name for f in dataclasses.fields(c)} for c in BATCHING_POLICIES.values())) - set(FIXED_FIELDS)
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise ConfigError(f"batching: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    for policy in BATCHING_POLICIES.values():
+        fields = {f.name for f in dataclasses.fields(policy)}
+        try:
+            policy(**{k: v for k, v in given.items() if k in fields})
+        except ValueError as e:
+            raise ConfigError(f"batching.{e}") from None
+
+
 def _model(i: int, m: Any) -> ModelSpec:
     try:
         return ModelSpec(**OmegaConf.to_container(m, resolve=True))  # type: ignore[arg-type]
+    except SpecError as e:
+        raise ConfigError(f"models[{i}]: {e}") from None
     except TypeError as e:
         raise ConfigError(f"models[{i}]: {e} (fields: {', '.join(f.name for f in dataclasses.fields(ModelSpec))})") from None
 
@@ -238,14 +282,15 @@ def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparis
     common = {"batching_opts": batching_opts(s, batcher), "mode": "mixed", "extra_specs": s.specs,
               "placement": placement}
     end = float(s.workload.df["arrival_s"].max())
-    with _bar(f"{system:>9} sim", end, "s", s.progress) as bar:
+    with _bar(f"{system:>9} sim", end, "s", s.progress) as bar, \
+            records_file(out / f"records_{system}_sim.parquet") as records:
         sim = run_system(system, s.workload, cluster, cost, core_slices=slices, progress=_to(bar),
-                         records_path=out / f"records_{system}_sim.parquet", **common)
+                         records_path=records, **common)
     load = os.getloadavg()[0]
-    with _bar(f"{system:>9} hw", end, "s", s.progress) as bar:
+    with _bar(f"{system:>9} hw", end, "s", s.progress) as bar, \
+            records_file(out / f"records_{system}_hw.parquet") as records:
         hw = hardware.run_system(system, s.workload, cluster, cost, gpu_cores=gpu_cores, progress=_to(bar),
-                                 records_path=out / f"records_{system}_hw.parquet", work_dir=out / "hw" / system,
-                                 **common)
+                                 records_path=records, work_dir=out / "hw" / system, **common)
     hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
     return Comparison(system, {"sim": sim.records, "hw": hw.records}, {"sim": sim.stats, "hw": hw.stats},
                       placement, slices)
@@ -363,12 +408,13 @@ def report(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, profiles
 
 def write_summary(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, paths: list[Path], out: Path,
                   cfg: DictConfig) -> None:
-    rows.to_csv(out / "summary.csv", index=False)
+    write_atomically(out / "summary.csv", lambda p: rows.to_csv(p, index=False))
     stats = {c.system: c.stats for c in comparisons}
     doc = {"config": OmegaConf.to_container(cfg, resolve=True), "command": " ".join(sys.argv),
            "cores": list(s.cores), "host": host_info(), "profiles": {str(p): profile_noise(p) for p in paths},
            "stats": stats, "rows": rows.to_dict(orient="records")}
-    (out / "summary.json").write_text(json.dumps(doc, indent=1, default=_json_default))
+    text = json.dumps(doc, indent=1, default=_json_default)
+    write_atomically(out / "summary.json", lambda p: p.write_text(text))
 
 
 def _json_default(value: Any) -> Any:

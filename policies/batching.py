@@ -7,6 +7,7 @@ are the pure functions at the top.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +90,27 @@ def mixed_launch(llm: LLMView, view: UnitView, units: int, max_tokens: int) -> L
     return Launch(llm.name, "mixed", ids(admitted) + ids(batch), units, ids(preempted))
 
 
+class BatchingOptionError(ValueError):
+    """An option out of its range; the message starts with the option's name."""
+
+
+def check_option(name: str, value: object, rule: str, ok: bool) -> None:
+    if not ok:
+        raise BatchingOptionError(f"{name} must be {rule} (got {value!r})")
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_common(policy: ADBS | _Exclusive) -> None:
+    """The options every batching policy has."""
+    tokens, period = policy.max_prefill_tokens, policy.quota_period_s
+    check_option("max_prefill_tokens", tokens, "an integer ≥ 1",
+                 isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 1)
+    check_option("quota_period_s", period, "a number ≥ 0 (0: quotas never move)", is_number(period) and period >= 0)
+
+
 def ids(requests: Iterable[Request]) -> tuple[int, ...]:
     return tuple([r.request_id for r in requests])
 
@@ -130,6 +152,14 @@ class ADBS:
     low_util: float = 0.5
     name: str = "adbs"
     exclusive: bool = False
+
+    def __post_init__(self) -> None:
+        """Options are checked here, where they enter: a negative budget or a utilisation above 1
+        would run without complaint and move KV quotas in ways no figure would reveal."""
+        check_common(self)
+        check_option("high_util", self.high_util, "within (0, 1]", is_number(self.high_util) and 0 < self.high_util <= 1)
+        check_option("low_util", self.low_util, f"within (0, high_util = {self.high_util}]",
+                     is_number(self.low_util) and 0 < self.low_util <= self.high_util)
 
     def quotas(self, view: UnitView) -> dict[str, int]:
         pool = view.kv_blocks_total
@@ -209,6 +239,9 @@ class _Exclusive:
     quota_period_s: float = 0.0
     exclusive: bool = True
 
+    def __post_init__(self) -> None:
+        check_common(self)
+
     def quotas(self, view: UnitView) -> dict[str, int]:
         return {x.name: view.kv_blocks_total for x in view.llms}
 
@@ -259,6 +292,8 @@ class RoundRobin(_Exclusive):
 
 
 BATCHING_POLICIES = {"adbs": ADBS, "fcfs": FCFS, "round_robin": RoundRobin}
+# What a user may set; `name` and `exclusive` say what a policy is, not how it is tuned.
+FIXED_FIELDS = ("name", "exclusive")
 
 
 def make_batching(name: str, **kwargs: object) -> ADBS | FCFS | RoundRobin:

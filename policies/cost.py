@@ -76,6 +76,65 @@ def mixed_step_time(cost: CostModel, model: ModelSpec, tp: int, sm_pct: int, pre
     return t
 
 
+# MuxServe's JSON marks a cell it did not measure with -1; any other value must be a latency.
+NOT_MEASURED = -1
+# One step of one batch taking longer than an hour is no measurement of an LLM step: a typo or a
+# unit mistake (the A100 table's slowest cell is 11.3 s).
+MAX_STEP_MS = 3.6e6
+
+
+def cell_problem(value: object, published: bool) -> str:
+    """Why a latency cell (ms) cannot be used, or "" when it can."""
+    allowed = f"a latency in ms within (0, {MAX_STEP_MS:.0f}]" + (f", or {NOT_MEASURED} for not measured" if published else "")
+    if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
+        return f"must be {allowed}"
+    v = float(value)
+    if published and v == NOT_MEASURED:
+        return ""
+    if not math.isfinite(v) or v <= 0 or v > MAX_STEP_MS:
+        return f"must be {allowed}"
+    return ""
+
+
+def _json_line(text: str, keys: tuple[str, ...]) -> int:
+    """The 1-based line of the value at `keys` in a JSON text (for error messages only).
+
+    Follows the keys through the nesting with a small scanner that skips strings and counts depth, so
+    a key that also appears deeper in an earlier sibling is not mistaken for the one wanted.
+    """
+    pos = 0
+    for key in keys:
+        pos = _find_key(text, key, pos)
+        if pos < 0:
+            return 1
+    return text.count("\n", 0, pos) + 1
+
+
+def _find_key(text: str, key: str, start: int) -> int:
+    """Position just past `"key":` among the keys of the first object that opens after `start`."""
+    level, i, n, token = 0, start, len(text), f'"{key}"'
+    while i < n:
+        c = text[i]
+        if c == '"':
+            if level == 1 and text.startswith(token, i):
+                j = i + len(token)
+                while j < n and text[j] in " \t\r\n":
+                    j += 1
+                if j < n and text[j] == ":":
+                    return j + 1
+            i += 1
+            while i < n and text[i] != '"':
+                i += 2 if text[i] == "\\" else 1
+        elif c in "{[":
+            level += 1
+        elif c in "}]":
+            level -= 1
+            if level <= 0:
+                return -1
+        i += 1
+    return -1
+
+
 @dataclass(frozen=True)
 class Grid:
     """Latency in seconds on a (sm %, batch, seq_len) grid; NaN where not measured."""
@@ -114,14 +173,21 @@ class TableCostModel:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def from_muxserve_json(cls, path: str | Path, **kw: object) -> TableCostModel:
-        """MuxServe's latency JSON as published: model → tp → sm% → batch → seq_len → {prefill, decoding} ms."""
+        """MuxServe's latency JSON as published: model → tp → sm% → batch → seq_len → {prefill, decoding} ms.
+
+        Every cell is checked on the way in (`cell_problem`): one bad number would otherwise skew every
+        step it is interpolated into, and the run would finish with plausible-looking wrong figures.
+        """
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            text = path.read_text()
+            raw = json.loads(text)
         except FileNotFoundError:
             raise CostModelError(f"{path}: latency table not found") from None
+        except UnicodeDecodeError as e:
+            raise CostModelError(f"{path}: not UTF-8 text ({e.reason})") from None
         except json.JSONDecodeError as e:
-            raise CostModelError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            raise CostModelError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
         rows = []
         try:
             for model, by_tp in raw.items():
@@ -130,10 +196,17 @@ class TableCostModel:
                         for b, by_s in by_b.items():
                             for s, cell in by_s.items():
                                 for phase, key in (("prefill", "prefill"), ("decode", "decoding")):
-                                    v = float(cell[key])
+                                    value = cell[key]
+                                    problem = cell_problem(value, published=True)
+                                    if problem:
+                                        where = "/".join((model, tp, sm, b, s, key))
+                                        raise CostModelError(f"{path}: line {_json_line(text, (model, tp, sm, b, s, key))}: "
+                                                             f"{where} = {value!r}: {problem}")
                                     rows.append((model, int(tp), int(sm), int(b), int(s), phase,
-                                                 np.nan if v < 0 else v))
+                                                 np.nan if value == NOT_MEASURED else float(value)))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
+            if isinstance(e, CostModelError):
+                raise
             raise CostModelError(f"{path}: unexpected structure ({e!r}); expected model→tp→sm→batch→seq→{{prefill,decoding}}") from None
         df = pd.DataFrame(rows, columns=["model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_ms"])
         return cls.from_frame(df, label=f"measured: {path.name}", **kw)  # type: ignore[arg-type]
@@ -144,10 +217,30 @@ class TableCostModel:
         path = Path(path)
         if not path.exists():
             raise CostModelError(f"{path}: profile table not found")
-        df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        try:
+            df = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+        except Exception as e:  # pandas and pyarrow raise several types for unreadable files
+            raise CostModelError(f"{path}: not a readable {'Parquet' if path.suffix == '.parquet' else 'CSV'} "
+                                 f"file ({str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__})") from None
         missing = {"model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_ms"} - set(df.columns)
         if missing:
             raise CostModelError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
+        # A CSV's first data row is line 2 of the file (line 1: the header); Parquet rows count from 0.
+        where = (lambda i: f"line {i + 2}") if path.suffix != ".parquet" else (lambda i: f"row {i}")
+        for col in ("tp", "sm_pct", "batch", "seq_len"):
+            values = pd.to_numeric(df[col], errors="coerce").to_numpy(float)
+            bad = np.flatnonzero(~np.isfinite(values) | (values <= 0) | (values != np.floor(values)))
+            if bad.size:
+                i = int(bad[0])
+                raise CostModelError(f"{path}: {where(i)}: {col} = {df[col].iat[i]!r}: must be an integer > 0")
+        phases = ~df["phase"].isin(["prefill", "decode"]).to_numpy()
+        if phases.any():
+            i = int(np.flatnonzero(phases)[0])
+            raise CostModelError(f"{path}: {where(i)}: phase = {df['phase'].iat[i]!r}: must be prefill or decode")
+        for i, value in enumerate(df["latency_ms"]):
+            problem = cell_problem(value, published=False)
+            if problem:
+                raise CostModelError(f"{path}: {where(i)}: latency_ms = {value!r}: {problem}")
         return cls.from_frame(df, label=f"measured: {path.name}", **kw)  # type: ignore[arg-type]
 
     @classmethod
@@ -497,7 +590,23 @@ class InterferenceModel:
         path = Path(path)
         if not path.exists():
             raise CostModelError(f"{path}: interference table not found")
-        return cls.fit(pd.read_csv(path), label=f"fitted: {path.name}")
+        try:
+            table = pd.read_csv(path)
+        except Exception as e:  # pandas raises several types for unreadable files
+            raise CostModelError(f"{path}: not a readable CSV ({type(e).__name__})") from None
+        missing = set(INTERFERENCE_FIT_COLUMNS) - set(table.columns)
+        if missing:
+            raise CostModelError(f"{path}: interference table lacks column(s) {', '.join(sorted(missing))}")
+        for col in ("own_pct", "other_pct", "slowdown"):
+            values = pd.to_numeric(table[col], errors="coerce").to_numpy(float)
+            positive = col == "slowdown"
+            blank = table[col].isna().to_numpy()  # not measured (no concurrent samples): `fit` skips it
+            bad = np.flatnonzero(~blank & (~np.isfinite(values) | ((values <= 0) if positive else (values < 0))))
+            if bad.size:  # line 1 is the header, so data row i is line i + 2
+                i = int(bad[0])
+                rule = "a number > 0" if positive else "a number ≥ 0"
+                raise CostModelError(f"{path}: line {i + 2}: {col} = {table[col].iat[i]!r}: must be {rule}")
+        return cls.fit(table, label=f"fitted: {path.name}")
 
 
 def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:

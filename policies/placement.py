@@ -7,6 +7,7 @@ simulator and by the hardware runner, and compared like for like.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -136,9 +137,12 @@ class Placement:
         )
 
     def save(self, path: str | Path) -> Path:
+        """Written under a temporary name and renamed, so `path` is never a half-written file."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        temp = path.with_name(path.name + ".tmp")
+        temp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        os.replace(temp, path)
         return path
 
     @classmethod

@@ -7,6 +7,9 @@ leaves every record written so far on disk.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -79,3 +82,35 @@ class RecordWriter:
 
 def read_records(path: str | Path) -> pd.DataFrame:
     return pq.read_table(path).to_pandas()
+
+
+def partial_path(path: Path) -> Path:
+    """Where the records of a run that did not finish are kept: records_x.parquet → records_x.partial.parquet."""
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
+
+
+@contextmanager
+def records_file(path: Path | None) -> Iterator[Path | None]:
+    """The path an executor should stream records to: a temporary name, renamed onto `path` when the
+    block completes, or onto `partial_path(path)` when it raises (Ctrl-C, SIGTERM, an error). The
+    executor closes its writer on the way out, so the partial file is a readable Parquet file too; a
+    file under its final name is always complete."""
+    if path is None:
+        yield None
+        return
+    writing = path.with_name(path.name + ".tmp")
+    done = False
+    try:
+        yield writing
+        done = True
+    finally:
+        if writing.exists():
+            os.replace(writing, path if done else partial_path(path))
+
+
+def write_atomically(path: Path, write: Callable[[Path], object]) -> Path:
+    """`write(temporary)`, then rename onto `path`: a reader never sees a half-written file."""
+    temp = path.with_name(path.name + ".tmp")
+    write(temp)
+    os.replace(temp, path)
+    return path

@@ -32,6 +32,18 @@ class ModelSpec:
     qkv_bias: bool = False
     max_context: int = 2048
 
+    def __post_init__(self) -> None:
+        """Shapes from configs are checked here: a zero or negative size gives negative memory and
+        latencies that no later step notices."""
+        for name in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "intermediate_size",
+                     "vocab_size", "dtype_bytes", "max_context"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpecError(f"model {self.name}: {name} must be an integer ≥ 1 (got {value!r})")
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise SpecError(f"model {self.name}: hidden_size ({self.hidden_size}) must divide into num_heads "
+                            f"({self.num_heads}), and those into num_kv_heads ({self.num_kv_heads})")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

@@ -15,7 +15,7 @@ import math
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 from policies.placement import BLOCK_TOKENS, LLMPlacement, blocks_for_tokens
 
@@ -23,6 +23,7 @@ Phase = Literal["prefill", "decode", "mixed"]
 # "split": MuxServe's execution, one prefill and one decode process per LLM, sharing KV blocks.
 # "mixed": a stock engine (vLLM) per LLM, one step serving new prefills and running decodes together.
 ExecutionMode = Literal["split", "mixed"]
+EXECUTION_MODES: tuple[str, ...] = get_args(ExecutionMode)
 
 
 @dataclass(eq=False, slots=True)

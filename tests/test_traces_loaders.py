@@ -112,12 +112,12 @@ def test_sharegpt_with_a_local_hugging_face_tokenizer(tmp_path: Path) -> None:
     ("data", "expected"),
     [
         ({"not": "a list"}, r"expected a JSON list of records"),
-        ([["x"]], r"record 0: expected a JSON object"),
-        ([{"id": "a"}], r"record 0: missing column conversations"),
-        ([{"conversations": "text"}], r"record 0: column conversations is not a list of messages"),
+        ([["x"]], r"record 0 \(line [0-9]+\): expected a JSON object"),
+        ([{"id": "a"}], r"record 0 \(line [0-9]+\): missing column conversations"),
+        ([{"conversations": "text"}], r"record 0 \(line [0-9]+\): column conversations is not a list of messages"),
         (
             [{"conversations": [{"from": "human"}, {"from": "gpt"}]}],
-            r"record 0: column conversations: message 0 needs keys 'from' and 'value'",
+            r"record 0 \(line [0-9]+\): column conversations: message 0 needs keys 'from' and 'value'",
         ),
     ],
 )
@@ -422,7 +422,7 @@ def test_workload_read_names_duplicate_ids(tmp_path: Path) -> None:
         tmp_path / "dup.csv",
         "request_id,model,arrival_s,prompt_tokens,output_tokens\n0,m,0.0,1,1\n0,m,1.0,1,1\n",
     )
-    with pytest.raises(WorkloadError, match=r"dup.csv: row 1: duplicate request_id 0"):
+    with pytest.raises(WorkloadError, match=r"dup.csv: line 3: duplicate request_id 0"):
         load(path)
     assert isinstance(
         load(

@@ -6,6 +6,7 @@ are not), so the length source is explicit and recorded in the Workload's metada
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -41,9 +42,10 @@ class LognormalLengths:
         cls, prompt_mean: float, output_mean: float, sigma: float = 1.0
     ) -> LognormalLengths:
         """Lognormals with the given means *before* clipping (mean = exp(mu + sigma²/2))."""
-        if prompt_mean <= 0 or output_mean <= 0 or sigma < 0:
+        # sigma past 10 puts almost every draw at 0 or beyond any context (and sigma² overflows).
+        if not (0 < prompt_mean < math.inf and 0 < output_mean < math.inf and 0 <= sigma <= 10):
             raise WorkloadError(
-                f"LognormalLengths: means must be > 0 and sigma >= 0 "
+                f"LognormalLengths: means must be finite and > 0, sigma within [0, 10] "
                 f"(got {prompt_mean}, {output_mean}, {sigma})"
             )
         shift = sigma**2 / 2

@@ -7,6 +7,7 @@ many and why (a WARNING log and meta["dropped"]).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -14,6 +15,15 @@ import pandas as pd
 from scipy.optimize import minimize_scalar
 
 from traces.schema import DropLog, Workload, WorkloadError
+from traces.synthetic import seeded
+
+logger = logging.getLogger("traces")
+
+# Arrivals further apart than this leave an executor with nothing to do: every request before the
+# gap has long finished (the slowest step of MuxServe's A100 table is 11 s; a request of a few
+# thousand tokens is served in minutes). Simulating the empty hours only costs time, and a trace
+# whose timestamps span a century (a wrong year in one row) would never finish.
+MAX_IDLE_GAP_S = 3600.0
 
 
 def _source(workload: Workload) -> str:
@@ -83,12 +93,33 @@ def window(
     )
 
 
+def skip_idle(workload: Workload, max_gap_s: float = MAX_IDLE_GAP_S) -> Workload:
+    """The same requests with every gap between consecutive arrivals longer than `max_gap_s`
+    shortened to `max_gap_s`, and a WARNING that says how much time was skipped (meta["skipped_s"]).
+
+    Rates are over the remaining span, which is what the served requests see.
+    """
+    _positive("max_gap_s", max_gap_s, workload)
+    t = workload.df["arrival_s"].to_numpy()
+    gaps = np.diff(t)
+    long = gaps > max_gap_s
+    if not long.any():
+        return workload
+    skipped = float((gaps[long] - max_gap_s).sum())
+    logger.warning("%s: %d request(s) span %.3g s; %d idle gap(s) longer than %g s shortened to %g s "
+                   "(%.3g s of empty time skipped)", _source(workload), len(t), t[-1] - t[0], int(long.sum()),
+                   max_gap_s, max_gap_s, skipped)
+    shortened = t[0] + np.concatenate([[0.0], np.cumsum(np.minimum(gaps, max_gap_s))])
+    return workload.with_frame(workload.df.assign(arrival_s=shortened),
+                               skipped_s=workload.meta.get("skipped_s", 0.0) + skipped)
+
+
 def sample(workload: Workload, n: int, seed: int = 0) -> Workload:
     """n requests chosen uniformly without replacement (seeded), kept in arrival order."""
     if not 0 < n <= len(workload):
         raise WorkloadError(f"{_source(workload)}: cannot sample {n} of {len(workload)} requests")
     keep = np.zeros(len(workload), dtype=bool)
-    keep[np.random.default_rng(seed).choice(len(workload), n, replace=False)] = True
+    keep[seeded(seed).choice(len(workload), n, replace=False)] = True
     drops = DropLog(_source(workload))
     df = drops.drop(workload.df, ~keep, f"not in a random sample of {n} (seed {seed})")
     return workload.with_frame(

@@ -9,6 +9,7 @@ trace gives silently wrong throughput numbers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,8 +90,18 @@ class Workload:
         return float(self.df["arrival_s"].iloc[-1] - self.df["arrival_s"].iloc[0])
 
     def rates(self) -> dict[str, float]:
-        """Mean request rate per model over the whole trace span (req/s)."""
-        span = max(self.duration_s, 1e-9)
+        """Mean request rate per model over the whole trace span (req/s).
+
+        A workload whose requests all arrive at one instant has no rate; any number given for it
+        (one request "per nanosecond") would drive placement to nonsense, so it is refused.
+        """
+        span = self.duration_s
+        if span <= 0:
+            raise WorkloadError(
+                f"{self.meta.get('source', '<workload>')}: its {len(self)} request(s) all arrive at "
+                f"{self.df['arrival_s'].iloc[0]:g} s, so it has no request rate (a rate needs at least "
+                "two distinct arrival times)"
+            )
         counts = self.df["model"].value_counts()
         return {m: float(counts[m]) / span for m in self.models}
 
@@ -146,12 +157,20 @@ class Workload:
             meta = json.loads(raw) if raw else {}
             df = table.to_pandas()
         elif path.suffix == ".csv":
-            try:
-                df = pd.read_csv(path)
+            try:  # blank lines kept as empty rows, so row i is line i + 2 as an editor counts
+                df = pd.read_csv(path, skip_blank_lines=False)
             except pd.errors.EmptyDataError:
                 raise WorkloadError(f"{path}: empty file") from None
+            except (pd.errors.ParserError, UnicodeDecodeError) as e:
+                raise WorkloadError(f"{path}: not a readable CSV ({str(e).strip().splitlines()[0]})") from None
+            filled = np.flatnonzero(df.notna().any(axis=1).to_numpy())
+            df = df.iloc[: filled[-1] + 1 if filled.size else 0]  # trailing newlines are not requests
+            validate(df, str(path), where=lambda i: f"line {i + 2}")
             side = path.with_suffix(".meta.json")
-            meta = json.loads(side.read_text()) if side.exists() else {}
+            try:
+                meta = json.loads(side.read_text()) if side.exists() else {}
+            except json.JSONDecodeError as e:
+                raise WorkloadError(f"{side}: line {e.lineno}: not valid JSON ({e.msg})") from None
         else:
             raise WorkloadError(
                 f"{path}: unknown workload format {path.suffix!r} (use .parquet or .csv)"
@@ -160,8 +179,13 @@ class Workload:
         return cls(df, meta)
 
 
-def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
-    """Check the schema and return the frame with canonical dtypes; raise WorkloadError otherwise."""
+def validate(
+    df: pd.DataFrame, source: str = "<workload>", where: Callable[[int], str] = lambda i: f"row {i}"
+) -> pd.DataFrame:
+    """Check the schema and return the frame with canonical dtypes; raise WorkloadError otherwise.
+
+    `where(i)` names positional row i in messages: "row i" of a table, or the file line of a CSV.
+    """
     if df.empty:
         raise WorkloadError(f"{source}: empty workload (no requests)")
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
@@ -171,7 +195,7 @@ def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
         bad = df[col].isna().to_numpy()
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise WorkloadError(f"{source}: row {row}: column {col} is NaN/empty")
+            raise WorkloadError(f"{source}: {where(row)}: column {col} is NaN/empty")
     out = df.copy()
     for col in INT_COLUMNS:
         values = pd.to_numeric(out[col], errors="coerce")
@@ -179,14 +203,14 @@ def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise WorkloadError(
-                f"{source}: row {row}: column {col} is not an integer ({out[col].iloc[row]!r})"
+                f"{source}: {where(row)}: column {col} is not an integer ({out[col].iloc[row]!r})"
             )
         out[col] = values.astype(np.int64)
     arrival = pd.to_numeric(out["arrival_s"], errors="coerce")
     if arrival.isna().any():
         row = int(np.flatnonzero(arrival.isna().to_numpy())[0])
         raise WorkloadError(
-            f"{source}: row {row}: column arrival_s is not a number ({out['arrival_s'].iloc[row]!r})"
+            f"{source}: {where(row)}: column arrival_s is not a number ({out['arrival_s'].iloc[row]!r})"
         )
     out["arrival_s"] = arrival.astype(np.float64)
     out["model"] = out["model"].astype(str)
@@ -197,20 +221,20 @@ def validate(df: pd.DataFrame, source: str = "<workload>") -> pd.DataFrame:
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise WorkloadError(
-                f"{source}: row {row}: column {col} must be > 0 (got {out[col].iloc[row]})"
+                f"{source}: {where(row)}: column {col} must be > 0 (got {out[col].iloc[row]})"
             )
     if (out["arrival_s"] < 0).any():
         row = int(np.flatnonzero((out["arrival_s"] < 0).to_numpy())[0])
-        raise WorkloadError(f"{source}: row {row}: column arrival_s is negative")
+        raise WorkloadError(f"{source}: {where(row)}: column arrival_s is negative")
     dec = np.flatnonzero(np.diff(out["arrival_s"].to_numpy()) < 0)
     if dec.size:
         raise WorkloadError(
-            f"{source}: row {int(dec[0]) + 1}: column arrival_s is not sorted (arrives before row {int(dec[0])})"
+            f"{source}: {where(int(dec[0]) + 1)}: column arrival_s is not sorted (arrives before {where(int(dec[0]))})"
         )
     dup = out["request_id"].duplicated().to_numpy()
     if dup.any():
         row = int(np.flatnonzero(dup)[0])
         raise WorkloadError(
-            f"{source}: row {row}: duplicate request_id {out['request_id'].iloc[row]}"
+            f"{source}: {where(row)}: duplicate request_id {out['request_id'].iloc[row]}"
         )
     return out.reset_index(drop=True)

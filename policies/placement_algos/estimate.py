@@ -68,8 +68,30 @@ class PlacerOptions:
         return next((share for below, share in self.prefill_tiers if model.params < below), 100)
 
     def __post_init__(self) -> None:
-        shares = (*self.decode_shares, *(s for _, s in self.prefill_tiers))
-        if any(s % SM_UNIT_PCT or not SM_UNIT_PCT <= s <= SM_UNITS_FULL * SM_UNIT_PCT for s in shares):
+        """Every option in its range, checked where options enter: a negative overload budget, for
+        one, would place LLMs that can never launch, and every request would fail."""
+        def integer(name: str, lowest: int, highest: float = math.inf) -> None:
+            value = getattr(self, name)
+            upper = "" if highest == math.inf else f" and ≤ {highest:g}"
+            if isinstance(value, bool) or not isinstance(value, int) or not lowest <= value <= highest:
+                raise ValueError(f"{name} must be an integer ≥ {lowest}{upper} (got {value!r})")
+
+        integer("batch_limit_per_gpu", 1)
+        integer("overload_units", 0, SM_UNITS_FULL)
+        integer("seed", 0)
+        integer("iterations", 0)
+        integer("brute_force_limit", 0)
+        if not isinstance(self.prune, bool):
+            raise ValueError(f"prune must be true or false (got {self.prune!r})")
+        if not isinstance(self.decode_shares, tuple) or not self.decode_shares:
+            raise ValueError(f"decode_shares must be a non-empty list of SM shares (got {self.decode_shares!r})")
+        tiers = self.prefill_tiers
+        if not isinstance(tiers, tuple) or any(not isinstance(t, tuple) or len(t) != 2
+                                               or not isinstance(t[0], int | float) for t in tiers):
+            raise ValueError(f"prefill_tiers must be a list of [parameters below, SM share] pairs (got {tiers!r})")
+        shares = (*self.decode_shares, *(s for _, s in tiers))
+        if any(isinstance(s, bool) or not isinstance(s, int) or s % SM_UNIT_PCT
+               or not SM_UNIT_PCT <= s <= SM_UNITS_FULL * SM_UNIT_PCT for s in shares):
             raise ValueError(f"SM shares must be multiples of {SM_UNIT_PCT} within 10..100 (got {shares})")
         if self.spatial_rule not in ("paper", "fit"):
             raise ValueError(f"spatial_rule must be 'paper' or 'fit' (got {self.spatial_rule!r})")

@@ -87,24 +87,29 @@ def guess_format(path: str | Path) -> str:
 def load(path: str | Path, format: str | None = None, **options: Any) -> Workload:
     """Load any supported trace; `format` is guessed when None; `options` go to that loader."""
     fmt = format or guess_format(path)
+    check_options(fmt, options, str(path))
+    return FORMATS[fmt](path, **options)
+
+
+def check_options(fmt: str, options: dict[str, Any], source: str = "") -> None:
+    """Refuse an unknown format, options its loader does not take, or missing required ones: what
+    can be said before the file is read. `source` prefixes the message (the file)."""
+    where = f"{source}: " if source else ""
     loader = FORMATS.get(fmt)
     if loader is None:
-        raise WorkloadError(f"{path}: unknown format {fmt!r} (known: {', '.join(FORMATS)})")
+        raise WorkloadError(f"{where}unknown format {fmt!r} (known: {', '.join(FORMATS)})")
     params = inspect.signature(loader).parameters
-    unknown = sorted(set(options) - set(params))
+    unknown = sorted(set(options) - set(params) | set(options) & {"path", "cls"})
     if unknown:
         takes = ", ".join(p for p in params if p not in ("path", "cls")) or "no options"
-        raise WorkloadError(
-            f"{path}: format {fmt} does not take {', '.join(unknown)} (it takes: {takes})"
-        )
+        raise WorkloadError(f"{where}format {fmt} does not take {', '.join(unknown)} (it takes: {takes})")
     missing = [
         p.name
         for p in params.values()
         if p.default is p.empty and p.kind is p.KEYWORD_ONLY and p.name not in options
     ]
     if missing:
-        raise WorkloadError(f"{path}: format {fmt} needs option(s) {', '.join(missing)}")
-    return loader(path, **options)
+        raise WorkloadError(f"{where}format {fmt} needs option(s) {', '.join(missing)}")
 
 
 def parse_models(text: str) -> dict[str, str]:
@@ -129,6 +134,7 @@ def parse_models(text: str) -> dict[str, str]:
 
 __all__ = [
     "FORMATS",
+    "check_options",
     "guess_format",
     "load",
     "load_azure",

@@ -30,7 +30,8 @@ class Raw:
 
     def where(self, i: int) -> str:
         """'<file>: line 17' for positional row i of df."""
-        return f"{self.path}: {self.unit} {self.df['source_row'].iat[i]}"
+        row = self.df["source_row"].iat[i]
+        return record_where(self.path, int(row)) if self.unit == "record" else f"{self.path}: {self.unit} {row}"
 
     def require(self, *columns: str) -> None:
         missing = [c for c in columns if c not in self.df.columns]
@@ -39,6 +40,23 @@ class Raw:
             raise WorkloadError(
                 f"{self.path}: missing column(s) {', '.join(missing)} (found: {have})"
             )
+
+
+def record_where(path: Path, k: int) -> str:
+    """'<file>: record k (line n)': record k (0-based) of a JSON list, and the line it starts on, as an
+    editor counts (for error messages only: the file is scanned up to that record)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    decoder = json.JSONDecoder()
+    i = text.find("[") + 1
+    try:
+        for n in range(k + 1):
+            while i < len(text) and text[i] in " \t\r\n,":
+                i += 1
+            if n < k:
+                i = decoder.raw_decode(text, i)[1]
+    except json.JSONDecodeError:
+        return f"{path}: record {k}"
+    return f"{path}: record {k} (line {text.count(chr(10), 0, i) + 1})"
 
 
 def existing_file(path: str | Path) -> Path:
@@ -129,7 +147,7 @@ def read_json_list(path: Path) -> list[dict[str, Any]]:
     for i, rec in enumerate(data):
         if not isinstance(rec, dict):
             raise WorkloadError(
-                f"{path}: record {i}: expected a JSON object, got {type(rec).__name__}"
+                f"{record_where(path, i)}: expected a JSON object, got {type(rec).__name__}"
             )
     return data
 

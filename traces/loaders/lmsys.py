@@ -23,7 +23,7 @@ from traces.loaders._common import (
     texts,
 )
 from traces.schema import DropLog, Workload, WorkloadError
-from traces.synthetic import arrivals_count
+from traces.synthetic import arrivals_count, seeded
 from traces.tokens import token_counter
 
 COLUMNS = ("model", "conversation", "tstamp")  # also in the data: conversation_id, turn, language
@@ -80,7 +80,7 @@ def load_lmsys(
     if not timed:
         frame = drop_empty_lengths(frame, drops)
         assert rate is not None
-        frame["arrival_s"] = arrivals_count(np.random.default_rng(seed), rate, len(frame), cv)
+        frame["arrival_s"] = arrivals_count(seeded(seed), rate, len(frame), cv)
     return finish(
         raw,
         frame,

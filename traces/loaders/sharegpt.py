@@ -12,9 +12,16 @@ import numpy as np
 import pandas as pd
 
 from traces.loaders._chat import count_tokens, first_exchanges
-from traces.loaders._common import Raw, drop_empty_lengths, existing_file, finish, read_json_list
+from traces.loaders._common import (
+    Raw,
+    drop_empty_lengths,
+    existing_file,
+    finish,
+    read_json_list,
+    record_where,
+)
 from traces.schema import DropLog, Workload, WorkloadError
-from traces.synthetic import arrivals_count
+from traces.synthetic import arrivals_count, seeded
 from traces.tokens import token_counter
 
 
@@ -38,7 +45,7 @@ def load_sharegpt(
     records = read_json_list(path)
     for i, rec in enumerate(records):
         if "conversations" not in rec:
-            raise WorkloadError(f"{path}: record {i}: missing column conversations")
+            raise WorkloadError(f"{record_where(path, i)}: missing column conversations")
     df = pd.DataFrame({"conversations": [r["conversations"] for r in records]})
     raw = Raw(path, df.assign(source_row=np.arange(len(df))), "record")
     counter = token_counter(tokenizer)
@@ -47,7 +54,7 @@ def load_sharegpt(
     frame = first_exchanges(raw, frame, "conversations", ("from", "value"), ("human", "gpt"), drops)
     frame = drop_empty_lengths(count_tokens(frame, counter), drops)
     frame = frame.assign(
-        arrival_s=arrivals_count(np.random.default_rng(seed), rate, len(frame), cv),
+        arrival_s=arrivals_count(seeded(seed), rate, len(frame), cv),
         model=model,
         source_row=frame["pos"],
     ).drop(columns=["pos", "conversations"])
