@@ -88,12 +88,27 @@ def system_policies(system: str) -> tuple[str, str]:
 
 
 def placement_opts(cfg: DictConfig, placer: str) -> dict[str, Any]:
-    """placement.opts apply to the systems whose placer is placement.policy; others keep defaults."""
+    """placement.opts apply to the systems whose placer is placement.policy; others keep defaults,
+    except that the spatial placer always takes the top-level `spatial` block (rule, gpus)."""
+    base = spatial_opts(cfg) if placer == "spatial" else {}
     if cfg.placement.policy != placer:
-        return {}
+        return base
     opts = OmegaConf.to_container(cfg.placement.opts, resolve=True) or {}
     # YAML lists become tuples, the PlacerOptions field types (hashable, like its defaults).
-    return {k: _tuples(v) for k, v in opts.items()}  # type: ignore[union-attr]
+    return base | {k: _tuples(v) for k, v in opts.items()}  # type: ignore[union-attr]
+
+
+def spatial_opts(cfg: DictConfig) -> dict[str, Any]:
+    """The `spatial` block as PlacerOptions fields; absent (older configs): the paper's rule."""
+    block = cfg.get("spatial")
+    if block is None:
+        return {}
+    gpus = block.get("gpus")
+    gpus = {} if gpus is None else OmegaConf.to_container(gpus, resolve=True) if OmegaConf.is_config(gpus) else gpus
+    if not isinstance(gpus, dict):
+        raise ConfigError(f"spatial.gpus must be a mapping of LLM name to GPU count (got {gpus!r})")
+    return {"spatial_rule": block.get("rule", "paper"),
+            "spatial_gpus": tuple((str(k), v) for k, v in gpus.items())}
 
 
 def _tuples(value: Any) -> Any:
@@ -289,6 +304,10 @@ def validate(cfg: DictConfig) -> None:
         PlacerOptions(**placement_opts(cfg, cfg.placement.policy))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"placement.opts: {e}") from None
+    try:
+        PlacerOptions(**spatial_opts(cfg))
+    except ValueError as e:
+        raise ConfigError(f"spatial: {e}".replace("spatial_rule", "rule").replace("spatial_gpus", "gpus")) from None
     policy = cfg.batching.policy
     _check(policy in BATCHING_POLICIES, "batching.policy", f"one of {', '.join(BATCHING_POLICIES)}", policy)
     fields = {f.name for f in dataclasses.fields(BATCHING_POLICIES[policy])}

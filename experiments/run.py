@@ -44,6 +44,7 @@ from experiments.config import (
     validate,
 )
 from experiments.max_rate import find_max_rate
+from experiments.systems import place
 from policies.cost import InterferenceModel
 
 log = logging.getLogger("muxsim.run")
@@ -155,6 +156,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     horizon = cfg.sim.horizon_s
     bar_total = float(horizon) if horizon is not None else float(workload.df["arrival_s"].max())
     search = max_rate_search(cfg)
+    check_spatial_fits(cfg, workload, cluster, cost)
     res = Results(out_dir)
     rows, per_llm = [], []
     # One extrapolation warning per (model, TP) of the table: worth keeping, not worth a screenful.
@@ -195,6 +197,16 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     res.per_llm = pd.concat(per_llm, ignore_index=True) if per_llm else pd.DataFrame()
     write_results(res, cfg)
     return res
+
+
+def check_spatial_fits(cfg: DictConfig, workload: Any, cluster: Any, cost: Any) -> None:
+    """A spatial baseline that cannot fit the cluster fails before any system is simulated."""
+    spatial = [s for s in cfg.systems if system_policies(s)[0] == "spatial"]
+    if spatial:
+        try:
+            place("spatial", workload, cluster, cost, placement_opts=placement_opts(cfg, "spatial"))
+        except _user_errors() as e:
+            raise type(e)(f"while running {spatial[0]}: {e}") from None
 
 
 def simulate_system(runner: Callable[..., Any], cfg: DictConfig, system: str, cluster: Any, cost: Any,
