@@ -206,6 +206,8 @@ def check_workload(cfg: DictConfig) -> None:
                               ("cv", "> 0", lambda v: v > 0), ("duration_s", "> 0", lambda v: v > 0)):
             _number(cfg, f"workload.{key}", rule, ok)
         _check(isinstance(w.seed, int), "workload.seed", "an integer", w.seed)
+        _check(w.get("sizing", "duration") in ("duration", "paper"), "workload.sizing", "duration or paper",
+               w.get("sizing"))
     elif w.kind == "trace":
         path = absolute(_require(cfg, "workload.path", f" for workload format {w.format} (pass workload.path=FILE)"))
         if not path.is_file():
@@ -214,12 +216,22 @@ def check_workload(cfg: DictConfig) -> None:
         raise ConfigError(f"workload.kind must be synthetic or trace (got {w.kind!r})")
 
 
-def build_workload(cfg: DictConfig) -> Workload:
+def build_workload(cfg: DictConfig, cluster: ClusterSpec | None = None, cost: CostModel | None = None) -> Workload:
+    """The requests of cfg.workload; `workload.sizing=paper` places the spec first (with `cluster`
+    and `cost`, built from cfg when not given) to size each LLM as MuxServe's benchmark did."""
     w = cfg.workload
     types = check_models(cfg)
     if w.kind == "synthetic":
         spec = power_law_spec(types, float(w.alpha), top_rate=float(cfg.models.top_rate) * float(w.scale))
-        return generate(spec, float(w.duration_s), seed=int(w.seed), cv=float(w.cv))
+        sizing = w.get("sizing", "duration")
+        _check(sizing in ("duration", "paper"), "workload.sizing", "duration or paper", sizing)
+        counts = None
+        if sizing == "paper":
+            from experiments.sizing import paper_counts
+
+            cluster = cluster or build_cluster(cfg)
+            counts = paper_counts(spec, cluster, cost or build_cost(cfg, cluster), placement_opts(cfg, "muxserve"))
+        return generate(spec, float(w.duration_s), seed=int(w.seed), cv=float(w.cv), counts=counts)
     options = OmegaConf.to_container(w.options, resolve=True) or {}
     workload = load(absolute(w.path), format=w.format, **options)  # type: ignore[arg-type]
     return with_model_types(workload, types)

@@ -88,6 +88,9 @@ def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
     }
     if cfg.workload.kind == "synthetic":
         facts |= {k: cfg.workload[k] for k in ("alpha", "scale", "cv", "duration_s", "seed")}
+        facts["sizing"] = cfg.workload.get("sizing", "duration")
+    elif "total_requests" in (cfg.workload.get("options") or {}):
+        facts["sizing"] = f"{cfg.workload.options.total_requests} requests"
     return facts
 
 
@@ -148,7 +151,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     cluster = build_cluster(cfg)
     cost = build_cost(cfg, cluster)
     interference = build_interference(cfg)  # fitted once: every system and search step shares it
-    workload = build_workload(cfg)
+    workload = build_workload(cfg, cluster, cost)
     facts = workload_facts(cfg, workload)
     log.info("%d requests of %d LLMs over %.1f s (%.1f req/s) on %d GPUs; cost model: %s",
              len(workload.df), facts["n_llms"], facts["trace_s"], facts["rate_rps"], facts["cluster_gpus"],

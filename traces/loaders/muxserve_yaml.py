@@ -26,7 +26,7 @@ from traces.lengths import (
 from traces.loaders._common import existing_file
 from traces.schema import Workload, WorkloadError
 from traces.spec import Cluster, ServedLLM, WorkloadSpec
-from traces.synthetic import generate
+from traces.synthetic import counts_by_rate, generate
 
 
 def _cluster(path: Path, data: Any) -> Cluster | None:
@@ -113,9 +113,14 @@ def load_muxserve_yaml(
     cv: float = 1.0,
     lengths: LengthSampler = SHAREGPT_FIT,
     limits: LengthLimits = MUXSERVE_LIMITS,
+    total_requests: int | None = None,
 ) -> Workload:
     """Requests generated from the YAML's rates (see traces.synthetic.generate for the options), with
-    `lengths` rescaled to the file's mean lengths where it states them."""
+    `lengths` rescaled to the file's mean lengths where it states them.
+
+    `total_requests`: a fixed number of requests split over the LLMs by rate (MuxServe replays 8,091
+    ChatLMSYS requests at every load level) instead of `duration_s` of arrivals.
+    """
     spec = read_muxserve_yaml(path)
     prompt_mean, output_mean = mean_lengths(path)
     if prompt_mean is not None or output_mean is not None:
@@ -125,5 +130,6 @@ def load_muxserve_yaml(
                                         limits)
         except WorkloadError as e:
             raise WorkloadError(f"{path}: avg_prompt_len/avg_output_len: {e}") from None
-    workload = generate(spec, duration_s, seed, cv=cv, lengths=lengths, limits=limits)
+    counts = None if total_requests is None else counts_by_rate(spec, total_requests)
+    workload = generate(spec, duration_s, seed, cv=cv, lengths=lengths, limits=limits, counts=counts)
     return workload.with_frame(workload.df, source=str(path), format="muxserve-yaml")
