@@ -99,6 +99,19 @@ def throughput_vs_alpha(summary: pd.DataFrame, path: str | Path, alpha: str = "a
                            ylabel="throughput (req/s)", title="Throughput vs α")
 
 
+def throughput_vs_rate(summary: pd.DataFrame, path: str | Path, rate: str = "rate_rps") -> Path:
+    """Served against offered load (MuxServe's ChatLMSYS figure): steady-state req/s per system."""
+    return line_per_system(summary, rate, "steady_throughput_rps", path, xlabel="offered rate (req/s)",
+                           ylabel="steady-state throughput (req/s)", title="Steady-state throughput vs rate")
+
+
+def slo_vs_rate(summary: pd.DataFrame, path: str | Path, scale: float = 8, rate: str = "rate_rps") -> Path:
+    """SLO attainment at one scale as load grows (MuxServe plots its ChatLMSYS study at 8×)."""
+    return line_per_system(summary.assign(pct=100 * summary[f"slo_attainment@{scale:g}"]), rate, "pct", path,
+                           xlabel="offered rate (req/s)", ylabel=f"SLO attainment at {scale:g}× (%)",
+                           title=f"SLO attainment at {scale:g}× standalone latency vs rate", ylim=(-2, 102))
+
+
 def p99_vs_rate(summary: pd.DataFrame, path: str | Path, rate: str = "rate_rps") -> Path:
     """Tail latency as offered load grows; a log scale keeps the knee visible next to the flat part."""
     return line_per_system(summary, rate, "latency_p99_s", path, xlabel="offered rate (req/s)",

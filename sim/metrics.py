@@ -28,7 +28,7 @@ import pandas as pd
 from policies.cost import CostModel
 from policies.specs import ModelSpec
 
-SLO_SCALES: tuple[float, ...] = (1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50, 75, 100)
+SLO_SCALES: tuple[float, ...] = (1, 1.5, 2, 3, 4, 5, 7.5, 8, 10, 15, 20, 30, 50, 75, 100)
 PERCENTILES = (50, 90, 99)
 # Share of each LLM's arrival window left out at its start: queues and batches fill up there.
 WARMUP_FRACTION = 0.2
