@@ -46,7 +46,7 @@ def test_the_default_config_validates() -> None:
     assert precheck(["-m", "workload.alpha=0.7,2.1", "systems=[muxserve]"], CONF_DIR) is None
 
 
-@pytest.mark.parametrize("preset", ["demo", "paper_synthetic", "max_rate"])
+@pytest.mark.parametrize("preset", ["demo", "paper_synthetic", "max_rate", "chatlmsys"])
 def test_presets_leave_the_launcher_replaceable(preset: str) -> None:
     """Ray and submitit have no n_jobs, so a preset must not set it outside conf/hydra/launcher."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
