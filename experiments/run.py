@@ -89,8 +89,10 @@ def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
     if cfg.workload.kind == "synthetic":
         facts |= {k: cfg.workload[k] for k in ("alpha", "scale", "cv", "duration_s", "seed")}
         facts["sizing"] = cfg.workload.get("sizing", "duration")
-    elif "total_requests" in (cfg.workload.get("options") or {}):
+    elif (cfg.workload.get("options") or {}).get("total_requests") is not None:
         facts["sizing"] = f"{cfg.workload.options.total_requests} requests"
+    elif cfg.workload.get("format") == "muxserve-yaml":
+        facts["sizing"] = "duration"
     return facts
 
 
