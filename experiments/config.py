@@ -112,11 +112,22 @@ def system_policies(system: str) -> tuple[str, str]:
 
 
 def placement_opts(cfg: DictConfig, placer: str) -> dict[str, Any]:
-    """placement.opts apply to the systems whose placer is placement.policy; others keep defaults."""
+    """placement.opts apply to the systems whose placer is placement.policy; others keep defaults,
+    except that the spatial placer always takes the top-level `spatial` block (rule, gpus)."""
+    base = spatial_opts(cfg) if placer == "spatial" else {}
     if cfg.placement.policy != placer:
-        return {}
+        return base
     # YAML lists become tuples, the PlacerOptions field types (hashable, like its defaults).
-    return {k: _tuples(v) for k, v in _mapping(cfg, "placement.opts").items()}
+    return base | {k: _tuples(v) for k, v in _mapping(cfg, "placement.opts").items()}
+
+
+def spatial_opts(cfg: DictConfig) -> dict[str, Any]:
+    """The `spatial` block as PlacerOptions fields; absent (older configs): the paper's rule."""
+    if OmegaConf.select(cfg, "spatial") is None:
+        return {}
+    gpus = _mapping(cfg, "spatial.gpus")
+    return {"spatial_rule": OmegaConf.select(cfg, "spatial.rule", default="paper"),
+            "spatial_gpus": tuple((str(k), v) for k, v in gpus.items())}
 
 
 def _tuples(value: Any) -> Any:
@@ -241,6 +252,8 @@ def check_workload(cfg: DictConfig) -> None:
         seed = _require(cfg, "workload.seed")
         _check(isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0, "workload.seed",
                "an integer ≥ 0", seed)
+        sizing = w.get("sizing", "duration")
+        _check(sizing in ("duration", "paper"), "workload.sizing", "duration or paper", sizing)
         types = check_models(cfg)
         try:
             spec = power_law_spec(types, float(w.alpha), top_rate=float(cfg.models.top_rate) * float(w.scale))
@@ -262,14 +275,25 @@ def check_workload(cfg: DictConfig) -> None:
         raise ConfigError(f"workload.kind must be synthetic or trace (got {kind!r})")
 
 
-def build_workload(cfg: DictConfig) -> Workload:
+def build_workload(cfg: DictConfig, cluster: ClusterSpec | None = None, cost: CostModel | None = None) -> Workload:
     """The run's requests: generated or loaded, with idle gaps past `traces.ops.MAX_IDLE_GAP_S`
-    shortened (a warning says so), and refused in one line when they have no request rate."""
+    shortened (a warning says so), and refused in one line when they have no request rate.
+
+    `workload.sizing=paper` places the spec first (with `cluster` and `cost`, built from cfg when not
+    given) to size each LLM as MuxServe's benchmark did."""
     w = cfg.workload
     types = check_models(cfg)
     if w.kind == "synthetic":
         spec = power_law_spec(types, float(w.alpha), top_rate=float(cfg.models.top_rate) * float(w.scale))
-        workload = generate(spec, float(w.duration_s), seed=int(w.seed), cv=float(w.cv))
+        sizing = w.get("sizing", "duration")
+        _check(sizing in ("duration", "paper"), "workload.sizing", "duration or paper", sizing)
+        counts = None
+        if sizing == "paper":
+            from experiments.sizing import paper_counts
+
+            cluster = cluster or build_cluster(cfg)
+            counts = paper_counts(spec, cluster, cost or build_cost(cfg, cluster), placement_opts(cfg, "muxserve"))
+        workload = generate(spec, float(w.duration_s), seed=int(w.seed), cv=float(w.cv), counts=counts)
     else:
         workload = with_model_types(load(absolute(w.path), format=w.format, **_mapping(cfg, "workload.options")), types)
     if workload.duration_s <= 0:
@@ -378,6 +402,10 @@ def check_placement_opts(cfg: DictConfig) -> None:
         PlacerOptions(**placement_opts(cfg, policy))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"placement.opts.{e}" if str(e).split(" ")[0] in known else f"placement.opts: {e}") from None
+    try:
+        PlacerOptions(**spatial_opts(cfg))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"spatial: {e}".replace("spatial_rule", "rule").replace("spatial_gpus", "gpus")) from None
 
 
 def check_batching_opts(cfg: DictConfig) -> None:

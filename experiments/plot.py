@@ -4,7 +4,7 @@
     python -m experiments.plot collected.parquet --out figs/
 
 Draws what the table supports: throughput vs α and the SLO curves per α (α swept), P99 latency vs
-offered rate (rate swept), the highest rate within 99% SLO (a max_rate_within_slo_rps column), and
+offered rate (rate swept), throughput and SLO attainment at 8× vs offered rate (ChatLMSYS levels swept), the highest rate within 99% SLO (a max_rate_within_slo_rps column), and
 per-LLM throughput bars for one job's placements (--job, default the first).
 """
 
@@ -53,10 +53,15 @@ def make_figures(summary: pd.DataFrame, per_llm: pd.DataFrame, out: Path, job: s
     alpha = swept(summary, "workload.alpha", "alpha")
     if alpha:
         paths.append(plots.throughput_vs_alpha(summary, out / "throughput_vs_alpha.png", alpha=alpha))
-    paths.append(plots.slo_curves(summary, out / "slo_attainment.png", by=alpha))
+    level = swept(summary, "chatlmsys.condense")  # experiment=chatlmsys: MuxServe's load levels
+    paths.append(plots.slo_curves(summary, out / "slo_attainment.png", by=alpha or level))
     rate = swept(summary, "rate_rps")
-    if rate and swept(summary, "workload.scale", "scale", "workload.alpha", "alpha"):
+    if rate and swept(summary, "workload.scale", "scale", "workload.alpha", "alpha", "chatlmsys.condense"):
         paths.append(plots.p99_vs_rate(summary, out / "p99_latency_vs_rate.png"))
+    if rate and level:
+        paths.append(plots.throughput_vs_rate(summary, out / "throughput_vs_rate.png"))
+        if "slo_attainment@8" in summary.columns:
+            paths.append(plots.slo_vs_rate(summary, out / "slo_attainment_at_8_vs_rate.png", scale=8))
     if "max_rate_within_slo_rps" in summary.columns:
         paths.append(plots.max_rate(summary, out / "max_rate_within_slo.png", by=alpha))
     if not per_llm.empty:

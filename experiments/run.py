@@ -113,6 +113,11 @@ def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
     }
     if cfg.workload.kind == "synthetic":
         facts |= {k: cfg.workload[k] for k in ("alpha", "scale", "cv", "duration_s", "seed")}
+        facts["sizing"] = cfg.workload.get("sizing", "duration")
+    elif (cfg.workload.get("options") or {}).get("total_requests") is not None:
+        facts["sizing"] = f"{cfg.workload.options.total_requests} requests"
+    elif cfg.workload.get("format") == "muxserve-yaml":
+        facts["sizing"] = "duration"
     return facts
 
 
@@ -173,7 +178,7 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
     cluster = build_cluster(cfg)
     cost = build_cost(cfg, cluster)
     interference = build_interference(cfg)  # fitted once: every system and search step shares it
-    workload = build_workload(cfg)
+    workload = build_workload(cfg, cluster, cost)
     facts = workload_facts(cfg, workload)
     log.info("%d requests of %d LLMs over %.1f s (%.1f req/s) on %d GPUs; cost model: %s",
              len(workload.df), facts["n_llms"], facts["trace_s"], facts["rate_rps"], facts["cluster_gpus"],
@@ -204,8 +209,8 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
                 raise type(e)(f"while running {system}: {e}") from None
             finally:
                 progress.close()
-            log.info("%s: %.1f s wall, %.2f req/s", system, time.perf_counter() - t0,
-                     sr.summary.overall["throughput_rps"])
+            log.info("%s: %.1f s wall, %.2f req/s steady-state", system, time.perf_counter() - t0,
+                     sr.summary.overall["steady_throughput_rps"])
             rows.append(summary_row(system, sr, facts))
             per_llm.append(sr.summary.per_llm.assign(system=system))
             res.records[system] = sr.records
@@ -316,7 +321,9 @@ def report(res: Results, cfg: DictConfig) -> None:
     first = s.iloc[0]
     console.print(f"[bold]muxsim {cfg.preset}[/]: {_count(first['n_llms'], 'LLM')} on {_count(first['cluster_gpus'], 'GPU')}, "
                   f"{first['rate_rps']:.1f} req/s offered over {first['trace_s']:.0f} s of trace")
-    perf = [("throughput\nreq/s", "throughput_rps", ".2f"), ("throughput\ntok/s", "tokens_per_s", ".0f"),
+    perf = [("paper's tpt\nreq/s", "rate_weighted_throughput_rps", ".2f"),
+            ("steady tpt\nreq/s", "steady_throughput_rps", ".2f"),
+            ("steady\noffered", "steady_offered_rps", ".2f"), ("throughput\ntok/s", "tokens_per_s", ".0f"),
             ("TTFT p50\ns", "ttft_p50_s", ".3f"), ("TTFT p99\ns", "ttft_p99_s", ".2f"),
             ("TPOT p50\ns/tok", "tpot_p50_s", ".3f"), ("TPOT p99\ns/tok", "tpot_p99_s", ".3f"),
             ("latency p99\ns", "latency_p99_s", ".2f")]
@@ -335,18 +342,31 @@ def report(res: Results, cfg: DictConfig) -> None:
         console.print(f"highest rate with ≥ {first['max_rate_target']:.0%} of requests within "
                       f"{first['max_rate_slo_scale']:g}× standalone latency: "
                       + ", ".join(f"{system} {rate:.1f} req/s" for system, rate in within.items()))
+    console.print("paper's tpt: MuxServe's throughput, the rate-weighted mean of per-LLM requests ÷ makespan "
+                  "(drain included, so it moves with the trace length); steady tpt: requests served per "
+                  "second over the arrival window after a 20% warm-up, drain excluded")
     for base in ("spatial", "temporal"):
-        if "muxserve" in s.index and base in s.index and s.loc[base, "throughput_rps"] > 0:
-            t = s.loc["muxserve", "throughput_rps"] / s.loc[base, "throughput_rps"]
-            p99 = s.loc[base, "latency_p99_s"] / s.loc["muxserve", "latency_p99_s"]
-            slo = f", {within['muxserve'] / within[base]:.2f}× the rate within SLO" if (
-                within is not None and within[base] > 0) else ""
-            console.print(f"muxserve vs {base}: {t:.2f}× throughput, {p99:.2f}× lower P99 latency{slo}")
+        if "muxserve" in s.index and base in s.index:
+            console.print(f"muxserve vs {base}: {ratio_line(s, 'muxserve', base, within)}")
     if res.interrupted:
         console.print("[yellow]interrupted: partial results[/]")
     console.print(f"results: {res.out_dir}")
     for p in res.plots:
         console.print(f"plot: {p}")
+
+
+def ratio_line(s: pd.DataFrame, system: str, base: str, within: pd.Series | None) -> str:
+    """Both throughput ratios, each named by the figure it divides, then latency and SLO rate."""
+    def ratio(col: str) -> str:
+        a, b = s.loc[system].get(col, math.nan), s.loc[base].get(col, math.nan)
+        return f"{a / b:.2f}×" if b and b > 0 and not math.isnan(a) else "–"
+
+    p99 = s.loc[base, "latency_p99_s"] / s.loc[system, "latency_p99_s"]
+    slo = f", {within[system] / within[base]:.2f}× the rate within SLO" if (
+        within is not None and within[base] > 0) else ""
+    return (f"{ratio('steady_throughput_rps')} steady-state throughput, "
+            f"{ratio('rate_weighted_throughput_rps')} paper's throughput (requests ÷ makespan), "
+            f"{p99:.2f}× lower P99 latency{slo}")
 
 
 # ---- entry points ---------------------------------------------------------------------------------
@@ -369,8 +389,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if multirun:
         overrides = " ".join(HydraConfig.get().overrides.task)
         for row in res.summary.itertuples():
-            log.info("[%s] %s: %.2f req/s, P99 latency %.2f s → %s", overrides, row.system, row.throughput_rps,
-                     row.latency_p99_s, out_dir)
+            log.info("[%s] %s: %.2f req/s steady-state, %.2f req/s paper's, P99 latency %.2f s → %s", overrides,
+                     row.system, row.steady_throughput_rps, row.rate_weighted_throughput_rps, row.latency_p99_s, out_dir)
     else:
         report(res, cfg)
     if res.interrupted:

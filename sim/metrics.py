@@ -2,8 +2,15 @@
 
 Definitions (MuxServe §5, with its P99 taken globally rather than averaged per LLM):
 - latency = finish − arrival; TTFT = first token − arrival; TPOT = (finish − first token) / output.
-- throughput = finished requests / makespan (first arrival to last finish), per LLM and in total;
-  the cluster figure MuxServe reports is the rate-weighted mean of the per-LLM throughputs.
+- the paper's throughput = finished requests / makespan (first arrival to last finish), per LLM and
+  in total; the cluster figure MuxServe reports is the rate-weighted mean of the per-LLM throughputs.
+  Once a system is overloaded this measures how long its backlog takes to drain, so it grows with
+  the length of the trace.
+- steady-state throughput = requests finished inside the arrival window after a warm-up, divided by
+  that window's length, per LLM (each over its own arrivals) and summed: the served rate while
+  requests keep arriving, drain excluded. Below saturation it is the offered rate; above, the
+  system's capacity; either way it does not depend on how long the trace is.
+- goodput at SLO scale k: the same count restricted to requests within k × standalone latency.
 - SLO attainment at scale k = share of all requests (failed ones count as misses) whose latency is
   within k × the latency the same request would see alone on its spatial-baseline GPUs at 100% SM,
   from the same cost model.
@@ -21,8 +28,58 @@ import pandas as pd
 from policies.cost import CostModel
 from policies.specs import ModelSpec
 
-SLO_SCALES: tuple[float, ...] = (1, 1.5, 2, 3, 4, 5, 7.5, 10, 15, 20, 30, 50, 75, 100)
+SLO_SCALES: tuple[float, ...] = (1, 1.5, 2, 3, 4, 5, 7.5, 8, 10, 15, 20, 30, 50, 75, 100)
 PERCENTILES = (50, 90, 99)
+# Share of each LLM's arrival window left out at its start: queues and batches fill up there.
+WARMUP_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class SteadyState:
+    """Per LLM, over its steady window (arrival window after the warm-up): how many requests
+    arrived, finished and finished within the SLO, and the window's length."""
+
+    per_llm: pd.DataFrame  # model, window_s, arrived, served, good
+
+    @property
+    def offered_rps(self) -> float:
+        return _rate_sum(self.per_llm, "arrived")
+
+    @property
+    def throughput_rps(self) -> float:
+        return _rate_sum(self.per_llm, "served")
+
+    @property
+    def goodput_rps(self) -> float:
+        return _rate_sum(self.per_llm, "good")
+
+
+def _rate_sum(per_llm: pd.DataFrame, column: str) -> float:
+    """Σ over LLMs of count / window; LLMs whose window is empty (one request) add nothing."""
+    ok = per_llm["window_s"] > 0
+    return float((per_llm.loc[ok, column] / per_llm.loc[ok, "window_s"]).sum()) if ok.any() else math.nan
+
+
+def steady_state(records: pd.DataFrame, within_slo: np.ndarray | None = None,
+                 warmup_fraction: float = WARMUP_FRACTION) -> SteadyState:
+    """Counts over each LLM's arrival window [first + warm-up, last arrival].
+
+    Per LLM, because paper-sized runs give each LLM its own number of requests at its own rate,
+    so their arrivals end at different times. `within_slo` marks the requests meeting the SLO.
+    """
+    arrival = records["arrival_s"].to_numpy()
+    finish = records["finish_s"].to_numpy()
+    done = records["status"].to_numpy() == "finished"
+    good = done if within_slo is None else done & within_slo
+    rows = []
+    for llm, idx in records.groupby("model", sort=False).indices.items():
+        first, last = float(arrival[idx].min()), float(arrival[idx].max())
+        start = first + warmup_fraction * (last - first)
+        inside = done[idx] & (finish[idx] >= start) & (finish[idx] <= last)
+        rows.append({"model": llm, "window_s": last - start,
+                     "arrived": int(((arrival[idx] >= start) & (arrival[idx] <= last)).sum()),
+                     "served": int(inside.sum()), "good": int((inside & good[idx]).sum())})
+    return SteadyState(pd.DataFrame(rows, columns=["model", "window_s", "arrived", "served", "good"]))
 
 
 def standalone_latency(records: pd.DataFrame, model_of: dict[str, ModelSpec], tp_of: dict[str, int],
@@ -88,7 +145,11 @@ class Summary:
 def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
               rates: dict[str, float] | None = None, slo_scales: Sequence[float] = SLO_SCALES,
               goodput_scale: float = 5.0) -> Summary:
-    """Throughput, latency percentiles, goodput and the SLO curve of one run's records."""
+    """Throughput (the paper's and steady-state), latency percentiles, goodput and the SLO curve.
+
+    goodput_rps@k counts requests within k × standalone latency over the makespan, as the paper's
+    throughput does; steady_goodput_rps@k counts them over the steady window.
+    """
     finished = records[records["status"] == "finished"]
     if len(finished):
         makespan = float(finished["finish_s"].max() - records["arrival_s"].min())
@@ -106,6 +167,11 @@ def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
         row.update(_describe(_latency_columns(done)))
         per_llm_rows.append(row)
     per_llm = pd.DataFrame(per_llm_rows)
+    latency = (records["finish_s"] - records["arrival_s"]).to_numpy()
+    within = None if baseline is None else latency <= goodput_scale * baseline
+    steady = steady_state(records, within)
+    window = steady.per_llm.set_index("model")["window_s"].replace(0.0, math.nan)
+    per_llm["steady_throughput_rps"] = per_llm["model"].map(steady.per_llm.set_index("model")["served"] / window)
     weights = per_llm["rate_rps"] if rates else per_llm["requests"].astype(float)
     overall: dict[str, float] = {
         "requests": float(len(records)),
@@ -117,6 +183,8 @@ def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
         "rate_weighted_throughput_rps": float(np.average(per_llm["throughput_rps"], weights=weights))
         if len(per_llm) and weights.sum() > 0 else math.nan,
         "preemptions": float(records["preemptions"].sum()),
+        "steady_offered_rps": steady.offered_rps,
+        "steady_throughput_rps": steady.throughput_rps,
     }
     overall.update(_describe(lat))
     slo = pd.Series(dtype=float, name="slo_attainment")
@@ -124,9 +192,9 @@ def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
         slo = slo_attainment(records, baseline, slo_scales)
         for k, v in slo.items():
             overall[f"slo_attainment@{k:g}"] = v
-        latency = (records["finish_s"] - records["arrival_s"]).to_numpy()
-        good = (records["status"].to_numpy() == "finished") & (latency <= goodput_scale * baseline)
+        good = (records["status"].to_numpy() == "finished") & within
         overall[f"goodput_rps@{goodput_scale:g}"] = float(good.sum()) / makespan if makespan else math.nan
+        overall[f"steady_goodput_rps@{goodput_scale:g}"] = steady.goodput_rps
     return Summary(overall, per_llm, slo)
 
 

@@ -167,10 +167,10 @@ def test_a_later_systems_placement_error_comes_before_any_simulation(tmp_path: P
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     args = ["models.types=[llama-7b,llama-13b,llama-30b]", "models.top_rate=200", "cluster.nnodes=1",
             "cluster.gpus_per_node=8", "cost=roofline", "workload.duration_s=3", "placement=spatial",
-            "placement.opts.spatial_rule=fit", "systems=[muxserve,spatial]", "report.progress=false"]
+            "spatial.rule=fit", "systems=[muxserve,spatial]", "report.progress=false"]
     code, err = main(run_app, args, tmp_path, capsys)
     assert code == 2
-    assert one_line(err).startswith("PlacementError: placing spatial: spatial: no room for LLM")
+    assert one_line(err).startswith("PlacementError: placing spatial: spatial: rule 'fit' needs")
     assert not list(tmp_path.glob("records_*"))  # muxserve did not simulate first
 
 

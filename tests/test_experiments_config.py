@@ -46,7 +46,7 @@ def test_the_default_config_validates() -> None:
     assert precheck(["-m", "workload.alpha=0.7,2.1", "systems=[muxserve]"], CONF_DIR) is None
 
 
-@pytest.mark.parametrize("preset", ["demo", "paper_synthetic", "max_rate"])
+@pytest.mark.parametrize("preset", ["demo", "paper_synthetic", "max_rate", "chatlmsys"])
 def test_presets_leave_the_launcher_replaceable(preset: str) -> None:
     """Ray and submitit have no n_jobs, so a preset must not set it outside conf/hydra/launcher."""
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -121,7 +121,26 @@ def test_system_pairs_and_options() -> None:
     assert system_policies("muxserve+round_robin") == ("muxserve", "round_robin")
     cfg = composed(["placement.opts.decode_shares=[50,60]"])
     assert placement_opts(cfg, "muxserve")["decode_shares"] == (50, 60)
-    assert placement_opts(cfg, "spatial") == {}
+    assert placement_opts(cfg, "spatial") == {"spatial_rule": "paper", "spatial_gpus": ()}
+
+
+def test_the_spatial_block_reaches_the_spatial_placer_whatever_the_placement_group() -> None:
+    cfg = composed(["spatial.rule=fit-cluster", "spatial.gpus={llm-0:2}"])
+    assert placement_opts(cfg, "spatial") == {"spatial_rule": "fit-cluster", "spatial_gpus": (("llm-0", 2),)}
+    assert "spatial_rule" not in placement_opts(cfg, "muxserve")
+    assert error("spatial.rule=bogus") == "ConfigError: spatial: rule must be one of paper, fit, fit-cluster (got 'bogus')"
+    assert error("spatial.gpus={llm-0:3}") == ("ConfigError: spatial: gpus: llm-0: the GPU count must be a power of "
+                                               "two ≥ 1 (got 3)")
+
+
+def test_a_cluster_too_small_for_the_spatial_rule_fails_before_any_simulation(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "experiments.run", *TINY, "cluster.gpus_per_node=2",
+                        f"hydra.run.dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip() == ("PlacementError: placing spatial: spatial: rule 'paper' needs 3 GPUs for the "
+                                "3 LLMs, the cluster has 2 (short by 1; no rule fits: even the smallest meshes "
+                                "need 3 GPUs)")
+    assert not (tmp_path / "records_muxserve.parquet").exists()  # nothing simulated first
 
 
 def test_trace_llms_get_model_types_in_order_of_appearance() -> None:

@@ -21,7 +21,7 @@ SEARCH = [*TINY, "experiment=max_rate", "max_rate.lo=1", "max_rate.hi=100",
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("max_rate.slo_scale=11", "ConfigError: max_rate.slo_scale must be one of 1, 1.5, 2, 3, 4, 5, 7.5, 10,"),
+    ("max_rate.slo_scale=11", "ConfigError: max_rate.slo_scale must be one of 1, 1.5, 2, 3, 4, 5, 7.5, 8, 10,"),
     ("max_rate.target=1.5", "ConfigError: max_rate.target must be within (0, 1] (got 1.5)"),
     ("max_rate.hi=0.01", "ConfigError: max_rate.hi must be > max_rate.lo (0.05) (got 0.01)"),
     ("workload=azure", "ConfigError: max_rate: the search varies workload.scale, so it needs workload=synthetic"),

@@ -41,6 +41,7 @@ from traces import Workload
 
 TABLE = Path(os.environ.get("MUXSIM_A100_TABLE", Path(__file__).parents[2] / "shared" / "data" / "muxserve_llama_a100.json"))
 needs_table = pytest.mark.skipif(not TABLE.is_file(), reason=f"A100 latency table not at {TABLE}")
+DATA = TABLE.parent  # the shared data folder: the A100 table and MuxServe's ChatLMSYS YAMLs
 PAPER = ClusterSpec(4, 8)
 TYPES = ("llama-7b", "llama-13b", "llama-30b", "llama-65b")
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True,
@@ -312,9 +313,54 @@ def test_total_memory_short_names_the_largest_llm() -> None:
 
 
 @needs_table
-def test_spatial_names_the_llm_left_without_gpus() -> None:
+def test_spatial_too_small_cluster_names_the_rule_that_fits() -> None:
     msg = one_line_error("spatial", paper_demands(0.9), ClusterSpec(3, 8), a100())
-    assert "spatial: no room for LLM" in msg and "need 32 GPUs, the cluster has 24 (short by 8)" in msg
+    assert msg == ("spatial: rule 'paper' needs 32 GPUs for the 19 LLMs, the cluster has 24 "
+                   "(short by 8; rule 'fit-cluster' fits: spatial.rule=fit-cluster)")
+    msg = one_line_error("spatial", paper_demands(0.9), ClusterSpec(1, 8), a100(), spatial_rule="fit-cluster")
+    assert "no rule fits: even the smallest meshes need 24 GPUs" in msg
+
+
+def chatlmsys_demands() -> list[Demand]:
+    """MuxServe's ChatLMSYS set at its highest load (condense 2000): 16 LLMs, rates from its YAML."""
+    from traces.loaders.muxserve_yaml import read_muxserve_yaml
+
+    spec = read_muxserve_yaml(DATA / "chatlmsys" / "chatlmsys_condense2000.yaml")
+    return [Demand(m.name, MODEL_PRESETS[m.model_type], m.rate, 100.2, 261.3) for m in spec.llms]
+
+
+@needs_table
+def test_fit_cluster_places_the_chatlmsys_set_on_the_papers_32_gpus() -> None:
+    ds = chatlmsys_demands()
+    assert "needs 46 GPUs" in one_line_error("spatial", ds, PAPER, a100())
+    p = make_placement("spatial", ds, PAPER, a100(), spatial_rule="fit-cluster")
+    assert_valid(p, ds, PAPER)
+    gpus = {x.name: x.tp for u in p.units for x in u.llms}
+    smallest = {"llama-7b": 1, "llama-13b": 1, "llama-30b": 2, "llama-65b": 4}
+    assert all(gpus[d.name] >= smallest[d.model.name] for d in ds)
+    assert sum(gpus.values()) == 32  # spare GPUs all went somewhere: growing still helped
+    # The spares went by load per GPU: the busiest 30B (llm-11, 24.7 req/s) got a bigger mesh.
+    assert gpus["llm-11"] > 2
+
+
+def test_fit_cluster_stops_when_a_bigger_mesh_does_not_help() -> None:
+    ds = [Demand("busy", MODEL_PRESETS["llama-7b"], 60.0, 161, 338), Demand("quiet", MODEL_PRESETS["llama-7b"], 0.1, 161, 338)]
+    p = make_placement("spatial", ds, ClusterSpec(1, 8), roofline(), spatial_rule="fit-cluster")
+    assert (p.llm("busy").tp, p.llm("quiet").tp) == (4, 1)  # 4 GPUs meet 60 req/s; 8 would not add any
+    assert p.meta["idle_gpus"] == 3
+
+
+def test_spatial_gpus_set_counts_outright() -> None:
+    ds = [Demand("busy", MODEL_PRESETS["llama-7b"], 60.0, 161, 338), Demand("quiet", MODEL_PRESETS["llama-7b"], 0.1, 161, 338)]
+    for rule in ("paper", "fit", "fit-cluster"):
+        p = make_placement("spatial", ds, ClusterSpec(1, 8), roofline(), spatial_rule=rule,
+                           spatial_gpus=(("quiet", 2),))
+        assert p.llm("quiet").tp == 2
+    assert "no LLM named 'loud'" in one_line_error("spatial", ds, ClusterSpec(1, 8), spatial_gpus=(("loud", 2),))
+    assert "power of two" in one_line_error("spatial", ds, ClusterSpec(1, 8), spatial_gpus=(("quiet", 3),))
+    big = [Demand("big", MODEL_PRESETS["llama-65b"], 1.0, 161, 338)]
+    assert "cannot run on 1 GPU(s): it fits on 2, 4, 8" in one_line_error("spatial", big, ClusterSpec(1, 8),
+                                                                        spatial_gpus=(("big", 1),))
 
 
 @needs_table

@@ -433,3 +433,43 @@ def test_workload_read_names_duplicate_ids(tmp_path: Path) -> None:
         ),
         Workload,
     )
+
+
+def test_muxserve_yaml_mean_lengths_are_honoured_within_the_limits(tmp_path: Path) -> None:
+    text = MODELS_YAML + "avg_prompt_len: 100.17\navg_output_len: 261.31\n"
+    path = write_text(tmp_path / "models.yaml", text)
+    w = load_muxserve_yaml(path, duration_s=2000.0, seed=1)  # ~25,000 requests
+    df = w.df
+    assert df["prompt_tokens"].mean() == pytest.approx(100.17, rel=0.02)
+    assert df["output_tokens"].mean() == pytest.approx(261.31, rel=0.02)
+    assert df["prompt_tokens"].between(4, 1024).all() and (df["prompt_tokens"] + df["output_tokens"] <= 2048).all()
+    plain = load_muxserve_yaml(write_text(tmp_path / "plain.yaml", MODELS_YAML), duration_s=2000.0, seed=1).df
+    assert plain["prompt_tokens"].mean() == pytest.approx(161, rel=0.03)  # the ShareGPT fit, unscaled
+    assert plain["output_tokens"].mean() == pytest.approx(338, rel=0.03)
+    # Rescaled, not redrawn: the same shape (the long tail keeps its share).
+    ratio = (df["output_tokens"] > 2 * df["output_tokens"].median()).mean()
+    assert ratio == pytest.approx((plain["output_tokens"] > 2 * plain["output_tokens"].median()).mean(), abs=0.03)
+
+
+@pytest.mark.parametrize(("extra", "expected"), [
+    ("avg_prompt_len: 5000\n", r"avg_prompt_len/avg_output_len: mean prompt length 5000 is out of reach"),
+    ("avg_output_len: -3\n", r"avg_output_len must be a number > 0 \(got -3\)"),
+])
+def test_muxserve_yaml_mean_lengths_that_cannot_work(tmp_path: Path, extra: str, expected: str) -> None:
+    path = write_text(tmp_path / "models.yaml", MODELS_YAML + extra)
+    with pytest.raises(WorkloadError, match=expected) as e:
+        load_muxserve_yaml(path, duration_s=10.0)
+    assert str(e.value).startswith(str(path)) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("checkpoint", "preset"), [
+    ("/mnt/afs/share/LLMCKPTs/huggyllama/llama-13b", "llama-13b"),
+    ("/ckpts/huggyllama/llama-65b/", "llama-65b"),
+    ("meta-llama/Llama-2-7b-hf", "llama-2-7b"),
+    ("llama-7b", "llama-7b"),
+])
+def test_muxserve_checkpoint_paths_resolve_to_presets(checkpoint: str, preset: str) -> None:
+    from policies.specs import MODEL_PRESETS
+    from traces.loaders.muxserve_yaml import model_type
+
+    assert model_type(checkpoint) == preset and preset in MODEL_PRESETS

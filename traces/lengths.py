@@ -7,6 +7,7 @@ are not), so the length source is explicit and recorded in the Workload's metada
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -118,6 +119,52 @@ class LengthLimits:
         o = np.clip(output, self.output_min, None if self.max_total is None else self.max_total - p)
         changed = {"prompt": int((p != prompt).sum()), "output": int((o != output).sum())}
         return p.astype(np.int64), o.astype(np.int64), changed
+
+
+@dataclass(frozen=True)
+class ScaledLengths:
+    """Another sampler's lengths times a factor each (rounded): same shape, other means."""
+
+    base: LengthSampler
+    prompt_factor: float
+    output_factor: float
+
+    def sample(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
+        prompt, output = self.base.sample(rng, n)
+        return (np.rint(prompt * self.prompt_factor).astype(np.int64),
+                np.rint(output * self.output_factor).astype(np.int64))
+
+
+def rescaled_to_means(base: LengthSampler, prompt_mean: float, output_mean: float, limits: LengthLimits,
+                      calibration: int = 200_000) -> ScaledLengths:
+    """`base` scaled so that, after clipping into `limits`, the mean prompt and output lengths are
+    the given ones (a workload that states its means, e.g. MuxServe's avg_prompt_len/avg_output_len).
+
+    The factors are solved by bisection on one fixed calibration sample (seed 0), so the result is
+    deterministic; the prompt first, since clipping the output depends on the prompt. Means that
+    the limits cannot reach (within 1%) raise WorkloadError.
+    """
+    prompt, output = base.sample(np.random.default_rng(0), calibration)
+
+    def means(fp: float, fo: float) -> tuple[float, float]:
+        p, o, _ = limits.clip(np.rint(prompt * fp), np.rint(output * fo))
+        return float(p.mean()), float(o.mean())
+
+    def solve(target: float, mean_at: Callable[[float], float]) -> float:
+        lo, hi = -12.0, 12.0  # log2 of the factor: 1/4096 … 4096
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if mean_at(2**mid) < target else (lo, mid)
+        return 2 ** ((lo + hi) / 2)
+
+    fp = solve(prompt_mean, lambda f: means(f, 1.0)[0])
+    fo = solve(output_mean, lambda f: means(fp, f)[1])
+    got = means(fp, fo)
+    for what, want, have in (("prompt", prompt_mean, got[0]), ("output", output_mean, got[1])):
+        if abs(have - want) > 0.01 * want:
+            raise WorkloadError(f"mean {what} length {want:g} is out of reach within {limits} "
+                                f"(the closest is {have:.1f})")
+    return ScaledLengths(base, fp, fo)
 
 
 # MuxServe (via vLLM's ShareGPT sampler): prompt 4..1024, output >= 4, prompt + output <= 2048.

@@ -109,33 +109,48 @@ def generate(
     cv: float = 1.0,
     lengths: LengthSampler = SHAREGPT_FIT,
     limits: LengthLimits = MUXSERVE_LIMITS,
+    counts: dict[str, int] | None = None,
 ) -> Workload:
     """Requests for every LLM of `spec` over [0, duration_s), sorted by arrival, ids 0..N−1.
 
-    Lengths are drawn from `lengths` and clipped into `limits` (pass LengthLimits() to keep them
-    as drawn); how many were clipped is recorded in meta["clipped"].
+    With `counts`, each LLM instead gets exactly that many requests at its rate from t = 0 (how
+    MuxServe's benchmarks size their runs), and `duration_s` is unused. Lengths are drawn from
+    `lengths` and clipped into `limits` (pass LengthLimits() to keep them as drawn); how many were
+    clipped is recorded in meta["clipped"].
     """
-    if not math.isfinite(duration_s) or duration_s <= 0:
+    if counts is None and (not math.isfinite(duration_s) or duration_s <= 0):
         raise WorkloadError(f"generate: duration_s must be a finite number > 0 (got {duration_s})")
-    check_size(spec, duration_s)
+    if counts is not None:
+        bad = {m.name: counts.get(m.name) for m in spec.llms
+               if not isinstance(counts.get(m.name), int) or counts[m.name] < 0 or (counts[m.name] and m.rate <= 0)}
+        if bad:
+            name, n = next(iter(bad.items()))
+            raise WorkloadError(f"generate: LLM {name!r}: request count must be an integer >= 0, and 0 "
+                                f"for an LLM of rate 0 (got {n!r})")
+    if counts is None:  # explicit counts are the caller's, sized from a placement's throughput
+        check_size(spec, duration_s)
     seeded(seed)
     children = np.random.SeedSequence(seed).spawn(len(spec.llms))
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for child, llm in zip(children, spec.llms, strict=True):
         rng = np.random.default_rng(child)
-        times = arrivals_until(rng, llm.rate, duration_s, cv)
+        if counts is None:
+            times = arrivals_until(rng, llm.rate, duration_s, cv)
+        else:
+            times = arrivals_count(rng, llm.rate, counts[llm.name], cv) if counts[llm.name] else np.empty(0)
         prompt, output = lengths.sample(rng, len(times))
         parts.append((times, prompt, output))
-    counts = np.array([len(t) for t, _, _ in parts])
-    if counts.sum() == 0:
+    sizes = np.array([len(t) for t, _, _ in parts])
+    if sizes.sum() == 0:
         raise WorkloadError(
-            f"generate: {spec.label or 'spec'} produced no requests in {duration_s} s (rates too low?)"
+            f"generate: {spec.label or 'spec'} produced no requests"
+            + (f" in {duration_s} s (rates too low?)" if counts is None else " (all counts are 0)")
         )
     times = np.concatenate([t for t, _, _ in parts])
     prompt, output, clipped = limits.clip(
         np.concatenate([p for _, p, _ in parts]), np.concatenate([o for _, _, o in parts])
     )
-    llm_index = np.repeat(np.arange(len(spec.llms)), counts)
+    llm_index = np.repeat(np.arange(len(spec.llms)), sizes)
     order = np.argsort(times, kind="stable")  # ties (never in practice) keep spec order
     names = np.array([m.name for m in spec.llms], dtype=object)
     types = np.array([m.model_type for m in spec.llms], dtype=object)
@@ -153,7 +168,8 @@ def generate(
         "source": "synthetic",
         "format": "synthetic",
         "spec": spec.to_dict(),
-        "duration_s": duration_s,
+        "duration_s": duration_s if counts is None else None,
+        "counts": counts,
         "seed": seed,
         "cv": cv,
         "lengths": repr(lengths),
@@ -161,3 +177,16 @@ def generate(
         "clipped": clipped,
     }
     return Workload(df, meta)
+
+
+def counts_by_rate(spec: WorkloadSpec, total: int) -> dict[str, int]:
+    """`total` requests split over the LLMs in proportion to their rates, summing exactly to
+    `total` (largest remainders): a fixed request set such as MuxServe's 8,091 ChatLMSYS requests."""
+    rates = np.array([m.rate for m in spec.llms], dtype=float)
+    if total < 1 or rates.sum() <= 0:
+        raise WorkloadError(f"counts_by_rate: need total >= 1 and some rate > 0 (got {total}, {rates.sum()})")
+    share = total * rates / rates.sum()
+    counts = np.floor(share).astype(int)
+    for i in np.argsort(-(share - counts), kind="stable")[: total - counts.sum()]:
+        counts[i] += 1
+    return {m.name: int(n) for m, n in zip(spec.llms, counts, strict=True)}

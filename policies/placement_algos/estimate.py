@@ -41,6 +41,7 @@ from policies.specs import ClusterSpec, ModelSpec
 from .demand import Demand
 
 Member = tuple[int, int, int]  # (LLM index, prefill SM %, decode SM %)
+SPATIAL_RULES = ("paper", "fit", "fit-cluster")  # see placement_algos.spatial
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class PlacerOptions:
     batch_limit_per_gpu: int = 256
     overload_units: int = 2  # decode shares on a mesh may sum to 100% + this × 10%
     prune: bool = True  # skip mesh groups that cannot beat the best so far (exact)
-    spatial_rule: str = "paper"  # "paper": 7B/13B → 1 GPU, 30B → 4, 65B → 8; "fit": fewest GPUs meeting the rate
+    spatial_rule: str = "paper"  # GPUs per LLM of the spatial baseline: one of SPATIAL_RULES
+    spatial_gpus: tuple[tuple[str, int], ...] = ()  # (LLM name, GPUs): explicit counts, whatever the rule
     seed: int = 0
     iterations: int = 20_000  # simulated-annealing steps of the search placer
     brute_force_limit: int = 20_000  # the search enumerates every assignment when there are at most this many
@@ -93,8 +95,11 @@ class PlacerOptions:
         if any(isinstance(s, bool) or not isinstance(s, int) or s % SM_UNIT_PCT
                or not SM_UNIT_PCT <= s <= SM_UNITS_FULL * SM_UNIT_PCT for s in shares):
             raise ValueError(f"SM shares must be multiples of {SM_UNIT_PCT} within 10..100 (got {shares})")
-        if self.spatial_rule not in ("paper", "fit"):
-            raise ValueError(f"spatial_rule must be 'paper' or 'fit' (got {self.spatial_rule!r})")
+        if self.spatial_rule not in SPATIAL_RULES:
+            raise ValueError(f"spatial_rule must be one of {', '.join(SPATIAL_RULES)} (got {self.spatial_rule!r})")
+        bad = [(name, n) for name, n in self.spatial_gpus if not (isinstance(n, int) and n >= 1 and n & (n - 1) == 0)]
+        if bad:
+            raise ValueError(f"spatial_gpus: {bad[0][0]}: the GPU count must be a power of two ≥ 1 (got {bad[0][1]!r})")
 
 
 @dataclass(frozen=True)
