@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from policies import view as contract
 from policies.placement import BLOCK_TOKENS, SM_UNITS_FULL, blocks_for_tokens
 from policies.view import Launch, LLMView, Request, UnitView, age
 
 
 def kv_slack(llm: LLMView, view: UnitView) -> int:
-    """Blocks this LLM may still take: bounded by its own quota and by the shared pool."""
-    return min(llm.kv_quota - llm.kv_used, view.kv_blocks_free)
+    """Blocks this LLM may still take (`policies.view.kv_slack`)."""
+    return contract.kv_slack(llm.kv_quota, llm.kv_used, view.kv_blocks_free)
 
 
 def prefill_slack(llm: LLMView, view: UnitView) -> int:
