@@ -52,7 +52,10 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
     Like vLLM, the most recently arrived requests are preempted first (recompute later), so the
     oldest keep making progress.
     """
-    batch = [r for r in llm.running if not r.busy][: llm.placement.max_batch]
+    if llm.decode_busy:
+        batch = [r for r in llm.running if not r.busy][: llm.placement.max_batch]
+    else:  # none is busy (`LLMView.running`): a slice, not a pass, at every decode step
+        batch = list(llm.running[: llm.placement.max_batch])
     if slack >= len(batch) * llm.chunk_blocks:
         # A running request holds the blocks of its context as of its last job's start, so one more
         # step grows it by at most one chunk: no need to look at each (this runs at every step).

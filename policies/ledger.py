@@ -263,6 +263,8 @@ class UnitLedger:
             raise LedgerError(f"policy {policy} over-committed SM units on unit {unit_id}: "
                               f"{launch.sm_units} asked, {self.sm_free} free")
         phase = launch.phase
+        if phase == "mixed" and self.mode != "mixed":  # it would mark neither process busy
+            raise LedgerError(f"policy {policy} launched a {phase} job of {llm.name} in {self.mode} mode")
         busy = llm.prefill_busy if phase == "prefill" else llm.decode_busy
         if busy or (self.exclusive and self.batches):
             raise LedgerError(f"policy {policy} launched {phase} of {llm.name} on a busy process")
@@ -285,9 +287,11 @@ class UnitLedger:
             if left < min_left:
                 min_left = left
         if phase != "prefill" and len(admitted) < len(ids):
-            # The simulator's hottest loop: at every decode step, over the whole batch.
+            # The simulator's hottest loop: at every decode step, over the whole batch. No running
+            # request is busy here: only a decode or mixed job takes running requests, and this
+            # LLM's decode process was just checked idle.
             for r in llm.running:
-                if r.request_id in ids and not r.busy:
+                if r.request_id in ids:
                     r.busy = True
                     decoding.append(r)
                     context = r.prompt_tokens + r.generated
@@ -384,11 +388,16 @@ class UnitLedger:
         self.batches.remove(batch)
         llm = batch.llm
         done = []
-        for r in batch.requests:  # one pass: on a busy unit this runs at every step over the whole batch
-            r.generated += steps
-            r.busy = False
-            if r.generated >= r.output_tokens:
-                done.append(r)
+        if steps < batch.min_left:  # nobody finishes: the common case, one pass with less in it
+            for r in batch.requests:
+                r.generated += steps
+                r.busy = False
+        else:
+            for r in batch.requests:
+                r.generated += steps
+                r.busy = False
+                if r.generated >= r.output_tokens:
+                    done.append(r)
         llm.running_busy -= len(batch.requests) - batch.admitted
         if batch.admitted:
             running = llm.running

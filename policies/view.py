@@ -84,7 +84,9 @@ class LLMView:
     placement: LLMPlacement
     chunk_blocks: int  # pool blocks per BLOCK_TOKENS tokens of this model's context
     waiting: Sequence[Request]  # FCFS order; preempted requests sit at the front
-    running: Sequence[Request]  # hold KV, not finished, oldest first (`age`); some may be in a job: `busy`
+    # Admitted, not finished, oldest first (`age`). Some may be in a job (`busy`), but only while
+    # the decode process is (`decode_busy`): only decode and mixed jobs take running requests.
+    running: Sequence[Request]
     prefill_busy: bool
     decode_busy: bool
     kv_used: int
