@@ -121,6 +121,7 @@ class LLMState:
     chunk_blocks: int  # pool blocks per BLOCK_TOKENS tokens of this model's context
     waiting: deque[Request] = field(default_factory=deque)  # FCFS; preempted requests at the front
     running: list[Request] = field(default_factory=list)  # admitted, not finished, oldest first
+    running_ids: list[int] = field(default_factory=list)  # their ids, in the same order
     prefill_busy: bool = False
     decode_busy: bool = False
     kv_quota: int = 0
@@ -287,22 +288,26 @@ class UnitLedger:
             if left < min_left:
                 min_left = left
         if phase != "prefill" and len(admitted) < len(ids):
-            # The simulator's hottest loop: at every decode step, over the whole batch. No running
-            # request is busy here: only a decode or mixed job takes running requests, and this
-            # LLM's decode process was just checked idle.
-            for r in llm.running:
-                if r.request_id in ids:
-                    r.busy = True
-                    decoding.append(r)
-                    context = r.prompt_tokens + r.generated
-                    decoding_context += context
-                    # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
-                    blocks = -(-context // BLOCK_TOKENS) * chunk
-                    if blocks != r.blocks:  # most decode steps cross no block boundary
-                        pool.resize(r, blocks)
-                    left = r.output_tokens - r.generated
-                    if left < min_left:
-                        min_left = left
+            # No running request is busy here: only a decode or mixed job takes running requests,
+            # and this LLM's decode process was just checked idle. Policies name the decoding
+            # requests in running order, usually from its start: then they are a slice, not a search.
+            named = launch.request_ids[len(admitted):]
+            if tuple(llm.running_ids[: len(named)]) == named:
+                decoding = llm.running[: len(named)]
+            else:
+                decoding = [r for r in llm.running if r.request_id in ids]
+            # The simulator's hottest loop: at every decode step, over the whole batch.
+            for r in decoding:
+                r.busy = True
+                context = r.prompt_tokens + r.generated
+                decoding_context += context
+                # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
+                blocks = -(-context // BLOCK_TOKENS) * chunk
+                if blocks != r.blocks:  # most decode steps cross no block boundary
+                    pool.resize(r, blocks)
+                left = r.output_tokens - r.generated
+                if left < min_left:
+                    min_left = left
         requests = admitted + decoding if admitted else decoding
         batch = Batch(llm, phase, requests, len(admitted), launch.sm_units, admitted_context,
                       decoding_context, min_left)
@@ -343,7 +348,7 @@ class UnitLedger:
         r = next((r for r in llm.running if r.request_id == rid and not r.busy), None)
         if r is None:
             raise LedgerError(f"policy {policy} preempted request {rid}, not idle-running on {llm.name}")
-        llm.running.remove(r)
+        self._leave_running(llm, r)
         self.pool.release(r)
         r.preemptions += 1
         self.preemptions += 1
@@ -376,6 +381,7 @@ class UnitLedger:
         gone = {id(r) for _, r in finished}
         batch.requests = [r for r in batch.requests if id(r) not in gone]
         llm.running[:] = [r for r in llm.running if id(r) not in gone]
+        llm.running_ids[:] = [r.request_id for r in llm.running]
         llm.running_busy -= len(finished)
         for finish_s, r in finished:
             r.generated, r.busy = r.output_tokens, False
@@ -400,13 +406,15 @@ class UnitLedger:
                     done.append(r)
         llm.running_busy -= len(batch.requests) - batch.admitted
         if batch.admitted:
-            running = llm.running
+            running, running_ids = llm.running, llm.running_ids
             for r in batch.requests[: batch.admitted]:
                 if math.isnan(r.first_token_s):  # not set yet: first admission, not a recompute
                     r.first_token_s = first_token_s
-                bisect.insort(running, r, key=age)  # oldest first, whatever order jobs ended in
+                at = bisect.bisect_right(running, age(r), key=age)  # oldest first, whatever order jobs ended in
+                running.insert(at, r)
+                running_ids.insert(at, r.request_id)
         for r in done:
-            llm.running.remove(r)  # few at a time: cheaper than rebuilding the list
+            self._leave_running(llm, r)  # few at a time: cheaper than rebuilding the list
             self.finish(r, end_s)
         self.sm_free += batch.sm_units
         if batch.phase == "prefill" or self.mode == "mixed":
@@ -415,6 +423,12 @@ class UnitLedger:
         if batch.phase == "decode" or self.mode == "mixed":
             llm.decode_busy = False
             llm.decode_idle_since = end_s
+
+    @staticmethod
+    def _leave_running(llm: LLMState, r: Request) -> None:
+        at = llm.running.index(r)
+        del llm.running[at]
+        del llm.running_ids[at]
 
     # ---- records ----------------------------------------------------------------------------------
     def finish(self, r: Request, finish_s: float) -> None:
@@ -436,6 +450,7 @@ class UnitLedger:
                 self.fail(r, reason)
             llm.waiting.clear()
             llm.running.clear()
+            llm.running_ids.clear()
             llm.running_busy = 0
         self.batches.clear()
 

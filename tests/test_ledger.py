@@ -30,6 +30,8 @@ def check_pool(ledger: UnitLedger) -> None:
     held: dict[str, int] = {name: 0 for name in ledger.llms}
     seen: set[int] = set()
     for name, llm in ledger.llms.items():
+        assert llm.running_ids == [r.request_id for r in llm.running]
+        assert llm.running_busy == sum(r.busy for r in llm.running)
         for r in [*llm.waiting, *llm.running]:
             assert r.request_id not in seen
             seen.add(r.request_id)
