@@ -335,7 +335,10 @@ class Simulator:
         if job.steps is not None:
             self.stats["decode_steps"] += steps
         unit.ledger.end(job.batch, steps, job.end, job.end)
-        self._request_decision(unit)
+        if self.env.peek() > self.env.now:
+            self._decide(unit)  # nothing else happens at this instant: deciding now is deciding last
+        else:
+            self._request_decision(unit)
 
     def _fail_leftovers(self) -> None:
         """Whatever is still in the system when the simulation stops is reported, never dropped."""
