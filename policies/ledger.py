@@ -455,6 +455,12 @@ class UnitLedger:
         self.batches.clear()
 
 
+def grows_within(requests: int, steps: int, slack_chunks: int) -> bool:
+    """Would `steps` decode steps of `requests` requests fit `slack_chunks` new chunks even if every
+    request grew at every chance (once per BLOCK_TOKENS steps, step 0's blocks held already)?"""
+    return slack_chunks >= requests * -(-(steps - 1) // BLOCK_TOKENS)
+
+
 def steps_within_kv(contexts: Sequence[int], left: Sequence[int], max_steps: int, slack_chunks: int) -> int:
     """How many of `max_steps` decode steps fit when the batch may grow by `slack_chunks` chunks.
 
@@ -464,8 +470,8 @@ def steps_within_kv(contexts: Sequence[int], left: Sequence[int], max_steps: int
     a row grow each of them once. Blocks of requests that finished are not counted back: a run that
     stops early is relaunched as it is, so this stays exact. Both executors' decode runs use it.
     """
-    if slack_chunks >= len(contexts) * -(-(max_steps - 1) // BLOCK_TOKENS):
-        return max_steps  # even if every request grew at every chance: the common case, in O(1)
+    if grows_within(len(contexts), max_steps, slack_chunks):
+        return max_steps  # the common case, in O(1)
     residues = [(1 - c) % BLOCK_TOKENS or BLOCK_TOKENS for c in contexts]
     per_residue = [0] * (BLOCK_TOKENS + 1)
     for q in residues:
