@@ -7,7 +7,7 @@ are the pure functions at the top.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from policies import view as contract
@@ -234,7 +234,7 @@ class _Exclusive:
             return Launch(llm.name, "prefill", ids(batch), SM_UNITS_FULL) if batch else None
         return decode_launch(llm, view, SM_UNITS_FULL)
 
-    def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
+    def order(self, view: UnitView) -> Iterable[tuple[LLMView, str]]:
         raise NotImplementedError
 
 
@@ -244,11 +244,12 @@ class FCFS(_Exclusive):
 
     name: str = "fcfs"
 
-    def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
-        prefills = sorted((x for x in view.llms if x.waiting),
-                          key=lambda x: (x.waiting[0].arrival_s, x.waiting[0].request_id))
-        decodes = sorted((x for x in view.llms if has_idle_running(x)), key=lambda x: age(x.running[0]))
-        return [(x, "prefill") for x in prefills] + [(x, "decode") for x in decodes]
+    def order(self, view: UnitView) -> Iterator[tuple[LLMView, str]]:
+        # A generator: the decodes are only sorted when no prefill could be launched.
+        for x in sorted((x for x in view.llms if x.waiting), key=lambda x: age(x.waiting[0])):
+            yield x, "prefill"
+        for x in sorted((x for x in view.llms if has_idle_running(x)), key=lambda x: age(x.running[0])):
+            yield x, "decode"
 
 
 @dataclass

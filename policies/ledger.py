@@ -271,10 +271,14 @@ class UnitLedger:
             raise LedgerError(f"policy {policy} launched {phase} of {llm.name} on a busy process")
         for rid in launch.preempt:
             self._preempt(llm, rid, policy)
-        ids = set(launch.request_ids)
-        admitted = self._take_waiting(llm, ids) if phase != "decode" and llm.waiting else []
+        named = launch.request_ids
+        ids: set[int] | None = None  # the named ids as a set, only when something needs a search
+        admitted: list[Request] = []
+        if phase != "decode" and llm.waiting:
+            ids = set(named)
+            admitted = self._take_waiting(llm, ids)
         decoding: list[Request] = []
-        pool, chunk = self.pool, llm.chunk_blocks
+        pool, chunk, block = self.pool, llm.chunk_blocks, BLOCK_TOKENS
         admitted_context = decoding_context = 0
         min_left = 1 << 62
         for r in admitted:
@@ -287,27 +291,28 @@ class UnitLedger:
             left = r.output_tokens - r.generated
             if left < min_left:
                 min_left = left
-        if phase != "prefill" and len(admitted) < len(ids):
+        if phase != "prefill" and len(admitted) < len(named):
             # No running request is busy here: only a decode or mixed job takes running requests,
             # and this LLM's decode process was just checked idle. Policies name the decoding
             # requests in running order, usually from its start: then they are a slice, not a search.
-            named = launch.request_ids[len(admitted):]
-            if tuple(llm.running_ids[: len(named)]) == named:
-                decoding = llm.running[: len(named)]
+            rest = named[len(admitted):]
+            if tuple(llm.running_ids[: len(rest)]) == rest:
+                decoding = llm.running[: len(rest)]
             else:
+                ids = ids or set(named)
                 decoding = [r for r in llm.running if r.request_id in ids]
             # The simulator's hottest loop: at every decode step, over the whole batch.
             for r in decoding:
                 r.busy = True
-                context = r.prompt_tokens + r.generated
+                generated = r.generated
+                context = r.prompt_tokens + generated
                 decoding_context += context
                 # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
-                blocks = -(-context // BLOCK_TOKENS) * chunk
+                blocks = -(-context // block) * chunk
                 if blocks != r.blocks:  # most decode steps cross no block boundary
                     pool.resize(r, blocks)
-                left = r.output_tokens - r.generated
-                if left < min_left:
-                    min_left = left
+                if r.output_tokens - generated < min_left:
+                    min_left = r.output_tokens - generated
         requests = admitted + decoding if admitted else decoding
         batch = Batch(llm, phase, requests, len(admitted), launch.sm_units, admitted_context,
                       decoding_context, min_left)
@@ -318,9 +323,9 @@ class UnitLedger:
             llm.prefill_busy = True
         if phase == "decode" or self.mode == "mixed":
             llm.decode_busy = True
-        if len(requests) != len(ids):
-            raise LedgerError(f"policy {policy} launched unknown or busy request(s) for {llm.name}: "
-                              f"{sorted(ids - {r.request_id for r in requests})[:5]}")
+        if len(requests) != len(named) or (ids is not None and len(ids) != len(named)):
+            raise LedgerError(f"policy {policy} launched unknown, busy or repeated request(s) for {llm.name}: "
+                              f"{sorted(set(named) - {r.request_id for r in requests})[:5] or list(named)[:5]}")
         used = pool.used[llm.name]
         if used > llm.kv_quota or pool.free < 0:
             raise LedgerError(f"policy {policy} over-committed KV blocks on unit {unit_id}: {llm.name} holds "
