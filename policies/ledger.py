@@ -370,9 +370,9 @@ class UnitLedger:
         anything else on the unit looks."""
         if steps <= 1:
             return
-        pool, chunk, last = self.pool, batch.llm.chunk_blocks, steps - 1
+        pool, chunk, block, last = self.pool, batch.llm.chunk_blocks, BLOCK_TOKENS, steps - 1
         for r in batch.requests:
-            blocks = -(-(r.prompt_tokens + r.generated + last) // BLOCK_TOKENS) * chunk  # blocks_for_tokens
+            blocks = -(-(r.prompt_tokens + r.generated + last) // block) * chunk  # blocks_for_tokens, inlined
             if blocks != r.blocks:
                 pool.resize(r, blocks)
 

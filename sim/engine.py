@@ -189,11 +189,16 @@ class Simulator:
             jobs = self._take_turns(unit, jobs)
         if self.interference is not None:
             self._interfere(unit, jobs)
-        runs = [job for job in jobs if job.steps is not None]
-        unit.jobs.update((job.job_id, job) for job in jobs if job.steps is None)
+        runs = []
+        for job in jobs:
+            if job.steps is None:
+                unit.jobs[job.job_id] = job
+            else:
+                runs.append(job)
         if runs:
             self._plan_runs(unit, runs)
-            unit.jobs.update((job.job_id, job) for job in runs)
+            for job in runs:
+                unit.jobs[job.job_id] = job
         for job in jobs:
             self._run(unit, job)
 
