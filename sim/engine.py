@@ -142,6 +142,7 @@ class Simulator:
         df = self.workload.df
         columns = [df[c].to_numpy() for c in ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens")]
         every = max(1, len(df) // 200)
+        times = columns[2]
         for i, (rid, name, t, prompt, output) in enumerate(zip(*columns, strict=True)):
             if t > self.env.now:
                 yield timeout_at(self.env, float(t))
@@ -151,7 +152,8 @@ class Simulator:
             r = Request(int(rid), str(name), float(t), int(prompt), int(output))
             queued = ledger.arrive(r, ledger.llms[r.llm].spec.max_context)
             if queued and not (self.policy.exclusive and unit.jobs):  # an exclusive policy waits for the job's end
-                self._request_decision(unit)
+                last = i + 1 == len(times) or times[i + 1] > t  # the last arrival of this instant
+                self._decide_now_or_later(unit, last)
             if self.progress and i % every == 0:
                 self.progress(self.env.now)
 
@@ -170,6 +172,14 @@ class Simulator:
         return unit.ledger.set_quotas(self.policy.quotas(unit.ledger.view(self.env.now)), self.policy.name)
 
     # ---- decisions ----------------------------------------------------------------------------
+    def _decide_now_or_later(self, unit: SimUnit, last: bool = True) -> None:
+        """Decide at once if nothing else happens at this instant (`last`: the caller has nothing
+        more to apply either), else after everything that does: the same decision either way."""
+        if last and not unit.decide_pending and self.env.peek() > self.env.now:
+            self._decide(unit)
+        else:
+            self._request_decision(unit)
+
     def _request_decision(self, unit: SimUnit) -> None:
         if unit.decide_pending:
             return
@@ -340,10 +350,7 @@ class Simulator:
         if job.steps is not None:
             self.stats["decode_steps"] += steps
         unit.ledger.end(job.batch, steps, job.end, job.end)
-        if self.env.peek() > self.env.now:
-            self._decide(unit)  # nothing else happens at this instant: deciding now is deciding last
-        else:
-            self._request_decision(unit)
+        self._decide_now_or_later(unit)
 
     def _fail_leftovers(self) -> None:
         """Whatever is still in the system when the simulation stops is reported, never dropped."""
