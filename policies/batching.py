@@ -123,9 +123,9 @@ class ADBS:
     """MuxServe's adaptive batch scheduling (paper Alg. 3).
 
     Prefills go first, round-robin over LLMs, each at its prefill SM share; decodes fill the SM units
-    left, but none starts while a prefill that has KV room is held back for lack of SM units, so
+    left, but none starts while a prefill that has KV room waits for SM units, so
     units drain towards it. KV quotas start ∝ rate × KV size and move every `quota_period_s` from
-    LLMs with slack to LLMs whose queues are held back by their quota.
+    LLMs with slack to LLMs whose queues their quota blocks.
     """
 
     max_prefill_tokens: int = 2048
@@ -163,7 +163,7 @@ class ADBS:
             return self._decide_mixed(view)
         launches: list[Launch] = []
         free = view.sm_units_free
-        held_back = False
+        waits_for_units = False
         prefill_blocks: dict[str, int] = {}  # a decode of the same LLM draws on the same KV slack
         for llm in least_recently_served(view.llms, "prefill"):
             if llm.prefill_busy or not llm.waiting:
@@ -174,12 +174,12 @@ class ADBS:
                 continue  # waiting for cache, not for compute
             units = llm.placement.prefill_units
             if units > free:
-                held_back = True
+                waits_for_units = True
                 continue
             launches.append(Launch(llm.name, "prefill", ids(batch), units))
             prefill_blocks[llm.name] = sum(blocks_for_tokens(r.context_tokens, llm.chunk_blocks) for r in batch)
             free -= units
-        if held_back:
+        if waits_for_units:
             return launches
         for llm in least_recently_served(view.llms, "decode"):
             units = llm.placement.decode_units

@@ -4,7 +4,8 @@ Shape of the model (MuxServe §4):
 - Each unit has `sm_units` compute units (10 × 10% SM plus an overload allowance) and one KV pool
   shared by its LLMs. Each LLM has a prefill process and a decode process ("split" mode), or one
   engine process ("mixed" mode, a stock vLLM step serving prefills and decodes together).
-- A job holds its SM units and its requests' KV blocks for its duration, taken from the CostModel.
+- A job takes its SM units for its duration, taken from the CostModel; its requests hold their KV
+  blocks.
 - The policy is asked what to launch after every change on a unit (an arrival, a job ending, a
   quota tick), once all changes at that instant have been applied.
 
