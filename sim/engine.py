@@ -369,9 +369,10 @@ class Simulator:
 
 def timeout_at(env: simpy.Environment, t: float) -> simpy.Timeout:
     """A timeout that fires at exactly time `t`, whatever rounding `now + (t - now)` would do."""
-    delay = t - env.now
-    while env.now + delay < t:
+    now = env.now
+    delay = t - now
+    while now + delay < t:
         delay = math.nextafter(delay, math.inf)
-    while delay > 0 and env.now + delay > t:
+    while delay > 0 and now + delay > t:
         delay = math.nextafter(delay, -math.inf)
-    return env.timeout(max(delay, 0.0))
+    return env.timeout(delay if delay > 0.0 else 0.0)
