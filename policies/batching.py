@@ -60,7 +60,8 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
         # A running request holds the blocks of its context as of its last job's start, so one more
         # step grows it by at most one chunk: no need to look at each (this runs at every step).
         return batch, []
-    chunk = llm.chunk_blocks  # blocks_for_tokens, inlined: a full pool sees this at every step
+    # blocks_for_tokens, inlined: a full pool sees this at every step (BENCHMARKS.md, "inlined block counts")
+    chunk = llm.chunk_blocks
     growth = [-(-(r.prompt_tokens + r.generated) // BLOCK_TOKENS) * chunk - r.blocks for r in batch]
     need = sum(growth)
     preempted: list[Request] = []

@@ -285,7 +285,7 @@ class UnitLedger:
             r.busy = True
             context = r.prompt_tokens + r.generated
             admitted_context += context
-            blocks = -(-context // BLOCK_TOKENS) * chunk
+            blocks = blocks_for_tokens(context, chunk)
             if blocks != r.blocks:
                 pool.resize(r, blocks)
             left = r.output_tokens - r.generated
@@ -372,7 +372,8 @@ class UnitLedger:
             return
         pool, chunk, block, last = self.pool, batch.llm.chunk_blocks, BLOCK_TOKENS, steps - 1
         for r in batch.requests:
-            blocks = -(-(r.prompt_tokens + r.generated + last) // block) * chunk  # blocks_for_tokens, inlined
+            # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
+            blocks = -(-(r.prompt_tokens + r.generated + last) // block) * chunk
             if blocks != r.blocks:
                 pool.resize(r, blocks)
 
