@@ -183,9 +183,9 @@ class UnitLedger:
 
     def view(self, now: float) -> UnitView:
         used = self.pool.used
-        llms = tuple(LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x.prefill_busy,
-                             x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since, x.decode_idle_since)
-                     for name, x in self.llms.items())
+        llms = tuple([LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x.prefill_busy,
+                              x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since, x.decode_idle_since)
+                      for name, x in self.llms.items()])
         return UnitView(self.unit.unit_id, now, self.mode, self.unit.sm_units, self.sm_free,
                         self.unit.kv_blocks, self.pool.free, llms)
 

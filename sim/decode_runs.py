@@ -119,19 +119,20 @@ class Job:
         Boundaries are sequential sums from the run's start, as SimPy adds one step at a time.
         """
         start, t = len(boundaries), boundaries[-1]
-        if stop - start <= SHORT_RUN:
+        cap = stop
+        if stop - start > SHORT_RUN and horizon < math.inf:
+            # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
+            # with context. Any cap is exact: a run that ends early is relaunched as it is.
+            step = step_time((alive_ctx + alive * start) / alive) * self.factor
+            if step > 0:
+                cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
+        if cap - start <= SHORT_RUN:  # few steps to the horizon: numpy's per-call costs would dominate
             for s in range(start, stop):
                 t += step_time((alive_ctx + alive * s) / alive) * self.factor
                 boundaries.append(t)
                 if t >= horizon:
                     break
             return t
-        # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
-        # with context. Any cap is exact: a run that ends early is relaunched as it is.
-        cap = stop
-        step = step_time((alive_ctx + alive * start) / alive) * self.factor
-        if horizon < math.inf and step > 0:
-            cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
         llm = self.batch.llm
         means = (alive_ctx + alive * np.arange(start, cap, dtype=np.int64)) / alive
         durations = cost.decode_times(llm.spec, llm.placement.tp, self.sm_pct, alive, means) * self.factor

@@ -310,9 +310,10 @@ class Simulator:
         # A finish frees blocks and batch room, which only a waiting request could use. (Under
         # core_slices runs also decide when another unit's launch gets its cores: keep them short.)
         through_finishes = self.core_slices is None and not ledger.has_waiting()
-        slacks = [ledger.slack(job.batch.llm) for job in runs]
+        now = self.env.now
+        slacks = [ledger.slack(job.batch.llm) for job in runs]  # all before any run holds more
         for job, slack in zip(runs, slacks, strict=True):
-            job.plan(self.cost, self.env.now, slack, horizon, through_finishes)
+            job.plan(self.cost, now, slack, horizon, through_finishes)
         if len(runs) > 1:
             first_end = min(job.end for job in runs)
             for job in runs:
