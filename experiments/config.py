@@ -28,10 +28,10 @@ from policies.cost import (
     RooflineCostModel,
     TableCostModel,
 )
+from policies.metrics import SLO_SCALES
 from policies.placement_algos import PLACERS, PlacerOptions
 from policies.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, model_spec
 from policies.view import EXECUTION_MODES
-from sim.metrics import SLO_SCALES
 from traces import FORMATS, Workload, WorkloadError, generate, load, power_law_spec
 from traces.loaders import check_options
 from traces.ops import skip_idle

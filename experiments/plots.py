@@ -89,7 +89,7 @@ def line_per_system(df: pd.DataFrame, x: str, y: str, path: str | Path, *, xlabe
 def throughput_vs_alpha(summary: pd.DataFrame, path: str | Path, alpha: str = "alpha") -> Path:
     """Paper Fig. 5 (top): aggregate throughput as popularity gets more skewed.
 
-    The steady-state figure where the table has it (sim.metrics): the paper's requests ÷ makespan
+    The steady-state figure where the table has it (policies.metrics): the paper's requests ÷ makespan
     moves with the trace length once a system is overloaded.
     """
     if "steady_throughput_rps" in summary.columns:

@@ -58,10 +58,10 @@ from hwloop.profiler import (
 )
 from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
 from policies.cost import CostModelError, TableCostModel
+from policies.metrics import standalone_latency, summarize
 from policies.placement import Placement, PlacementError
 from policies.records import RECORD_COLUMNS, records_file, write_atomically
 from policies.specs import ClusterSpec, ModelSpec, SpecError
-from sim.metrics import standalone_latency, summarize
 from traces import WorkloadError, generate
 from traces.lengths import LengthLimits, LognormalLengths
 from traces.schema import Workload

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +99,6 @@ class Placement:
                 if llm.name == name:
                     return llm
         raise PlacementError(f"LLM {name!r} is not placed on any unit")
-
-    def with_units(self, units: tuple[Unit, ...], **changes: Any) -> Placement:
-        return replace(self, units=units, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

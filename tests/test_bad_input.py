@@ -289,7 +289,7 @@ def test_a_run_where_every_request_failed_exits_non_zero_saying_why(tmp_path: Pa
     code, err = main(run_app, [*TINY, "sim.horizon_s=0.001", "systems=[muxserve]"], tmp_path, capsys)
     assert code == 1
     line = [ln for ln in err.splitlines() if ln.startswith("RunError")]
-    assert line and "muxserve: all" in line[0] and "arrives after horizon 0.001s" in line[0]
+    assert line and "muxserve: all" in line[0] and "not finished by horizon 0.001s; arrives after the run stopped" in line[0]
     assert (tmp_path / "summary.csv").exists()  # the results are still written
 
 

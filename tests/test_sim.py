@@ -15,7 +15,7 @@ from policies.batching import make_batching
 from policies.cost import InterferenceModel, TableCostModel
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from sim import SimulationError, Simulator
-from sim.engine import UnitState
+from sim.engine import SimUnit
 from tests.sim_helpers import SPECS, one_unit, table, workload
 
 
@@ -113,7 +113,8 @@ def test_horizon_reports_unfinished_and_later_requests_as_failed():
     res = simulate(wl, one_unit(["a"]), horizon_s=1.0)
     rec = res.records.sort_values("request_id")
     assert rec.status.tolist() == ["failed", "failed"]
-    assert "horizon" in rec.reason.iloc[0] and "after horizon" in rec.reason.iloc[1]
+    assert rec.reason.iloc[0] == "not finished by horizon 1s"
+    assert rec.reason.iloc[1] == "not finished by horizon 1s; arrives after the run stopped"
 
 
 def test_policy_overcommitting_sm_units_is_caught():
@@ -145,14 +146,17 @@ PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 class Checked(Simulator):
     """Checks the budgets after every decision: SM units and KV blocks never over-committed."""
 
-    def _decide(self, us: UnitState) -> None:
-        super()._decide(us)
-        assert 0 <= us.sm_free <= us.unit.sm_units
-        assert 0 <= us.kv_free <= us.unit.kv_blocks
-        assert sum(x.kv_used for x in us.llms.values()) + us.kv_free == us.unit.kv_blocks
+    def _decide(self, unit: SimUnit) -> None:
+        super()._decide(unit)
+        ledger = unit.ledger
+        assert 0 <= ledger.sm_free <= ledger.unit.sm_units
+        assert 0 <= ledger.pool.free <= ledger.unit.kv_blocks
+        held = [r.blocks for x in ledger.llms.values() for r in [*x.waiting, *x.running]]
+        held += [r.blocks for b in ledger.batches for r in b.requests[: b.admitted]]
+        assert sum(ledger.pool.used.values()) + ledger.pool.free == ledger.unit.kv_blocks == sum(held) + ledger.pool.free
         if not self.policy.exclusive:
-            assert sum(x.kv_quota for x in us.llms.values()) <= us.unit.kv_blocks
-            assert all(x.kv_used <= x.kv_quota for x in us.llms.values())
+            assert sum(x.kv_quota for x in ledger.llms.values()) <= ledger.unit.kv_blocks
+            assert all(ledger.kv_used(x) <= x.kv_quota for x in ledger.llms.values())
 
 
 def _run(rows, policy, mode, skip, kv_blocks, cost, interference=None):
@@ -206,23 +210,28 @@ def test_same_seed_gives_identical_records():
     assert not np.array_equal(other.finish_s.to_numpy(), runs[0].finish_s.to_numpy())
 
 
-def test_memory_follows_requests_in_flight_not_trace_length(tmp_path):
-    """Records stream to Parquet and finished requests are dropped, so a trace 4× as long at the
-    same rate peaks at about the same memory (beyond the input trace itself, allocated before)."""
+def test_memory_follows_requests_in_flight_not_trace_length(tmp_path, flush_every=100):
+    """Records stream to Parquet and finished requests are dropped, so a trace 8× as long at the
+    same rate peaks at about the same memory (beyond the input trace itself, allocated before).
+
+    The bound is absolute: kept in memory, the 3,500 extra records would take about 1 MB, while
+    the interpreter's free lists of small objects (tuples, floats: up to about 0.1 MB here, filled
+    or emptied by when the garbage collector last ran, so by which tests ran before) move the peak
+    of either run. Passing `flush_every` above the trace length makes the test fail."""
     import tracemalloc
 
     def peak(n: int) -> int:
         rows = [("a", i * 0.5, 50, 20) for i in range(n)]  # one request in flight at a time
         wl = workload(rows)
         tracemalloc.start()
-        simulate(wl, one_unit(["a"]), records_path=tmp_path / f"r{n}.parquet", records_flush_every=100)
+        simulate(wl, one_unit(["a"]), records_path=tmp_path / f"r{n}.parquet", records_flush_every=flush_every)
         _, top = tracemalloc.get_traced_memory()
         tracemalloc.stop()
         assert pd.read_parquet(tmp_path / f"r{n}.parquet")["status"].eq("finished").sum() == n
         return top
 
-    short, long = peak(300), peak(1_200)
-    assert long < 1.5 * short, (short, long)
+    short, long = peak(500), peak(4_000)
+    assert long < short + 300_000, (short, long)
 
 
 A100_TABLE = Path(__file__).parents[2] / "shared" / "data" / "muxserve_llama_a100.json"

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from experiments.systems import run_system
 from policies.cost import RooflineCostModel
+from policies.metrics import steady_state
 from policies.specs import GPU_PRESETS, ClusterSpec
-from sim.metrics import steady_state
 from traces import generate, power_law_spec
 from traces.lengths import LognormalLengths
 
