@@ -36,13 +36,15 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hwloop.engine import EngineConfig
+from hwloop.kv_pool import PagedLayout
+from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +73,25 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Write this step's keys/values into the cache rows, then attend (q, k, v: [B, heads, S, hd])."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        gqa = k.shape[1] != q.shape[1]
+        rows = step.rows
+        if step.write_at is None:  # prefill into empty rows: the new keys are all there is
+            k_cache[rows, :, : k.shape[2]] = k
+            v_cache[rows, :, : v.shape[2]] = v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if isinstance(step.write_at, int):
+            k_cache[rows, :, step.write_at] = k[:, :, 0]
+            v_cache[rows, :, step.write_at] = v[:, :, 0]
+        else:
+            batch = torch.arange(k.shape[0], device=k.device)
+            k_cache[rows][batch, :, step.write_at] = k[:, :, 0]
+            v_cache[rows][batch, :, step.write_at] = v[:, :, 0]
+        keys, values = k_cache[rows, :, : step.n_keys], v_cache[rows, :, : step.n_keys]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -85,6 +106,65 @@ class Step:
     write_at: int | torch.Tensor | None = None
     n_keys: int = 0  # decode: keys to attend over (the longest row after this step)
     mask: torch.Tensor | None = None  # decode with unequal lengths: [B, 1, 1, n_keys]
+
+
+class KVStore(Protocol):
+    """Where a layer's keys and values live: rows of a `KVCache`, or blocks of a shared pool (`PagedKV`)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Store this step's k, v (each [B, kv_heads, S, hd]) for `layer`, return attention of q over the context."""
+        ...
+
+
+@dataclass
+class PagedKV:
+    """A batch's KV in pool blocks, read and written through each row's block table (paged attention).
+
+    `pool` is the unit's pool seen in this model's dtype, [blocks, 2 (K, V), BLOCK_TOKENS, width]
+    (`hwloop.kv_pool.PagedLayout`). `tables[b]` holds row b's block ids as [chunks, layers, slices],
+    rows with fewer chunks padded with block 0 (never read unmasked). `held[b]`: tokens row b's
+    blocks held before this step. Decode gathers a row's blocks into one [heads, keys, hd] tensor
+    and calls `scaled_dot_product_attention`: a copy of the context per step, the simple way on CPU
+    (a fused paged kernel would read the blocks in place).
+    """
+
+    pool: torch.Tensor
+    tables: torch.Tensor
+    chunks: list[int]  # chunks of each row's table (the rest is padding)
+    held: list[int]
+
+    def _slices(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, kv_heads, S, hd] → [B, S, slices, width]: one layer's K or V per token, cut into blocks."""
+        b, _h, s, _hd = x.shape
+        return x.transpose(1, 2).reshape(b, s, self.tables.shape[-1], self.pool.shape[-1])
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        gqa = k.shape[1] != q.shape[1]
+        ids = self.tables[:, :, layer]  # [B, chunks, slices]
+        if step.write_at is None:  # prefill into empty blocks: write, then attend over the new keys
+            for which, x in ((0, k), (1, v)):
+                cut = self._slices(x)
+                for b, n in enumerate(self.chunks):
+                    rows = F.pad(cut[b], (0, 0, 0, 0, 0, n * BLOCK_TOKENS - cut.shape[1]))[: n * BLOCK_TOKENS]
+                    self.pool[ids[b, :n], which] = rows.view(n, BLOCK_TOKENS, *rows.shape[1:]).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        pos = step.positions
+        batch = torch.arange(k.shape[0], device=k.device)
+        at = ids[batch, pos // BLOCK_TOKENS]  # [B, slices]: the blocks this step's token goes to
+        offset = (pos % BLOCK_TOKENS)[:, None]
+        self.pool[at, 0, offset] = self._slices(k)[:, 0]
+        self.pool[at, 1, offset] = self._slices(v)[:, 0]
+        n_keys = step.n_keys
+        blocks = self.pool[ids[:, : -(-n_keys // BLOCK_TOKENS)]]  # [B, chunks, slices, 2, BLOCK_TOKENS, width]
+        b, c, t = blocks.shape[0], blocks.shape[1], blocks.shape[4]
+        kv = blocks.permute(3, 0, 1, 4, 2, 5).reshape(2, b, c * t, k.shape[1], k.shape[3])[:, :, :n_keys]
+        keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+        if step.mask is not None:
+            # Keys past a row's length are other requests' leftovers, maybe in another dtype: NaN or
+            # inf as bits here, and 0 × NaN would survive the mask. Zero them.
+            keep = step.mask[:, :, 0, :, None]
+            keys, values = keys.masked_fill(~keep, 0), values.masked_fill(~keep, 0)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
 
 
 class Rotary(nn.Module):
@@ -122,37 +202,17 @@ class Block(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(2 * inter, h, **factory))
         self.down = nn.Parameter(torch.empty(h, inter, **factory))
 
-    def forward(self, x: torch.Tensor, rope: Rotary, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVStore, layer: int, step: Step) -> torch.Tensor:
         b, s, h = x.shape
         y = F.rms_norm(x, (h,), self.attn_norm, RMS_EPS)
         q, k, v = F.linear(y, self.qkv, self.qkv_bias).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = rope(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), step)
         k = rope(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), step)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = self.attend(q, k, v, k_cache, v_cache, step)
+        out = cache.attend(layer, q, k, v, step)
         x = x + F.linear(out.transpose(1, 2).reshape(b, s, self.q_dim), self.o)
         gate, up = F.linear(F.rms_norm(x, (h,), self.mlp_norm, RMS_EPS), self.gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.down)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, step: Step) -> torch.Tensor:
-        """Write this step's keys/values into the cache rows, then attend (q, k, v: [B, heads, S, hd])."""
-        gqa = self.kv_heads != self.heads
-        rows = step.rows
-        if step.write_at is None:  # prefill into empty rows: the new keys are all there is
-            k_cache[rows, :, : k.shape[2]] = k
-            v_cache[rows, :, : v.shape[2]] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if isinstance(step.write_at, int):
-            k_cache[rows, :, step.write_at] = k[:, :, 0]
-            v_cache[rows, :, step.write_at] = v[:, :, 0]
-        else:
-            batch = torch.arange(k.shape[0], device=k.device)
-            k_cache[rows][batch, :, step.write_at] = k[:, :, 0]
-            v_cache[rows][batch, :, step.write_at] = v[:, :, 0]
-        keys, values = k_cache[rows, :, : step.n_keys], v_cache[rows, :, : step.n_keys]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
 
 
 class TorchLlama(nn.Module):
@@ -171,11 +231,11 @@ class TorchLlama(nn.Module):
                 p.data.normal_(0.0, INIT_STD, generator=gen)
         self.requires_grad_(False)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, step: Step, last: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVStore, step: Step, last: torch.Tensor | None) -> torch.Tensor:
         """Logits [B, vocab] at each row's last real position (`last`; None: the final column)."""
         x = F.embedding(tokens, self.embed)
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
-            x = layer(x, self.rope, k_cache, v_cache, step)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, cache, i, step)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, RMS_EPS)
         return F.linear(x, self.embed if self.lm_head is None else self.lm_head)
@@ -316,6 +376,67 @@ class TorchEngine:
             logits = self.model(tokens.to(self.device)[:, None], cache, step, None)
         cache.lengths[rows] = [n + 1 for n in held]
         return logits
+
+    def layout(self, block_bytes: int) -> PagedLayout:
+        return PagedLayout.of(self.spec, self.dtype.itemsize, block_bytes)
+
+    def pool_view(self, pool: torch.Tensor) -> torch.Tensor:
+        """The unit's pool ([blocks, block_bytes] bytes) as this model's blocks, no copy."""
+        layout = self.layout(pool.shape[1])
+        return pool.view(self.dtype).view(pool.shape[0], 2, BLOCK_TOKENS, layout.width)
+
+    def _paged(self, pool: torch.Tensor, tables: Sequence[Sequence[int]], held: list[int]) -> PagedKV:
+        layout = self.layout(pool.shape[1])
+        per_chunk = layout.chunk_blocks
+        chunks = [len(t) // per_chunk for t in tables]
+        if any(len(t) % per_chunk for t in tables):
+            raise TorchEngineError(f"block tables must hold whole chunks of {per_chunk} blocks")
+        ids = torch.zeros(len(tables), max(chunks), per_chunk, dtype=torch.long)
+        for i, t in enumerate(tables):
+            ids[i, : chunks[i]] = torch.as_tensor(t, dtype=torch.long).view(chunks[i], per_chunk)
+        ids = ids.view(len(tables), max(chunks), layout.num_layers, layout.slices).to(self.device)
+        return PagedKV(self.pool_view(pool), ids, chunks, held)
+
+    @torch.inference_mode()
+    def prefill_paged(self, pool: torch.Tensor, tables: Sequence[Sequence[int]],
+                      prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prompts into the pool blocks of their block tables; logits [B, vocab] at each last token.
+
+        Row b's table must hold its prompt: ⌈len / BLOCK_TOKENS⌉ chunks of `layout().chunk_blocks`.
+        """
+        lengths = [len(p) for p in prompts]
+        per_chunk = self.layout(pool.shape[1]).chunk_blocks
+        for t, n in zip(tables, lengths, strict=True):
+            if -(-n // BLOCK_TOKENS) * per_chunk != len(t):
+                raise TorchEngineError(f"a prompt of {n} tokens needs {-(-n // BLOCK_TOKENS)} chunks, its table "
+                                       f"has {len(t)} blocks")
+        with self.on_stream():
+            tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                tokens[i, : len(p)] = torch.as_tensor(p)
+            last = torch.as_tensor(lengths, device=self.device) - 1
+            kv = self._paged(pool, tables, [0] * len(prompts))
+            step = Step(slice(0, len(prompts)), torch.arange(max(lengths), device=self.device))
+            return self.model(tokens.to(self.device), kv, step, last)
+
+    @torch.inference_mode()
+    def decode_paged(self, pool: torch.Tensor, tables: Sequence[Sequence[int]], held: Sequence[int],
+                     tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row (tokens: [B]) at position held[b], appended to its blocks; logits [B, vocab]."""
+        held = list(held)
+        per_chunk = self.layout(pool.shape[1]).chunk_blocks
+        for t, n in zip(tables, held, strict=True):
+            if len(t) < (n // BLOCK_TOKENS + 1) * per_chunk:
+                raise TorchEngineError(f"decode at position {n} needs {n // BLOCK_TOKENS + 1} chunks, "
+                                       f"its table has {len(t) // per_chunk}")
+        with self.on_stream():
+            pos = torch.as_tensor(held, device=self.device)
+            n = max(held) + 1
+            mask = None
+            if len(set(held)) > 1:
+                mask = (torch.arange(n, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+            step = Step(slice(0, len(held)), pos, write_at=pos, n_keys=n, mask=mask)
+            return self.model(tokens.to(self.device)[:, None], self._paged(pool, tables, held), step, None)
 
     @staticmethod
     def _rows(cache: KVCache, start: int, count: int) -> slice:
