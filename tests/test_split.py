@@ -7,12 +7,18 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import threading
+import time
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from hwloop.kv_pool import BlockAllocator, KVPool
+from hwloop.runner import RunnerConfig, RunnerError
+from hwloop.split_runner import SplitRunner
 from hwloop.split_worker import (
     DecodeCmd,
     DecodeItem,
@@ -24,8 +30,11 @@ from hwloop.split_worker import (
 )
 from hwloop.torch_engine import TorchEngine
 from hwloop.worker import WorkerError
-from policies.placement import blocks_for_tokens, blocks_per_chunk
+from policies.batching import make_batching
+from policies.placement import LLMPlacement, Placement, Unit, blocks_for_tokens, blocks_per_chunk
+from policies.records import read_records
 from policies.specs import ModelSpec
+from traces.schema import Workload
 
 WIDE = ModelSpec("wide", 2, 128, 4, 2, 344, 512, dtype_bytes=4, max_context=256)  # GQA, head_dim 32
 DEEP = ModelSpec("deep", 3, 192, 3, 3, 256, 384, dtype_bytes=4, max_context=256)  # head_dim 64
@@ -116,4 +125,99 @@ def test_kill_9_of_a_worker_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
         finally:
             h.stop()
         assert dev_shm() <= shm
+    assert dev_shm() <= shm
+
+
+# ---- the split-mode runner ------------------------------------------------------------------------
+
+SPECS = {"wide": WIDE, "deep": DEEP}
+
+
+def workload(n: int, span_s: float, seed: int = 0, prompts: tuple[int, int] = (8, 90),
+             outputs: tuple[int, int] = (1, 40)) -> Workload:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({
+        "request_id": np.arange(n),
+        "model": [("llm-wide", "llm-deep")[i % 2] for i in range(n)],
+        "arrival_s": np.sort(rng.uniform(0, span_s, n)),
+        "prompt_tokens": rng.integers(*prompts, n),
+        "output_tokens": rng.integers(*outputs, n),
+    })
+    return Workload(df)
+
+
+def placement(kv_blocks: int, prefill_sm: int = 50, decode_sm: int = 50) -> Placement:
+    llms = (LLMPlacement("llm-wide", "wide", 1, prefill_sm, decode_sm, 8, rate=2.0),
+            LLMPlacement("llm-deep", "deep", 1, prefill_sm, decode_sm, 8, rate=2.0))
+    return Placement("test", (Unit(0, 0, (0,), llms, kv_blocks=kv_blocks),))
+
+
+def two_cores() -> dict[int, tuple[int, ...]]:
+    if len(CORES) < 2:
+        pytest.skip("needs 2 CPU cores")
+    return {0: CORES[:2]}
+
+
+def test_split_runner_records_every_request_once_and_returns_every_block(tmp_path: Path) -> None:
+    """ADBS split launches on four processes; a pool small enough to preempt. Every request recorded
+    exactly once, the pool's free count back at its total, prefill and decode of one LLM overlapping."""
+    wl = workload(40, 4.0, prompts=(8, 40), outputs=(1, 120))
+    shm = dev_shm()
+    runner = SplitRunner(wl, placement(kv_blocks=90), make_batching("adbs", quota_period_s=1.0), SPECS,
+                         RunnerConfig(gpu_cores=two_cores(), records_path=tmp_path / "r.parquet",
+                                      work_dir=tmp_path / "work"))
+    result = runner.run()
+    rec = read_records(tmp_path / "r.parquet")
+    assert sorted(rec["request_id"]) == list(range(40))
+    assert (rec["status"] == "finished").all(), rec[rec["status"] != "finished"]
+    assert result.stats["kv_free_end"] == result.stats["kv_total"] == {0: 90}
+    assert result.stats["anomalies"] == []
+    workers = result.stats["workers"]
+    assert workers["llm-wide/prefill"]["cores"] != workers["llm-wide/decode"]["cores"]
+    assert result.stats["prefills"] > 0 and result.stats["steps"] > result.stats["prefills"]
+    # Jobs ran at once: one LLM's prefill beside its own decode, and beside the other LLM's jobs.
+    assert result.stats["sent_beside_own_other_phase"] > 0 and result.stats["sent_beside_other_llm"] > 0
+    assert result.stats["preemptions"] > 0  # the pool is small enough that decodes outgrow it (4-5 measured)
+    assert all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
+    assert dev_shm() <= shm
+
+
+def test_shares_the_cores_cannot_honour_are_refused_before_any_process(tmp_path: Path) -> None:
+    with pytest.raises(RunnerError, match=r"llm-wide decode: a 30% share of 2 core\(s\) is 0.6 of a core") as e:
+        SplitRunner(workload(4, 1.0), placement(64, decode_sm=30), make_batching("adbs"), SPECS,
+                    RunnerConfig(gpu_cores=two_cores(), work_dir=tmp_path))
+    assert "\n" not in str(e.value) and not (tmp_path / "logs").exists()
+    with pytest.raises(RunnerError, match="does not fit"):
+        SplitRunner(workload(4, 1.0), placement(1 << 36), make_batching("adbs"), SPECS,
+                    RunnerConfig(gpu_cores=two_cores(), work_dir=tmp_path))
+
+
+def test_kill_9_of_a_worker_mid_run_saves_records_and_returns_blocks(tmp_path: Path) -> None:
+    wl = workload(30, 3.0, seed=1)
+    shm = dev_shm()
+    runner = SplitRunner(wl, placement(kv_blocks=14 * 60), make_batching("adbs"), SPECS,
+                         RunnerConfig(gpu_cores=two_cores(), records_path=tmp_path / "r.parquet",
+                                      work_dir=tmp_path / "work"))
+
+    def kill_soon() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if runner.stats.get("steps", 0) >= 3 and runner.workers:
+                victim = next(h for h in runner.workers if h.name == "llm-deep/decode")
+                if victim.proc is not None:
+                    os.kill(victim.proc.pid, signal.SIGKILL)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    with pytest.raises(WorkerError, match="llm-deep/decode"):
+        runner.run()
+    killer.join()
+    rec = read_records(tmp_path / "r.parquet")
+    assert sorted(rec["request_id"]) == list(range(30))  # finished or failed, each exactly once
+    failed = rec[rec["status"] == "failed"]
+    assert len(failed) and failed["reason"].str.contains("worker failed").all()
+    assert runner.stats["kv_free_end"] == runner.stats["kv_total"]
+    assert all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
     assert dev_shm() <= shm
