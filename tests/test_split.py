@@ -221,3 +221,38 @@ def test_kill_9_of_a_worker_mid_run_saves_records_and_returns_blocks(tmp_path: P
     assert runner.stats["kv_free_end"] == runner.stats["kv_total"]
     assert all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
     assert dev_shm() <= shm
+
+
+def replay_until_stopped(folder: str) -> None:
+    """Run in a child interpreter by the signal test: a long replay that prints its progress."""
+    config = RunnerConfig(records_path=Path(folder) / "records.parquet", work_dir=folder, gpu_cores=two_cores(),
+                          progress=lambda t: print(f"progress {t:.1f}", flush=True))
+    SplitRunner(workload(60, 60.0, seed=2), placement(kv_blocks=400), make_batching("adbs"), SPECS, config).run()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_reap_every_worker_and_keep_the_records(tmp_path: Path, sig: signal.Signals) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = (f"import importlib.util; s = importlib.util.spec_from_file_location('t', {__file__!r}); "
+            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.replay_until_stopped({str(tmp_path)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("progress") and float(line.split()[1]) > 1.0:
+            break
+    else:
+        pytest.fail(f"the replay never started: {proc.stderr.read() if proc.stderr else ''}")
+    workers = [p.pid for p in psutil.Process(proc.pid).children()]
+    assert len(workers) == 4  # a prefill and a decode process per LLM
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and ("SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt") in err
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
+    rec = read_records(tmp_path / "records.parquet")
+    assert sorted(rec.request_id) == list(range(60))
+    failed = rec[rec.status == "failed"]
+    assert len(failed) > 0 and failed.reason.str.contains("SIGTERM" if sig == signal.SIGTERM else "SIGINT").all()
