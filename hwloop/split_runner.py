@@ -219,19 +219,15 @@ class SplitRunner:
                 if spec.dtype_bytes not in DTYPE_OF_BYTES:
                     raise RunnerError(f"{x.name} ({spec.name}): dtype_bytes {spec.dtype_bytes} not one of 2, 4")
         if self.config.device == "cuda":
-            return {}  # MPS percentages are whatever the shares say; the daemon's folders come at start
-        try:
-            slices = {u.unit_id: split_cpu_slices(u.llms, self.policy.exclusive, self._unit_cores(u))
-                      for u in self.placement.units}
-        except PartitionError as e:
-            raise RunnerError(str(e)) from None
+            return {}  # MPS percentages are whatever the shares say; the pool's fit is checked as it is made
         weights = 2 * sum(self.specs[x.model].weight_bytes for u in self.placement.units for x in u.llms)
         pool = sum(u.kv_blocks for u in self.placement.units) * BLOCK_BYTES
         try:
             check_fits(pool + weights, "cpu", "the units' KV pools plus two copies of each LLM's weights")
-        except PoolError as e:
+            return {u.unit_id: split_cpu_slices(u.llms, self.policy.exclusive, self._unit_cores(u))
+                    for u in self.placement.units}
+        except (PoolError, PartitionError) as e:
             raise RunnerError(str(e)) from None
-        return slices
 
     def _gpu_cores(self) -> dict[int, tuple[int, ...]]:
         if self.config.gpu_cores is not None:

@@ -505,3 +505,40 @@ class TorchStepEngine:
             elapsed, tokens = self._timed(lambda t=tokens: self.engine.decode(cache, t))
             times.append(elapsed)
         return times
+
+
+class PagedStepEngine(TorchStepEngine):
+    """The profiler's `StepEngine` over the split workers' paged path (`prefill_paged` /
+    `decode_paged`), on a private pool: what a split-mode run's steps cost, gathers included.
+
+    Each cell gets a pool of exactly its blocks, handed out in a shuffled order as a long-running
+    pool's free list would; decode contexts are random keys and values, as in `TorchStepEngine`.
+    """
+
+    def _pool(self, cell: tuple[str, int, int], batch: int, tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
+        from policies.placement import BLOCK_BYTES, blocks_for_tokens
+
+        if cell != self.shape and self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.shape = cell
+        per_request = blocks_for_tokens(tokens, self.engine.layout(BLOCK_BYTES).chunk_blocks)
+        with self.engine.on_stream():
+            pool = torch.empty(batch * per_request, BLOCK_BYTES, dtype=torch.uint8, device=self.engine.device)
+            self.engine.pool_view(pool).normal_(generator=None)
+        ids = torch.randperm(batch * per_request, generator=self.gen).tolist()
+        return pool, [ids[i * per_request:(i + 1) * per_request] for i in range(batch)]
+
+    def prefill(self, batch: int, seq_len: int) -> float:
+        pool, tables = self._pool(("prefill", batch, seq_len), batch, seq_len)
+        prompts = self._tokens(batch, seq_len).tolist()
+        return self._timed(lambda: self.engine.prefill_paged(pool, tables, prompts))[0]
+
+    def decode(self, batch: int, ctx_len: int, steps: int) -> list[float]:
+        pool, tables = self._pool(("decode", batch, ctx_len), batch, ctx_len + steps)
+        tokens = self._tokens(batch)
+        times = []
+        for i in range(steps):
+            held = [ctx_len + i] * batch
+            elapsed, tokens = self._timed(lambda t=tokens, h=held: self.engine.decode_paged(pool, tables, h, t))
+            times.append(elapsed)
+        return times
