@@ -71,7 +71,7 @@ from hwloop.profiler import (
 )
 from policies.batching import BATCHING_POLICIES
 from policies.cost import CostModelError, TableCostModel
-from policies.placement import SM_UNIT_PCT, Placement, PlacementError
+from policies.placement import BLOCK_BYTES, SM_UNIT_PCT, Placement, PlacementError
 from policies.records import RECORD_COLUMNS
 from policies.specs import ClusterSpec, ModelSpec
 from sim.metrics import standalone_latency, summarize
@@ -108,6 +108,7 @@ class Setup:
     targets: dict[str, float]
     progress: bool = True
     mode: str = "mixed"  # "mixed": vLLM engines; "split": prefill/decode torch workers over one KV pool
+    split_pool_blocks: int = 0  # split mode: each unit's pool is at most this many blocks (real memory here)
 
     @property
     def backend(self) -> str:
@@ -166,7 +167,14 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, {"relative": float(cfg.targets.relative), "slo_points": float(cfg.targets.slo_points)},
-                 bool(cfg.report.progress), mode)
+                 bool(cfg.report.progress), mode, _pool_blocks(cfg))
+
+
+def _pool_blocks(cfg: DictConfig) -> int:
+    mib = float(cfg.get("split_pool_mib", 1024))
+    if not math.isfinite(mib) or mib <= 0:
+        raise ConfigError(f"split_pool_mib must be a number of MiB > 0 (got {mib})")
+    return int(mib * 2**20) // BLOCK_BYTES
 
 
 def _model(i: int, m: Any) -> ModelSpec:
@@ -262,6 +270,9 @@ def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparis
     cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
     placement = place(system, s.workload, cluster, cost, extra_specs=s.specs,
                       placement_opts=whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None)
+    if s.mode == "split":  # the pool is allocated for real here: what this machine holds, for both executors
+        placement = placement.with_units(tuple(replace(u, kv_blocks=min(u.kv_blocks, s.split_pool_blocks))
+                                               for u in placement.units))
     placement.save(out / f"placement_{system}.yaml")
     batcher = SYSTEMS[system][1]
     slicer = split_core_slices if s.mode == "split" else core_slices
