@@ -72,6 +72,7 @@ from hwloop.profiler import (
 from policies.batching import BATCHING_POLICIES
 from policies.cost import CostModelError, TableCostModel
 from policies.placement import BLOCK_BYTES, SM_UNIT_PCT, Placement, PlacementError
+from policies.placement_algos.estimate import PlacerOptions
 from policies.records import RECORD_COLUMNS
 from policies.specs import ClusterSpec, ModelSpec
 from sim.metrics import standalone_latency, summarize
@@ -294,11 +295,18 @@ def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparis
 
 
 def whole_core_shares(ncores: int) -> dict[str, Any]:
-    """Placement options whose every SM share is at least one of `ncores` cores: a split-mode CPU
-    worker is refused a share below one core (`hwloop.partition.check_cpu_share`)."""
-    least = min(100, -(-100 // ncores // SM_UNIT_PCT) * SM_UNIT_PCT)
-    return {"decode_shares": tuple(range(least, 100, SM_UNIT_PCT)) or (100,),
-            "prefill_tiers": ((10e9, max(80, least)), (20e9, max(90, least)))}
+    """Placement options whose SM shares are whole cores of a unit of `ncores`: the least multiple of
+    10% that gets k cores, for k = 1..ncores (on 2 cores: 50% and 100%).
+
+    A split-mode CPU worker is refused a share below one core (`hwloop.partition.check_cpu_share`),
+    and a share between two of these gets no more cores than the one below it, only more SM units,
+    which would keep a prefill and a decode from running side by side for no compute. So MuxServe's
+    prefill tiers (80% and 90%) become the whole-core share at or below them.
+    """
+    shares = sorted({min(100, -(-100 * k // ncores // SM_UNIT_PCT) * SM_UNIT_PCT) for k in range(1, ncores + 1)})
+    tiers = PlacerOptions().prefill_tiers
+    return {"decode_shares": tuple(shares),
+            "prefill_tiers": tuple((below, max([x for x in shares if x <= pct] or shares[:1])) for below, pct in tiers)}
 
 
 def baseline(records: pd.DataFrame, s: Setup, table: TableCostModel) -> np.ndarray:
