@@ -20,10 +20,14 @@ and writes the same request records (`policies.records`), so the two compare row
   run at once, and so do the prefill and the decode of one LLM (on different requests).
 - **Preemption** by recompute, as in the simulator: the request's blocks go back to the pool and
   its whole context (prompt and generated tokens, which the runner keeps) is prefilled again later.
-- **Decode runs**, exact as in the mixed runner: when a decode is the only thing the unit could do,
-  the worker repeats it without a round trip, with blocks for the run's steps taken at launch
-  (within the KV slack) and the unused ones returned when a `Yield` (arrival, quota tick) ends it
-  early. Workers whose core sets overlap take turns (`stats["deferred_launches"]`).
+- **Decode runs** (the simulator's step skipping): when no idle process on the unit could start
+  anything, the policy would relaunch the same decode at every step boundary, so the worker repeats
+  it without a round trip, with the blocks of the run's steps taken at launch (within the KV slack).
+  Any change on the unit (an arrival, a quota tick, another job's end) sends a `Yield`, which ends
+  the run after its current step, and the policy decides at once, seeing the run's decode as busy,
+  as the simulator's policy sees a run in progress; the blocks of the steps not taken go back to
+  the pool when the run ends. Workers whose core sets overlap take turns
+  (`stats["deferred_launches"]`); no run starts while a launch on the unit waits for cores.
 - **Crash safety**: a killed worker, Ctrl-C or SIGTERM records every unfinished request as failed
   with the cause, returns every block to the pool (`stats["kv_free_end"]` = total), closes the
   records file, reaps every worker and stops the MPS daemon. The pools are memfds (no name in
@@ -386,7 +390,8 @@ class SplitRunner:
                     us.next_tick += period
                     us.dirty = True
             for us in self.units.values():
-                if us.dirty and not self._yield_runs(us):
+                if us.dirty:
+                    self._yield_runs(us)
                     self._decide(us)
             if now >= next_flush:
                 assert self.writer is not None
@@ -549,15 +554,16 @@ class SplitRunner:
         llm.tokens.pop(r.request_id, None)
 
     def _alone(self, us: UnitState, job: Job) -> bool:
-        """Is this decode the only thing the unit could do? Then it may repeat as is (the simulator's
-        step skipping, `Simulator._pending_work`)."""
+        """Could no idle process on the unit start anything? Then the policy would relaunch this decode
+        at each step boundary until something changes, so it may repeat as is (`Simulator._pending_work`).
+        Jobs already running elsewhere do not matter: their end is a change, which yields the run."""
+        if any(j.llm.unit_id == us.unit.unit_id for j in self._deferred):
+            return False  # a launch waits for cores: the run would keep them (the simulator ends runs too)
         for x in us.llms.values():
-            if x.prefill.busy or (x is not job.llm and x.decode.busy):
-                return False
             if any(not r.busy for r in x.running):
                 return False  # an idle decode process with work, or requests left out of the batch
-            if len(x.running) < x.placement.max_batch and head_fits(x.waiting, x.chunk_blocks,
-                                                                     min(x.kv_quota - x.kv_used, us.blocks.free)):
+            if (not x.prefill.busy and len(x.running) < x.placement.max_batch
+                    and head_fits(x.waiting, x.chunk_blocks, min(x.kv_quota - x.kv_used, us.blocks.free))):
                 return False
         return True
 
@@ -575,9 +581,9 @@ class SplitRunner:
             self._grow(us, llm, r)
         job.cmd = self._decode_cmd(llm, job.batch, steps)
 
-    def _yield_runs(self, us: UnitState) -> bool:
-        """Ask the unit's decode runs to stop at their next step boundary; True if any is running."""
-        held = False
+    def _yield_runs(self, us: UnitState) -> None:
+        """Ask the unit's decode runs to stop at their next step boundary: something changed, so the
+        policy may launch something else beside them, or decide otherwise for their requests."""
         for llm in us.llms.values():
             job = llm.decode.job
             if job is None or job.max_steps == 1:
@@ -589,8 +595,6 @@ class SplitRunner:
             elif not job.yielded:
                 job.yielded = True
                 job.proc.worker.send(Yield())
-            held = held or job.dispatched
-        return held
 
     def _preempt(self, us: UnitState, llm: LLMState, rid: int) -> None:
         r = next((r for r in llm.running if r.request_id == rid and not r.busy), None)
