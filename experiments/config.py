@@ -28,9 +28,9 @@ from policies.cost import (
     RooflineCostModel,
     TableCostModel,
 )
+from policies.metrics import SLO_SCALES
 from policies.placement_algos import PLACERS, PlacerOptions
 from policies.specs import GPU_PRESETS, ClusterSpec, GPUSpec, SpecError, model_spec
-from sim.metrics import SLO_SCALES
 from traces import Workload, generate, load, power_law_spec
 
 # The Hydra config groups every app composes from (run, place, validate).

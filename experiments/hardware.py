@@ -35,10 +35,10 @@ from hwloop.runner import Runner, RunnerConfig, RunnerError
 from hwloop.split_runner import SplitRunner
 from policies.batching import make_batching
 from policies.cost import CostModel
+from policies.metrics import summarize
 from policies.placement import Placement, blocks_per_chunk
 from policies.specs import ClusterSpec, GiB, ModelSpec
 from policies.view import ExecutionMode
-from sim.metrics import summarize
 from traces.schema import Workload
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import MaxRateSearch, build_workload
-from sim.metrics import max_rate_within_slo
+from policies.metrics import max_rate_within_slo
 from traces import Workload, power_law_spec
 
 log = logging.getLogger("muxsim.max_rate")

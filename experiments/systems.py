@@ -18,6 +18,7 @@ import pandas as pd
 
 from policies.batching import make_batching
 from policies.cost import CostModel, InterferenceModel
+from policies.metrics import Summary, standalone_latency, summarize
 from policies.placement import Placement
 from policies.placement_algos import Estimator, PlacerOptions, demands_from_workload, make_placement
 from policies.placement_algos.greedy import check_feasible
@@ -26,7 +27,6 @@ from policies.records import read_records
 from policies.specs import ClusterSpec, ModelSpec
 from policies.view import ExecutionMode
 from sim import Simulator
-from sim.metrics import Summary, standalone_latency, summarize
 from traces.schema import Workload
 
 SYSTEMS: dict[str, tuple[str, str]] = {

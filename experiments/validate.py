@@ -71,11 +71,11 @@ from hwloop.profiler import (
 )
 from policies.batching import BATCHING_POLICIES
 from policies.cost import CostModelError, TableCostModel
+from policies.metrics import standalone_latency, summarize
 from policies.placement import BLOCK_BYTES, SM_UNIT_PCT, Placement, PlacementError
 from policies.placement_algos.estimate import PlacerOptions
 from policies.records import RECORD_COLUMNS
 from policies.specs import ClusterSpec, ModelSpec
-from sim.metrics import standalone_latency, summarize
 from traces import WorkloadError, generate
 from traces.lengths import LengthLimits, LognormalLengths
 from traces.schema import Workload

@@ -14,8 +14,10 @@ a prefill process hands a request's KV to the decode process by handing over blo
   (`torch.from_file(..., shared=True)`); it never has a name in /dev/shm, so nothing is left there
   whoever is killed, and the kernel frees it when the last process holding it exits. On NVIDIA the
   pool is one CUDA tensor whose IPC handle (`torch.multiprocessing`'s reduction) workers open.
-- **Block ids** (`BlockAllocator`): a free list. It alone owns the count of free blocks; the runner's
-  view of the pool reads it from here, and the ids it hands out are the blocks engines write.
+- **Block ids** (`BlockAllocator`): a free list. It alone owns the count of free blocks.
+  `BlockIdPool` puts it behind the unit ledger's KV API (`policies.ledger.BlockPool`): every block
+  the ledger charges a request is an id from it, in the request's block table, so the blocks the
+  bookkeeping counts (the simulator's, the policies') are the blocks the engines write.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from policies.ledger import BlockPool
 from policies.placement import BLOCK_BYTES, BLOCK_TOKENS, blocks_per_chunk
 from policies.specs import GiB, ModelSpec
+from policies.view import Request
 
 
 class PoolError(RuntimeError):
@@ -226,3 +230,40 @@ def _reduce_cuda(tensor: Any) -> bytes:
     buf = io.BytesIO()
     ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(tensor)
     return buf.getvalue()
+
+
+class BlockIdPool(BlockPool):
+    """The unit ledger's KV pool (`policies.ledger.BlockPool`) handing out block ids.
+
+    The ledger asks it to `resize` a request whenever the blocks it holds change (admission, a
+    decode step entering a new block, a preemption, a finish); here that grows or shrinks the
+    request's block table from the free list (`BlockAllocator`), whose length is the pool's free
+    count. So the blocks the ledger counts are the ids the engines write, and no second count exists.
+    """
+
+    def __init__(self, total: int, llms: Iterable[str]) -> None:  # no super().__init__: `free` is the free list's
+        self.total = total
+        self.ids = BlockAllocator(total)
+        self.used = {name: 0 for name in llms}
+        self.tables: dict[int, list[int]] = {}  # request id → its block ids, in table order
+
+    @property  # type: ignore[override]
+    def free(self) -> int:
+        return self.ids.free
+
+    def resize(self, r: Request, blocks: int) -> None:
+        table = self.tables.setdefault(r.request_id, [])
+        if len(table) != r.blocks:
+            raise PoolError(f"request {r.request_id} holds {r.blocks} blocks but has {len(table)} ids")
+        if blocks > len(table):
+            table += self.ids.allocate(blocks - len(table))
+        else:
+            self.ids.deallocate(table[blocks:])
+            del table[blocks:]
+        if not table:
+            del self.tables[r.request_id]
+        self.used[r.llm] += blocks - r.blocks
+        r.blocks = blocks
+
+    def table(self, request_id: int) -> tuple[int, ...]:
+        return tuple(self.tables.get(request_id, ()))

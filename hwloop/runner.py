@@ -6,10 +6,11 @@ request records (`policies.records`), so a run here and a simulation can be comp
 Execution semantics ("mixed" mode, the only one a stock vLLM engine can run):
 - One worker process per placed LLM, pinned to a slice of its unit (`hwloop.partition`) at the
   share it will be launched with, fixed for the whole run (`worker_share_pct`).
-- The runner owns every `Request` (tokens generated, KV blocks held, first-token time,
-  preemptions) and the unit's SM units and KV pool, exactly as the simulator does; the policy sees
-  them through a `UnitView` and is asked to decide after every change: an arrival, a step's end,
-  a quota tick (`policy.quotas` at start and every `quota_period_s`).
+- Each unit's requests (tokens generated, KV blocks held, first-token time, preemptions), SM units
+  and KV pool are kept by a `policies.ledger.UnitLedger`, the same bookkeeping the simulator uses;
+  this module keeps only the wall clock, the workers, the step checks and the signals. The policy
+  sees the ledger through a `UnitView` and is asked to decide after every change: an arrival, a
+  step's end, a quota tick (`policy.quotas` at start and every `quota_period_s`).
 - A `Launch(phase="mixed", request_ids=new admissions + running requests)` means: add the newly
   admitted requests to that LLM's engine and run exactly one engine step. That step prefills the
   new requests (each gets its first token) and decodes every running one (one token each). Since a
@@ -27,15 +28,14 @@ Execution semantics ("mixed" mode, the only one a stock vLLM engine can run):
   next step boundary instead of at once (at most one decode step later).
 - CPU: workers whose core sets overlap never step at the same time; a launch whose cores are busy
   waits for them (counted in `stats["deferred_launches"]`). The policy sees it as running.
-- Requests that cannot be served (longer than the model's context, or needing more KV blocks than
-  the unit's pool) fail on arrival with a reason; nothing is dropped. On a worker crash, Ctrl-C or
+- Requests that cannot be served (longer than the engine's `max_model_len`, or needing more KV
+  blocks than the unit's pool) fail on arrival with a reason; nothing is dropped. On a worker crash, Ctrl-C or
   SIGTERM every request not finished is recorded as failed with the cause, the records file is
   closed, every worker is reaped and the MPS daemon (if started) stopped; then the error is raised.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
 import multiprocessing.connection as mpc
 import signal
@@ -43,7 +43,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -71,30 +71,19 @@ from hwloop.worker import (
     Yield,
     start_workers,
 )
-from policies.placement import (
-    BLOCK_TOKENS,
-    SM_UNIT_PCT,
-    LLMPlacement,
-    Placement,
-    Unit,
-    blocks_for_tokens,
-    blocks_per_chunk,
+from policies.ledger import (
+    STUCK,
+    Batch,
+    LedgerError,
+    UnitLedger,
+    not_arrived,
+    past_horizon,
+    steps_within_kv,
 )
+from policies.placement import SM_UNIT_PCT, Placement, Unit, blocks_per_chunk
 from policies.records import RecordWriter
 from policies.specs import ModelSpec
-from policies.view import (
-    BatchingPolicy,
-    Launch,
-    LLMView,
-    ReadOnlyQueue,
-    Request,
-    UnitView,
-    age,
-    head_fits,
-    hold,
-    requeue_preempted,
-    take_waiting,
-)
+from policies.view import BatchingPolicy, Launch, Request
 from traces.schema import Workload
 
 
@@ -135,55 +124,29 @@ class RunResult:
 
 
 @dataclass(eq=False)
-class LLMState:
-    placement: LLMPlacement
-    spec: ModelSpec
-    chunk_blocks: int
+class Engine:
+    """One LLM's worker process, and the step it runs or waits to run."""
+
+    name: str
     unit_id: int
     slice: Slice
     worker: WorkerHandle
-    waiting: deque[Request] = field(default_factory=deque)
-    running: list[Request] = field(default_factory=list)  # oldest first; all of them in the engine
-    busy: bool = False
-    kv_used: int = 0
-    kv_quota: int = 0
-    idle_since: float = -1.0
     job: Job | None = None
-
-    @property
-    def name(self) -> str:
-        return self.placement.name
-
-    def view(self) -> LLMView:
-        # One engine per LLM: its "prefill" and "decode" processes are the same, busy together.
-        return LLMView(self.placement, self.chunk_blocks, ReadOnlyQueue(self.waiting),
-                       ReadOnlyQueue(self.running), self.busy, self.busy, self.kv_used, self.kv_quota,
-                       self.idle_since, self.idle_since)
 
 
 @dataclass(eq=False)
-class UnitState:
-    unit: Unit
-    llms: dict[str, LLMState]
-    sm_free: int
-    kv_free: int
+class RunnerUnit:
+    """A unit in wall-clock time: its ledger, when its quotas are next asked, whether it changed."""
+
+    ledger: UnitLedger
     next_tick: float = math.inf
     dirty: bool = True
-
-    def busy(self) -> bool:
-        return any(x.busy for x in self.llms.values())
-
-    def view(self, now: float) -> UnitView:
-        return UnitView(self.unit.unit_id, now, "mixed", self.unit.sm_units, self.sm_free,
-                        self.unit.kv_blocks, self.kv_free, tuple(x.view() for x in self.llms.values()))
 
 
 @dataclass(eq=False)
 class Job:
-    llm: LLMState
-    admitted: list[Request]
-    batch: list[Request]  # admitted + decoding, in launch order
-    sm_units: int
+    engine: Engine
+    batch: Batch
     cmd: StepCmd
     t_launch: float
     dispatched: bool = False
@@ -192,7 +155,7 @@ class Job:
 
     @property
     def decode_only(self) -> bool:
-        return not self.admitted and not self.cmd.preempt
+        return not self.batch.admitted and not self.cmd.preempt
 
 
 class Runner:
@@ -210,10 +173,10 @@ class Runner:
         self.writer = RecordWriter(self.config.records_path)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._mps: MPSDaemon | None = None
-        self.units: dict[int, UnitState] = {}
+        self.units: dict[int, RunnerUnit] = {}
         self.workers: list[WorkerHandle] = []  # every engine process this run started
-        self._by_conn: dict[Any, LLMState] = {}
-        self._llms: dict[str, LLMState] = {}
+        self._by_conn: dict[Any, Engine] = {}
+        self._engines: dict[str, Engine] = {}
         self._deferred: deque[Job] = deque()
         self._t0 = 0.0
         df = workload.df
@@ -269,15 +232,14 @@ class Runner:
             for g in u.gpus:
                 per_gpu[g] = per_gpu.get(g, 0) + len(u.llms)
         handles = []
+        chunks = {m: blocks_per_chunk(spec) for m, spec in self.specs.items()}
         for unit in self.placement.units:
-            llms = {}
             for x, sl in zip(unit.llms, self._slices(unit), strict=True):
                 spec = self.specs[x.model]
-                chunk = blocks_per_chunk(spec)
                 real = self.config.model_dirs.get(x.model)
                 folder = real or write_model_dir(spec, work / "models")
                 cfg = engine_config(spec, folder, max_batch=x.max_batch, pool_blocks=unit.kv_blocks,
-                                    chunk_blocks=chunk, prefill_tokens=prefill_tokens, dummy=real is None,
+                                    chunk_blocks=chunks[x.model], prefill_tokens=prefill_tokens, dummy=real is None,
                                     max_model_len=self.config.max_model_len)
                 if self.config.device == "cuda":
                     share = self.config.cuda_memory_fraction or 0.9 / max(per_gpu[g] for g in unit.gpus)
@@ -285,8 +247,9 @@ class Runner:
                 handle = WorkerHandle(WorkerSpec(x.name, cfg, sl.cores, sl.env), work / "logs" / f"{x.name}.log",
                                       unit=unit.unit_id)
                 handles.append(handle)
-                llms[x.name] = self._llms[x.name] = LLMState(x, spec, chunk, unit.unit_id, sl, handle)
-            self.units[unit.unit_id] = UnitState(unit, llms, unit.sm_units, unit.kv_blocks)
+                self._engines[x.name] = Engine(x.name, unit.unit_id, sl, handle)
+            ledger = UnitLedger(unit, self.specs, chunks, "mixed", self.policy.exclusive, self.writer)
+            self.units[unit.unit_id] = RunnerUnit(ledger)
         return handles
 
     # ---- top level ------------------------------------------------------------------------------
@@ -301,7 +264,7 @@ class Runner:
                 self.stats["startup_s"] = time.monotonic() - t
                 self.stats["workers"] = {h.name: {"pid": r.pid, "cores": list(r.cores), "import_s": r.import_s,
                                                   "build_s": r.build_s, "torch_threads": r.torch_threads,
-                                                  "share_pct": self._llms[h.name].slice.share_pct}
+                                                  "share_pct": self._engines[h.name].slice.share_pct}
                                          for h, r in zip(handles, readies, strict=True)}
                 self.stats["versions"] = readies[0].versions if readies else {}
                 self._replay()
@@ -342,6 +305,7 @@ class Runner:
 
     def _result(self) -> RunResult:
         self.stats["records"] = self.writer.count
+        self.stats["preemptions"] = sum(u.ledger.preemptions for u in self.units.values())
         self.stats["decide_ms"] = _summary(self._decide_s, 1e3)
         self.stats["decide_cpu_ms"] = _summary(self._decide_cpu_s, 1e3)
         self.stats["step_ms"] = _summary(self._step_s, 1e3)
@@ -365,27 +329,27 @@ class Runner:
             self.stats["runner_cpu_s"] = time.process_time() - cpu0
 
     def _loop(self, arrivals: np.ndarray, horizon: float, period: float) -> None:
-        for us in self.units.values():
-            self._set_quotas(us)
-            us.next_tick = period if period > 0 else math.inf
+        for unit in self.units.values():
+            self._set_quotas(unit)
+            unit.next_tick = period if period > 0 else math.inf
         next_flush = self.config.flush_every_s
         next_progress = 0.0
         while True:
             now = self._now()
             if now >= horizon:
-                self._fail_leftovers(f"not finished by horizon {horizon:g}s")
+                self._fail_leftovers(past_horizon(horizon))
                 return
             while self._next_arrival < len(arrivals) and arrivals[self._next_arrival] <= now:
                 self._arrive(self._next_arrival)
                 self._next_arrival += 1
-            for us in self.units.values():
-                if us.next_tick <= now:
-                    self._set_quotas(us)
-                    us.next_tick += period
-                    us.dirty = True
-            for us in self.units.values():
-                if us.dirty and not self._yield_runs(us):
-                    self._decide(us)
+            for unit in self.units.values():
+                if unit.next_tick <= now:
+                    self._set_quotas(unit)
+                    unit.next_tick += period
+                    unit.dirty = True
+            for unit in self.units.values():
+                if unit.dirty and not self._yield_runs(unit):
+                    self._decide(unit)
             if now >= next_flush:
                 self.writer.flush()
                 next_flush = now + self.config.flush_every_s
@@ -393,13 +357,13 @@ class Runner:
                 self.config.progress(now)
                 next_progress = now + 1.0
             if not self._by_conn and self._next_arrival == len(arrivals):
-                if self._all_done():
+                if not any(unit.ledger.has_requests() for unit in self.units.values()):
                     return
                 if not self._unstick():
-                    self._fail_leftovers("never scheduled (stuck: no KV room)")
+                    self._fail_leftovers(STUCK)
                     return
             wake = min(float(arrivals[self._next_arrival]) if self._next_arrival < len(arrivals) else math.inf,
-                       min(us.next_tick for us in self.units.values()), horizon, next_flush,
+                       min(unit.next_tick for unit in self.units.values()), horizon, next_flush,
                        next_progress if self.config.progress else math.inf)
             busy = [*self._by_conn]
             timeout = max(0.0, wake - self._now())
@@ -417,163 +381,115 @@ class Runner:
             names = ", ".join(x.worker.describe() for x in late)
             raise WorkerError(f"no step result from {names} within step_timeout_s={self.config.step_timeout_s:g} s")
 
-    def _all_done(self) -> bool:
-        return not any(x.waiting or x.running for x in self._llms.values())
-
     def _unstick(self) -> bool:
         """Nothing runs, nothing will arrive, requests wait: can a new KV quota let one in?"""
         changed = False
-        for us in self.units.values():
-            before = {n: x.kv_quota for n, x in us.llms.items()}
-            self._set_quotas(us)
-            if any(before[n] != x.kv_quota for n, x in us.llms.items()):
-                changed = us.dirty = True
+        for unit in self.units.values():
+            if self._set_quotas(unit):
+                changed = unit.dirty = True
         if changed:
-            for us in self.units.values():
-                if us.dirty:
-                    self._decide(us)
+            for unit in self.units.values():
+                if unit.dirty:
+                    self._decide(unit)
         return bool(self._by_conn)
 
     def _arrive(self, i: int) -> None:
         rid, name, t, prompt, output = (col[i] for col in self._rows)
-        llm = self._llms[str(name)]
-        us = self.units[llm.unit_id]
+        engine = self._engines[str(name)]
+        unit = self.units[engine.unit_id]
         r = Request(int(rid), str(name), float(t), int(prompt), int(output))
-        total = r.prompt_tokens + r.output_tokens
-        limit = llm.worker.spec.engine.max_model_len
-        need = blocks_for_tokens(total, llm.chunk_blocks)
-        if total > limit:
-            self._record(us, r, "failed", f"prompt+output {total} tokens exceeds {llm.spec.name} "
-                                          f"context {limit}")
-        elif need > us.unit.kv_blocks:
-            self._record(us, r, "failed", f"needs {need} KV blocks, unit pool has {us.unit.kv_blocks}")
-        else:
-            llm.waiting.append(r)
-            us.dirty = True
+        if unit.ledger.arrive(r, engine.worker.spec.engine.max_model_len):  # the engine's limit, not the model's
+            unit.dirty = True
 
-    def _set_quotas(self, us: UnitState) -> None:
-        quotas = self.policy.quotas(us.view(self._now()))
-        if not self.policy.exclusive and sum(quotas.values()) > us.unit.kv_blocks:
-            raise RunnerError(f"unit {us.unit.unit_id}: policy {self.policy.name} set KV quotas summing to "
-                              f"{sum(quotas.values())} > pool {us.unit.kv_blocks}")
-        for name, q in quotas.items():
-            us.llms[name].kv_quota = q
+    def _set_quotas(self, unit: RunnerUnit) -> bool:
+        quotas = self.policy.quotas(unit.ledger.view(self._now()))
+        try:
+            return unit.ledger.set_quotas(quotas, self.policy.name)
+        except LedgerError as e:
+            raise RunnerError(str(e)) from e
 
     # ---- decisions and launches -----------------------------------------------------------------
-    def _decide(self, us: UnitState) -> None:
-        us.dirty = False
-        if self.policy.exclusive and us.busy():
+    def _decide(self, unit: RunnerUnit) -> None:
+        unit.dirty = False
+        if self.policy.exclusive and unit.ledger.busy():
             return
         t, cpu = time.perf_counter(), time.thread_time()
-        launches = self.policy.decide(us.view(self._now()))
-        if self.policy.exclusive and len(launches) > 1:
-            raise RunnerError(f"exclusive policy {self.policy.name} launched {len(launches)} jobs at once "
-                              f"on unit {us.unit.unit_id}")
-        jobs = [self._start(us, launch) for launch in launches]
-        if self.config.decode_runs and len(jobs) == 1 and jobs[0].decode_only and self._alone(us, jobs[0].llm):
-            self._plan_run(us, jobs[0])
+        launches = self.policy.decide(unit.ledger.view(self._now()))
+        jobs = [self._start(unit, launch) for launch in launches]
+        if self.config.decode_runs and len(jobs) == 1 and jobs[0].decode_only and self._alone(unit):
+            self._plan_run(unit, jobs[0])
         for job in jobs:
             self._dispatch(job)
         self._decide_s.append(time.perf_counter() - t)
         self._decide_cpu_s.append(time.thread_time() - cpu)
         self.stats["decisions"] += 1
 
-    def _start(self, us: UnitState, launch: Launch) -> Job:
-        """Check a launch against the unit's budgets and the engine's rules, then apply it."""
+    def _start(self, unit: RunnerUnit, launch: Launch) -> Job:
+        """Check a launch against the engine's rules, then apply it to the unit's ledger (which
+        checks it against the unit's budgets)."""
         name = self.policy.name
-        llm = us.llms.get(launch.llm)
-        if llm is None:
-            raise RunnerError(f"policy {name} launched {launch.llm!r}, which is not on unit {us.unit.unit_id}")
-        if launch.phase != "mixed":
-            raise RunnerError(f"policy {name} launched a {launch.phase!r} job; stock vLLM engines only run "
-                              f"'mixed' steps (give the policy view mode 'mixed')")
-        if launch.sm_units > us.sm_free:
-            raise RunnerError(f"policy {name} over-committed SM units on unit {us.unit.unit_id}: "
-                              f"{launch.sm_units} asked, {us.sm_free} free")
-        if llm.busy:
-            raise RunnerError(f"policy {name} launched {llm.name} while its engine is busy")
-        if min(100, launch.sm_units * SM_UNIT_PCT) != llm.slice.share_pct:
-            raise RunnerError(f"policy {name} launched {llm.name} at {launch.sm_units * SM_UNIT_PCT}% but its "
-                              f"worker was started at {llm.slice.share_pct}% (a process's share is fixed)")
-        for rid in launch.preempt:
-            self._preempt(us, llm, rid)
-        ids = set(launch.request_ids)
-        admitted = take_waiting(llm.waiting, ids)
-        decoding = [r for r in llm.running if r.request_id in ids]
-        if len(admitted) + len(decoding) != len(ids):
-            raise RunnerError(f"policy {name} launched unknown request(s) for {llm.name}: "
-                              f"{sorted(ids - {r.request_id for r in admitted + decoding})[:5]}")
-        if len(decoding) != len(llm.running):
-            left = sorted({r.request_id for r in llm.running} - ids)[:5]
+        engine = self._engines[launch.llm] if launch.llm in unit.ledger.llms else None
+        if engine is not None:  # else the ledger says the LLM is not on this unit
+            if launch.phase != "mixed":
+                raise RunnerError(f"policy {name} launched a {launch.phase!r} job; stock vLLM engines only run "
+                                  f"'mixed' steps (give the policy view mode 'mixed')")
+            if min(100, launch.sm_units * SM_UNIT_PCT) != engine.slice.share_pct:
+                raise RunnerError(f"policy {name} launched {engine.name} at {launch.sm_units * SM_UNIT_PCT}% but "
+                                  f"its worker was started at {engine.slice.share_pct}% (a process's share is fixed)")
+        try:
+            batch = unit.ledger.apply(launch, name)
+        except LedgerError as e:
+            raise RunnerError(str(e)) from e
+        assert engine is not None  # the ledger knows every LLM of the unit
+        llm = batch.llm
+        if batch.decoding != len(llm.running):
+            left = sorted({r.request_id for r in llm.running} - set(launch.request_ids))[:5]
             raise RunnerError(f"policy {name} left running request(s) {left} of {llm.name} out of a step; "
                               f"a vLLM step decodes every request its engine holds")
-        batch = admitted + decoding
-        taken = hold(batch, llm.chunk_blocks)
-        if taken > min(llm.kv_quota - llm.kv_used, us.kv_free):
-            raise RunnerError(f"policy {name} over-committed KV blocks on unit {us.unit.unit_id}: "
-                              f"{llm.name} needs {taken}, quota slack {llm.kv_quota - llm.kv_used}, "
-                              f"pool free {us.kv_free}")
-        llm.kv_used += taken
-        us.kv_free -= taken
-        us.sm_free -= launch.sm_units
-        llm.busy = True
+        admitted = batch.requests[: batch.admitted]
         cmd = StepCmd(tuple(Admit(r.request_id, r.prompt_tokens, r.context_tokens, r.remaining_tokens)
                             for r in admitted), tuple(launch.preempt))
-        job = Job(llm, admitted, batch, launch.sm_units, cmd, self._now())
-        llm.job = job
+        job = Job(engine, batch, cmd, self._now())
+        engine.job = job
         return job
 
-    def _alone(self, us: UnitState, llm: LLMState) -> bool:
-        """Is `llm` the only engine on the unit with anything to do? Then its decode may repeat as is."""
-        for other in us.llms.values():
-            if other is llm:
-                continue
-            if other.busy or other.running:
-                return False
-            if other.placement.max_batch > 0 and head_fits(other.waiting, other.chunk_blocks,
-                                                           min(other.kv_quota - other.kv_used, us.kv_free)):
-                return False
-        return True
+    @staticmethod
+    def _alone(unit: RunnerUnit) -> bool:
+        """Is the one job just launched all the unit has to do? Then its decode may repeat as is
+        (`UnitLedger.idle_work`)."""
+        ledger = unit.ledger
+        return len(ledger.batches) == 1 and not ledger.idle_work()
 
-    def _plan_run(self, us: UnitState, job: Job) -> None:
+    def _plan_run(self, unit: RunnerUnit, job: Job) -> None:
         """How many steps a decode run may take: until its first request finishes, and as long as
         its KV growth fits the slack (its first step's blocks are charged already)."""
-        llm = job.llm
-        slack = min(llm.kv_quota - llm.kv_used, us.kv_free)
-        steps = decode_run_length([r.context_tokens for r in job.batch],
-                                  min(r.remaining_tokens for r in job.batch), slack // llm.chunk_blocks)
+        batch = job.batch
+        contexts = [r.context_tokens for r in batch.requests]
+        left = [r.remaining_tokens for r in batch.requests]
+        steps = steps_within_kv(contexts, left, batch.min_left, unit.ledger.slack(batch.llm) // batch.llm.chunk_blocks)
         if steps > 1:
             job.cmd = replace(job.cmd, max_steps=steps)
 
-    def _yield_runs(self, us: UnitState) -> bool:
+    def _yield_runs(self, unit: RunnerUnit) -> bool:
         """Ask the unit's decode runs to stop at their next step boundary; True if any is running."""
-        held = False
-        for llm in us.llms.values():
-            job = llm.job
+        running = False
+        for name in unit.ledger.llms:
+            engine = self._engines[name]
+            job = engine.job
             if job is None or job.cmd.max_steps == 1:
                 continue
             if not job.dispatched:
                 job.cmd = replace(job.cmd, max_steps=1)
             elif not job.yielded:
                 job.yielded = True
-                llm.worker.send(Yield())
-            held = held or job.dispatched
-        return held
-
-    def _preempt(self, us: UnitState, llm: LLMState, rid: int) -> None:
-        r = next((r for r in llm.running if r.request_id == rid), None)
-        if r is None:
-            raise RunnerError(f"policy {self.policy.name} preempted request {rid}, not running on {llm.name}")
-        llm.running.remove(r)
-        freed = requeue_preempted(llm.waiting, r)
-        llm.kv_used -= freed
-        us.kv_free += freed
-        self.stats["preemptions"] += 1
+                engine.worker.send(Yield())
+            running = running or job.dispatched
+        return running
 
     def _dispatch(self, job: Job) -> None:
-        """Send the step now, or hold it while another engine runs on any of its cores.
+        """Send the step now, or defer it while another engine runs on any of its cores.
 
-        A held launch also waits behind older held launches on the same cores, so none starves.
+        A deferred launch also waits behind older deferred launches on the same cores, so none starves.
         """
         if self._must_wait(job):
             self._deferred.append(job)
@@ -582,68 +498,46 @@ class Runner:
             self._send(job)
 
     def _must_wait(self, job: Job) -> bool:
-        cores = job.llm.slice.cores
+        cores = job.engine.slice.cores
         if not cores:
             return False  # GPU: MPS shares the SMs, nothing to serialise
         running = any(overlapping(cores, x.slice.cores) for x in self._by_conn.values())
-        return running or any(overlapping(cores, j.llm.slice.cores) for j in self._deferred)
+        return running or any(overlapping(cores, j.engine.slice.cores) for j in self._deferred)
 
     def _send(self, job: Job) -> None:
         job.dispatched = True
         job.t_sent = time.monotonic()
-        job.llm.worker.send(job.cmd)
-        assert job.llm.worker.conn is not None
-        self._by_conn[job.llm.worker.conn] = job.llm
+        job.engine.worker.send(job.cmd)
+        assert job.engine.worker.conn is not None
+        self._by_conn[job.engine.worker.conn] = job.engine
 
     def _release_deferred(self) -> None:
-        """Start held launches, oldest first, as far as their cores are now free."""
-        held, self._deferred = self._deferred, deque()
-        for job in held:
+        """Start deferred launches, oldest first, as far as their cores are now free."""
+        deferred, self._deferred = self._deferred, deque()
+        for job in deferred:
             if self._must_wait(job):
                 self._deferred.append(job)
             else:
                 self._send(job)
 
-    def _step_done(self, llm: LLMState) -> None:
-        reply: StepDone = llm.worker.recv(what="a step result")
-        job = llm.job
-        assert llm.worker.conn is not None and job is not None
-        del self._by_conn[llm.worker.conn]
+    def _step_done(self, engine: Engine) -> None:
+        reply: StepDone = engine.worker.recv(what="a step result")
+        job = engine.job
+        assert engine.worker.conn is not None and job is not None
+        del self._by_conn[engine.worker.conn]
         steps = reply.steps
         self.stats["steps"] += steps
         self.stats["decode_runs"] += steps > 1
         self._step_s.extend(reply.step_s)
-        self._check_step(llm, job, reply)
-        llm.job = None
-        us = self.units[llm.unit_id]
-        t_end = reply.t_end - self._t0
-        for r in job.batch:
-            r.generated += steps
-            r.busy = False
-            if math.isnan(r.first_token_s):
-                r.first_token_s = reply.t_first_end - self._t0
-            if steps > 1:  # the blocks its last step held; the first step's were charged at launch
-                grown = blocks_for_tokens(r.context_tokens - 1, llm.chunk_blocks) - r.blocks
-                r.blocks += grown
-                llm.kv_used += grown
-                us.kv_free -= grown
-        for r in job.admitted:
-            bisect.insort(llm.running, r, key=age)
-        done = [r for r in job.batch if r.remaining_tokens <= 0]
-        if done:
-            llm.running = [r for r in llm.running if r.remaining_tokens > 0]
-            for r in done:
-                llm.kv_used -= r.blocks
-                us.kv_free += r.blocks
-                r.blocks = 0
-                self._record(us, r, "finished", finish_s=t_end)
-        us.sm_free += job.sm_units
-        llm.busy = False
-        llm.idle_since = t_end
-        us.dirty = True
+        self._check_step(engine, job, reply)
+        engine.job = None
+        ledger = self.units[engine.unit_id].ledger
+        ledger.hold_for_steps(job.batch, steps)
+        ledger.end(job.batch, steps, reply.t_first_end - self._t0, reply.t_end - self._t0)
+        self.units[engine.unit_id].dirty = True
         self._release_deferred()
 
-    def _check_step(self, llm: LLMState, job: Job, reply: StepDone) -> None:
+    def _check_step(self, engine: Engine, job: Job, reply: StepDone) -> None:
         """Did the engine do exactly what was launched: one token per request, the right ones done?
 
         Checked before any state changes, so a strict stop still records the step's requests.
@@ -652,37 +546,29 @@ class Runner:
         steps = reply.steps
         if not 1 <= steps <= job.cmd.max_steps:
             anomalies.append(f"ran {steps} steps, launched for at most {job.cmd.max_steps}")
-        for r in job.batch:
+        for r in job.batch.requests:
             if reply.tokens.get(r.request_id, 0) != steps:
                 anomalies.append(f"request {r.request_id} got {reply.tokens.get(r.request_id, 0)} tokens "
                                  f"in {steps} step(s)")
-        expected = {r.request_id for r in job.batch if r.remaining_tokens <= steps}
+        expected = {r.request_id for r in job.batch.requests if r.remaining_tokens <= steps}
         if expected != set(reply.finished):
             anomalies.append(f"engine finished {sorted(reply.finished)}, runner expected {sorted(expected)}")
         if anomalies:
-            self.stats["anomalies"].extend(f"{llm.name}: {a}" for a in anomalies)
+            self.stats["anomalies"].extend(f"{engine.name}: {a}" for a in anomalies)
             if self.config.strict:
-                raise RunnerError(f"engine of {llm.name} deviated from its launch: {'; '.join(anomalies[:3])}")
+                raise RunnerError(f"engine of {engine.name} deviated from its launch: {'; '.join(anomalies[:3])}")
 
     # ---- records --------------------------------------------------------------------------------
-    def _record(self, us: UnitState, r: Request, status: str, reason: str = "", finish_s: float = math.nan) -> None:
-        self.writer.add(r.request_id, r.llm, us.unit.unit_id, r.arrival_s, r.first_token_s, finish_s,
-                        r.prompt_tokens, r.output_tokens, r.preemptions, status, reason)
-
     def _fail_leftovers(self, why: str) -> None:
         """Every request not finished is recorded once as failed with `why`; nothing is dropped."""
-        for us in self.units.values():
-            for llm in us.llms.values():
-                for r in [*llm.waiting, *llm.running, *(llm.job.admitted if llm.job else ())]:
-                    self._record(us, r, "failed", why)
-                llm.waiting.clear()
-                llm.running.clear()
-                llm.job = None
+        for unit in self.units.values():
+            unit.ledger.fail_leftovers(why)
+        for engine in self._engines.values():
+            engine.job = None
         for i in range(self._next_arrival, len(self._rows[0])):
             rid, name, t, prompt, output = (col[i] for col in self._rows)
-            llm = self._llms[str(name)]
-            self._record(self.units[llm.unit_id], Request(int(rid), str(name), float(t), int(prompt), int(output)),
-                         "failed", f"{why}; arrives at {float(t):g}s, after the replay stopped")
+            ledger = self.units[self._engines[str(name)].unit_id].ledger
+            ledger.fail(Request(int(rid), str(name), float(t), int(prompt), int(output)), not_arrived(why, float(t)))
         self._next_arrival = len(self._rows[0])
 
 
@@ -690,18 +576,6 @@ def run(workload: Workload, placement: Placement, policy: BatchingPolicy, specs:
         **config: Any) -> RunResult:
     """Replay `workload` on real engines; keyword arguments are `RunnerConfig` fields."""
     return Runner(workload, placement, policy, specs, RunnerConfig(**config)).run()
-
-
-def decode_run_length(contexts: Sequence[int], max_steps: int, chunks: int) -> int:
-    """Steps a decode batch can take, at most `max_steps`, growing by at most `chunks` new KV chunks.
-
-    Step s (0-based; step 0's blocks are already held) computes context c + s, which needs a new
-    chunk for a request when it enters a new block: at s ≡ 1 - c (mod BLOCK_TOKENS), s ≥ 1.
-    """
-    first = [(1 - c) % BLOCK_TOKENS or BLOCK_TOKENS for c in contexts]
-    crossings = sorted(f + BLOCK_TOKENS * m for f in first for m in range(max_steps // BLOCK_TOKENS + 1)
-                       if f + BLOCK_TOKENS * m < max_steps)
-    return crossings[chunks] if len(crossings) > chunks else max_steps
 
 
 def _summary(values: list[float], scale: float) -> dict[str, float]:

@@ -8,10 +8,12 @@ and writes the same request records (`policies.records`), so the two compare row
   (`hwloop.partition.split_cpu_slices` / `split_cuda_slices`), at the share the policy launches that
   phase with (`split_shares`), fixed for the run. Shares the cores cannot honour (less than one
   whole core) are refused in one line before any process starts.
-- **One KV pool per unit** (`hwloop.kv_pool.KVPool`), mapped by every worker of the unit, and its
-  block-id allocator, the only owner of the unit's free-block count: the policy's view reads the
-  free count from it, and the block ids it hands out are the blocks the engines write. A request
-  holds `r.blocks` ids, in the order of its block table.
+- **The unit ledger** (`policies.ledger.UnitLedger`) does the bookkeeping, exactly as for the
+  simulator: queues, admission, quotas, applying launches (preemption included), ends of jobs,
+  records. Its KV pool is a `hwloop.kv_pool.BlockIdPool`: every block the ledger charges a request
+  is a block id, appended to the request's block table, and the pool's free list is the unit's only
+  free count. **One KV pool per unit** (`hwloop.kv_pool.KVPool`) holds those blocks, mapped by every
+  worker of the unit.
 - **Launches**: ADBS's split launches, as in the simulator: `Launch(phase="prefill")` sends the
   admitted requests' contexts and block tables to the LLM's prefill worker, which writes their KV
   and returns each one's first token; `Launch(phase="decode")` sends the token to feed, the length
@@ -36,21 +38,20 @@ and writes the same request records (`policies.records`), so the two compare row
 
 from __future__ import annotations
 
-import bisect
 import math
 import multiprocessing.connection as mpc
 import os
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hwloop.engine import synthetic_prompt
-from hwloop.kv_pool import BlockAllocator, KVPool, PoolError, check_fits
+from hwloop.kv_pool import BlockIdPool, KVPool, PoolError, check_fits
 from hwloop.partition import (
     MPSDaemon,
     PartitionError,
@@ -64,10 +65,10 @@ from hwloop.runner import (
     Interrupted,
     RunnerConfig,
     RunnerError,
+    RunnerUnit,
     RunResult,
     _sigterm_raises,
     _summary,
-    decode_run_length,
 )
 from hwloop.split_worker import (
     DecodeCmd,
@@ -79,10 +80,18 @@ from hwloop.split_worker import (
     SplitWorkerSpec,
 )
 from hwloop.worker import WorkerError, Yield, start_workers
+from policies.ledger import (
+    STUCK,
+    Batch,
+    LedgerError,
+    UnitLedger,
+    not_arrived,
+    past_horizon,
+    steps_within_kv,
+)
 from policies.placement import (
     BLOCK_BYTES,
     SM_UNIT_PCT,
-    LLMPlacement,
     Placement,
     Unit,
     blocks_for_tokens,
@@ -90,19 +99,7 @@ from policies.placement import (
 )
 from policies.records import RecordWriter
 from policies.specs import ModelSpec
-from policies.view import (
-    BatchingPolicy,
-    Launch,
-    LLMView,
-    ReadOnlyQueue,
-    Request,
-    UnitView,
-    age,
-    head_fits,
-    hold,
-    requeue_preempted,
-    take_waiting,
-)
+from policies.view import BatchingPolicy, Launch, Request
 from traces.schema import Workload
 
 DTYPE_OF_BYTES = {2: "bfloat16", 4: "float32"}
@@ -110,65 +107,20 @@ DTYPE_OF_BYTES = {2: "bfloat16", 4: "float32"}
 
 @dataclass(eq=False)
 class Proc:
-    """One worker process of an LLM (its prefill or its decode) and the job it runs, if any."""
+    """One worker process of an LLM (its prefill or its decode) and the job it runs or waits to run."""
 
+    llm: str
     phase: str
+    unit_id: int
     slice: Slice
     worker: SplitWorkerHandle
     job: Job | None = None
-    idle_since: float = -1.0
-
-    @property
-    def busy(self) -> bool:
-        return self.job is not None
-
-
-@dataclass(eq=False)
-class LLMState:
-    placement: LLMPlacement
-    spec: ModelSpec
-    chunk_blocks: int
-    unit_id: int
-    prefill: Proc
-    decode: Proc
-    waiting: deque[Request] = field(default_factory=deque)
-    running: list[Request] = field(default_factory=list)  # hold KV, oldest first; `busy` while in a decode
-    kv_used: int = 0
-    kv_quota: int = 0
-    tokens: dict[int, list[int]] = field(default_factory=dict)  # request id → its context's token ids
-    tables: dict[int, list[int]] = field(default_factory=dict)  # request id → its block ids, in table order
-
-    @property
-    def name(self) -> str:
-        return self.placement.name
-
-    def view(self) -> LLMView:
-        return LLMView(self.placement, self.chunk_blocks, ReadOnlyQueue(self.waiting), ReadOnlyQueue(self.running),
-                       self.prefill.busy, self.decode.busy, self.kv_used, self.kv_quota,
-                       self.prefill.idle_since, self.decode.idle_since)
-
-
-@dataclass(eq=False)
-class UnitState:
-    unit: Unit
-    llms: dict[str, LLMState]
-    sm_free: int
-    blocks: BlockAllocator  # the only count of free blocks
-    pool: KVPool
-    next_tick: float = math.inf
-    dirty: bool = True
-
-    def view(self, now: float) -> UnitView:
-        return UnitView(self.unit.unit_id, now, "split", self.unit.sm_units, self.sm_free,
-                        self.unit.kv_blocks, self.blocks.free, tuple(x.view() for x in self.llms.values()))
 
 
 @dataclass(eq=False)
 class Job:
-    llm: LLMState
     proc: Proc
-    batch: list[Request]
-    sm_units: int
+    batch: Batch
     cmd: PrefillCmd | DecodeCmd
     t_launch: float
     dispatched: bool = False
@@ -186,24 +138,26 @@ class SplitRunner:
         self.workload, self.placement, self.policy, self.specs = workload, placement, policy, specs
         self.config = config or RunnerConfig()
         self.stats: dict[str, Any] = {"decisions": 0, "steps": 0, "prefills": 0, "decode_runs": 0, "preemptions": 0,
-                                      "anomalies": [], "deferred_launches": 0,
-                                      "sent_beside_own_other_phase": 0, "sent_beside_other_llm": 0, "policy": policy.name, "mode": "split",
+                                      "anomalies": [], "deferred_launches": 0, "sent_beside_own_other_phase": 0,
+                                      "sent_beside_other_llm": 0, "policy": policy.name, "mode": "split",
                                       "device": self.config.device}
         self._step_s: dict[str, list[float]] = {"prefill": [], "decode": []}
-        self.writer: RecordWriter | None = None
         self._slices = self._check_inputs()  # every one-line refusal, before any process or pool exists
+        self.writer = RecordWriter(self.config.records_path)
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._mps: MPSDaemon | None = None
-        self.units: dict[int, UnitState] = {}
+        self.units: dict[int, RunnerUnit] = {}
+        self.pools: dict[int, KVPool] = {}
         self.workers: list[SplitWorkerHandle] = []
-        self._by_conn: dict[Any, tuple[LLMState, Proc]] = {}
-        self._llms: dict[str, LLMState] = {}
+        self._procs: dict[tuple[str, str], Proc] = {}  # (LLM, phase) → its worker
+        self._unit_of: dict[str, int] = placement.unit_of()
+        self._by_conn: dict[Any, Proc] = {}
         self._deferred: deque[Job] = deque()
+        self._tokens: dict[int, list[int]] = {}  # request id → its context's token ids (recompute needs them)
         self._t0 = 0.0
         df = workload.df
         self._rows = [df[c].to_numpy() for c in ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens")]
         self._next_arrival = 0
-        self.writer = RecordWriter(self.config.records_path)
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _check_inputs(self) -> dict[int, list[tuple[Slice, Slice]]]:
@@ -219,9 +173,9 @@ class SplitRunner:
             raise RunnerError("tensor parallelism > 1 is not supported by the split runner (one process per phase)")
         for u in self.placement.units:
             for x in u.llms:
-                spec = self.specs[x.model]
-                if spec.dtype_bytes not in DTYPE_OF_BYTES:
-                    raise RunnerError(f"{x.name} ({spec.name}): dtype_bytes {spec.dtype_bytes} not one of 2, 4")
+                if self.specs[x.model].dtype_bytes not in DTYPE_OF_BYTES:
+                    raise RunnerError(f"{x.name} ({x.model}): dtype_bytes {self.specs[x.model].dtype_bytes} "
+                                      f"not one of 2, 4")
         if self.config.device == "cuda":
             return {}  # MPS percentages are whatever the shares say; the pool's fit is checked as it is made
         weights = 2 * sum(self.specs[x.model].weight_bytes for u in self.placement.units for x in u.llms)
@@ -265,25 +219,30 @@ class SplitRunner:
             self._mps.start()
             os.environ.update(self._mps.env)
         handles = []
+        chunks = {m: blocks_per_chunk(spec) for m, spec in self.specs.items()}
         for unit in self.placement.units:
-            pool = KVPool(unit.kv_blocks, device)
+            pool = self.pools[unit.unit_id] = KVPool(unit.kv_blocks, device)
             slices = (self._slices[unit.unit_id] if device == "cpu"
                       else split_cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, self._mps))  # type: ignore[arg-type]
-            llms = {}
-            for x, (pre, dec) in zip(unit.llms, slices, strict=True):
+            for x, pair in zip(unit.llms, slices, strict=True):
                 spec = self.specs[x.model]
-                procs = []
-                for phase, sl in (("prefill", pre), ("decode", dec)):
+                for phase, sl in zip(("prefill", "decode"), pair, strict=True):
                     wspec = SplitWorkerSpec(f"{x.name}/{phase}", x.name, phase, spec, pool.handle(),  # type: ignore[arg-type]
                                             dtype=DTYPE_OF_BYTES[spec.dtype_bytes], device=device,
                                             max_len=self.config.max_model_len or 0, cores=sl.cores, env=sl.env)
                     handle = SplitWorkerHandle(wspec, work / "logs" / f"{x.name}-{phase}.log",  # type: ignore[arg-type]
                                                unit=unit.unit_id)
                     handles.append(handle)
-                    procs.append(Proc(phase, sl, handle))
-                llms[x.name] = self._llms[x.name] = LLMState(x, spec, blocks_per_chunk(spec), unit.unit_id, *procs)
-            self.units[unit.unit_id] = UnitState(unit, llms, unit.sm_units, BlockAllocator(unit.kv_blocks), pool)
+                    self._procs[x.name, phase] = Proc(x.name, phase, unit.unit_id, sl, handle)
+            ids = BlockIdPool(unit.kv_blocks, [x.name for x in unit.llms])
+            ledger = UnitLedger(unit, self.specs, chunks, "split", self.policy.exclusive, self.writer, pool=ids)
+            self.units[unit.unit_id] = RunnerUnit(ledger)
         return handles
+
+    def _ids(self, unit_id: int) -> BlockIdPool:
+        pool = self.units[unit_id].ledger.pool
+        assert isinstance(pool, BlockIdPool)
+        return pool
 
     # ---- top level ------------------------------------------------------------------------------
     def run(self) -> RunResult:
@@ -297,7 +256,7 @@ class SplitRunner:
                 self.stats["startup_s"] = time.monotonic() - t
                 self.stats["workers"] = {h.name: {"pid": r.pid, "cores": list(r.cores), "build_s": r.build_s,
                                                   "torch_threads": r.torch_threads,
-                                                  "share_pct": self._proc(h).slice.share_pct}
+                                                  "share_pct": self._procs[h.spec.llm, h.spec.phase].slice.share_pct}
                                          for h, r in zip(handles, readies, strict=True)}
                 self.stats["versions"] = readies[0].versions if readies else {}
                 self._replay()
@@ -322,10 +281,6 @@ class SplitRunner:
                 self._shutdown()
         return self._result()
 
-    def _proc(self, handle: SplitWorkerHandle) -> Proc:
-        llm = self._llms[handle.spec.llm]
-        return llm.prefill if handle.spec.phase == "prefill" else llm.decode
-
     def _shutdown(self) -> None:
         """Every child reaped, the MPS daemon stopped, the pools and the records file closed, whatever happened."""
         try:
@@ -336,18 +291,18 @@ class SplitRunner:
                 if self._mps is not None:
                     self._mps.stop()
             finally:
-                self.stats["kv_free_end"] = {u: us.blocks.free for u, us in self.units.items()}
-                self.stats["kv_total"] = {u: us.blocks.total for u, us in self.units.items()}
-                for us in self.units.values():
-                    us.pool.close()
-                assert self.writer is not None
+                # After a crash too: every block is back once the leftovers are recorded (tests check).
+                self.stats["kv_free_end"] = {i: u.ledger.pool.free for i, u in self.units.items()}
+                self.stats["kv_total"] = {i: u.ledger.pool.total for i, u in self.units.items()}
+                for pool in self.pools.values():
+                    pool.close()
                 self._records = self.writer.close()
                 if self._tmp is not None:
                     self._tmp.cleanup()
 
     def _result(self) -> RunResult:
-        assert self.writer is not None
         self.stats["records"] = self.writer.count
+        self.stats["preemptions"] = sum(u.ledger.preemptions for u in self.units.values())
         self.stats["step_ms"] = _summary(self._step_s["prefill"] + self._step_s["decode"], 1e3)
         self.stats["prefill_ms"] = _summary(self._step_s["prefill"], 1e3)
         self.stats["decode_step_ms"] = _summary(self._step_s["decode"], 1e3)
@@ -371,54 +326,53 @@ class SplitRunner:
             self.stats["runner_cpu_s"] = time.process_time() - cpu0
 
     def _loop(self, arrivals: np.ndarray, horizon: float, period: float) -> None:
-        for us in self.units.values():
-            self._set_quotas(us)
-            us.next_tick = period if period > 0 else math.inf
+        for unit in self.units.values():
+            self._set_quotas(unit)
+            unit.next_tick = period if period > 0 else math.inf
         next_flush = self.config.flush_every_s
         next_progress = 0.0
         while True:
             now = self._now()
             if now >= horizon:
-                self._fail_leftovers(f"not finished by horizon {horizon:g}s")
+                self._fail_leftovers(past_horizon(horizon))
                 return
             while self._next_arrival < len(arrivals) and arrivals[self._next_arrival] <= now:
                 self._arrive(self._next_arrival)
                 self._next_arrival += 1
-            for us in self.units.values():
-                if us.next_tick <= now:
-                    self._set_quotas(us)
-                    us.next_tick += period
-                    us.dirty = True
-            for us in self.units.values():
-                if us.dirty:
-                    self._yield_runs(us)
-                    self._decide(us)
+            for unit in self.units.values():
+                if unit.next_tick <= now:
+                    self._set_quotas(unit)
+                    unit.next_tick += period
+                    unit.dirty = True
+            for unit in self.units.values():
+                if unit.dirty:
+                    self._yield_runs(unit)
+                    self._decide(unit)
             if now >= next_flush:
-                assert self.writer is not None
                 self.writer.flush()
                 next_flush = now + self.config.flush_every_s
             if self.config.progress and now >= next_progress:
                 self.config.progress(now)
                 next_progress = now + 1.0
             if not self._by_conn and self._next_arrival == len(arrivals):
-                if not any(x.waiting or x.running for x in self._llms.values()):
+                if not any(unit.ledger.has_requests() for unit in self.units.values()):
                     return
                 if not self._unstick():
-                    self._fail_leftovers("never scheduled (stuck: no KV room)")
+                    self._fail_leftovers(STUCK)
                     return
             wake = min(float(arrivals[self._next_arrival]) if self._next_arrival < len(arrivals) else math.inf,
-                       min(us.next_tick for us in self.units.values()), horizon, next_flush,
+                       min(unit.next_tick for unit in self.units.values()), horizon, next_flush,
                        next_progress if self.config.progress else math.inf)
             timeout = max(0.0, wake - self._now())
             if self._by_conn:
                 for conn in mpc.wait([*self._by_conn], timeout=min(timeout, self.config.step_timeout_s)):
-                    self._job_done(*self._by_conn[conn])
+                    self._job_done(self._by_conn[conn])
                 self._check_hung()
             elif timeout > 0:
                 time.sleep(timeout)
 
     def _check_hung(self) -> None:
-        late = [p for _, p in self._by_conn.values()
+        late = [p for p in self._by_conn.values()
                 if p.job and time.monotonic() - p.job.t_sent > self.config.step_timeout_s]
         if late:
             names = ", ".join(p.worker.describe() for p in late)
@@ -427,305 +381,212 @@ class SplitRunner:
     def _unstick(self) -> bool:
         """Nothing runs, nothing will arrive, requests wait: can a new KV quota let one in?"""
         changed = False
-        for us in self.units.values():
-            before = {n: x.kv_quota for n, x in us.llms.items()}
-            self._set_quotas(us)
-            if any(before[n] != x.kv_quota for n, x in us.llms.items()):
-                changed = us.dirty = True
+        for unit in self.units.values():
+            if self._set_quotas(unit):
+                changed = unit.dirty = True
         if changed:
-            for us in self.units.values():
-                if us.dirty:
-                    self._decide(us)
+            for unit in self.units.values():
+                if unit.dirty:
+                    self._decide(unit)
         return bool(self._by_conn)
 
     def _arrive(self, i: int) -> None:
         rid, name, t, prompt, output = (col[i] for col in self._rows)
-        llm = self._llms[str(name)]
-        us = self.units[llm.unit_id]
+        unit = self.units[self._unit_of[str(name)]]
         r = Request(int(rid), str(name), float(t), int(prompt), int(output))
-        total = r.prompt_tokens + r.output_tokens
-        limit = self.config.max_model_len or llm.spec.max_context
-        need = blocks_for_tokens(total, llm.chunk_blocks)
-        if total > limit:
-            self._record(us, r, "failed", f"prompt+output {total} tokens exceeds {llm.spec.name} context {limit}")
-        elif need > us.unit.kv_blocks:
-            self._record(us, r, "failed", f"needs {need} KV blocks, unit pool has {us.unit.kv_blocks}")
-        else:
-            llm.tokens[r.request_id] = synthetic_prompt(r.request_id, r.prompt_tokens, llm.spec.vocab_size)
-            llm.waiting.append(r)
-            us.dirty = True
+        spec = unit.ledger.llms[r.llm].spec
+        if unit.ledger.arrive(r, self.config.max_model_len or spec.max_context):
+            self._tokens[r.request_id] = synthetic_prompt(r.request_id, r.prompt_tokens, spec.vocab_size)
+            unit.dirty = True
 
-    def _set_quotas(self, us: UnitState) -> None:
-        quotas = self.policy.quotas(us.view(self._now()))
-        if not self.policy.exclusive and sum(quotas.values()) > us.unit.kv_blocks:
-            raise RunnerError(f"unit {us.unit.unit_id}: policy {self.policy.name} set KV quotas summing to "
-                              f"{sum(quotas.values())} > pool {us.unit.kv_blocks}")
-        for name, q in quotas.items():
-            us.llms[name].kv_quota = q
+    def _set_quotas(self, unit: RunnerUnit) -> bool:
+        quotas = self.policy.quotas(unit.ledger.view(self._now()))
+        try:
+            return unit.ledger.set_quotas(quotas, self.policy.name)
+        except LedgerError as e:
+            raise RunnerError(str(e)) from e
 
     # ---- decisions and launches -----------------------------------------------------------------
-    def _decide(self, us: UnitState) -> None:
-        us.dirty = False
-        if self.policy.exclusive and any(x.prefill.busy or x.decode.busy for x in us.llms.values()):
+    def _decide(self, unit: RunnerUnit) -> None:
+        unit.dirty = False
+        if self.policy.exclusive and unit.ledger.busy():
             return
-        launches = self.policy.decide(us.view(self._now()))
-        if self.policy.exclusive and len(launches) > 1:
-            raise RunnerError(f"exclusive policy {self.policy.name} launched {len(launches)} jobs at once "
-                              f"on unit {us.unit.unit_id}")
-        jobs = [self._start(us, launch) for launch in launches]
+        launches = self.policy.decide(unit.ledger.view(self._now()))
+        jobs = [self._start(unit, launch) for launch in launches]
         if (self.config.decode_runs and len(jobs) == 1 and isinstance(jobs[0].cmd, DecodeCmd)
-                and self._alone(us, jobs[0])):
-            self._plan_run(us, jobs[0])
+                and self._alone(unit)):
+            self._plan_run(unit, jobs[0])
         for job in jobs:
             self._dispatch(job)
         self.stats["decisions"] += 1
 
-    def _start(self, us: UnitState, launch: Launch) -> Job:
-        """Check a launch against the unit's budgets and the processes' rules, then apply it."""
+    def _start(self, unit: RunnerUnit, launch: Launch) -> Job:
+        """Check a launch against the processes' rules, then apply it to the unit's ledger (which
+        checks it against the unit's budgets and takes its blocks from the id pool)."""
         name = self.policy.name
-        llm = us.llms.get(launch.llm)
-        if llm is None:
-            raise RunnerError(f"policy {name} launched {launch.llm!r}, which is not on unit {us.unit.unit_id}")
         if launch.phase not in ("prefill", "decode"):
             raise RunnerError(f"policy {name} launched a {launch.phase!r} job; split mode runs 'prefill' and "
                               f"'decode' jobs (give the policy view mode 'split')")
-        proc = llm.prefill if launch.phase == "prefill" else llm.decode
-        if launch.sm_units > us.sm_free:
-            raise RunnerError(f"policy {name} over-committed SM units on unit {us.unit.unit_id}: "
-                              f"{launch.sm_units} asked, {us.sm_free} free")
-        if proc.busy:
-            raise RunnerError(f"policy {name} launched {llm.name}'s {proc.phase} while its process is busy")
-        if min(100, launch.sm_units * SM_UNIT_PCT) != proc.slice.share_pct:
-            raise RunnerError(f"policy {name} launched {llm.name}'s {proc.phase} at {launch.sm_units * SM_UNIT_PCT}% "
-                              f"but its worker was started at {proc.slice.share_pct}% (a process's share is fixed)")
-        for rid in launch.preempt:
-            self._preempt(us, llm, rid)
-        ids = set(launch.request_ids)
-        if launch.phase == "prefill":
-            batch = take_waiting(llm.waiting, ids)
-        else:
-            batch = [r for r in llm.running if r.request_id in ids and not r.busy]
-        if len(batch) != len(ids):
-            raise RunnerError(f"policy {name} launched unknown or busy request(s) for {llm.name}: "
-                              f"{sorted(ids - {r.request_id for r in batch})[:5]}")
-        taken = hold(batch, llm.chunk_blocks)
-        if taken > min(llm.kv_quota - llm.kv_used, us.blocks.free):
-            raise RunnerError(f"policy {name} over-committed KV blocks on unit {us.unit.unit_id}: "
-                              f"{llm.name} needs {taken}, quota slack {llm.kv_quota - llm.kv_used}, "
-                              f"pool free {us.blocks.free}")
-        for r in batch:
-            self._grow(us, llm, r)
-        us.sm_free -= launch.sm_units
-        if launch.phase == "prefill":
-            cmd: PrefillCmd | DecodeCmd = PrefillCmd(tuple(
-                PrefillItem(r.request_id, tuple(llm.tokens[r.request_id]), tuple(llm.tables[r.request_id]))
-                for r in batch))
-        else:
-            cmd = self._decode_cmd(llm, batch, 1)
-        job = Job(llm, proc, batch, launch.sm_units, cmd, self._now())
+        proc = self._procs.get((launch.llm, launch.phase))
+        if proc is not None and min(100, launch.sm_units * SM_UNIT_PCT) != proc.slice.share_pct:
+            raise RunnerError(f"policy {name} launched {launch.llm}'s {launch.phase} at "
+                              f"{launch.sm_units * SM_UNIT_PCT}% but its worker was started at "
+                              f"{proc.slice.share_pct}% (a process's share is fixed)")
+        try:
+            batch = unit.ledger.apply(launch, name)
+        except (LedgerError, PoolError) as e:
+            raise RunnerError(str(e)) from e
+        assert proc is not None  # the ledger knows every LLM of the unit
+        cmd = self._prefill_cmd(batch) if launch.phase == "prefill" else self._decode_cmd(batch, 1)
+        job = Job(proc, batch, cmd, self._now())
         proc.job = job
         return job
 
-    @staticmethod
-    def _decode_cmd(llm: LLMState, batch: list[Request], steps: int) -> DecodeCmd:
-        return DecodeCmd(tuple(DecodeItem(r.request_id, llm.tokens[r.request_id][-1], r.context_tokens - 1,
-                                          tuple(llm.tables[r.request_id]), r.remaining_tokens) for r in batch), steps)
+    def _prefill_cmd(self, batch: Batch) -> PrefillCmd:
+        ids = self._ids(self._unit_of[batch.llm.name])
+        return PrefillCmd(tuple(PrefillItem(r.request_id, tuple(self._tokens[r.request_id]), ids.table(r.request_id))
+                                for r in batch.requests))
 
-    def _grow(self, us: UnitState, llm: LLMState, r: Request) -> None:
-        """Give r's block table the ids for the `r.blocks` it now holds (charged to the LLM)."""
-        table = llm.tables.setdefault(r.request_id, [])
-        extra = r.blocks - len(table)
-        table += us.blocks.allocate(extra)
-        llm.kv_used += extra
+    def _decode_cmd(self, batch: Batch, steps: int) -> DecodeCmd:
+        """Each request feeds its last token at position context - 1 (its blocks hold the rest)."""
+        ids = self._ids(self._unit_of[batch.llm.name])
+        return DecodeCmd(tuple(DecodeItem(r.request_id, self._tokens[r.request_id][-1], r.context_tokens - 1,
+                                          ids.table(r.request_id), r.remaining_tokens) for r in batch.requests), steps)
 
-    def _shrink(self, us: UnitState, llm: LLMState, r: Request, blocks: int) -> None:
-        """Return r's block ids past the first `blocks` to the pool."""
-        table = llm.tables.get(r.request_id, [])
-        freed = table[blocks:]
-        del table[blocks:]
-        us.blocks.deallocate(freed)
-        llm.kv_used -= len(freed)
-        r.blocks = len(table)
+    def _alone(self, unit: RunnerUnit) -> bool:
+        """Could no idle process on the unit start anything (`UnitLedger.idle_work`)? Then the policy
+        would relaunch this decode at each step boundary until something changes, so it may repeat
+        as is. Jobs running elsewhere do not matter: their end is a change, which yields the run."""
+        if any(self._unit_of[j.batch.llm.name] == unit.ledger.unit.unit_id for j in self._deferred):
+            return False  # a launch waits for cores: a run would keep them (the simulator ends runs too)
+        return not unit.ledger.idle_work()
 
-    def _release(self, us: UnitState, llm: LLMState, r: Request) -> None:
-        """A request leaves the LLM (finished, failed): its blocks go back to the pool, its tokens are dropped."""
-        self._shrink(us, llm, r, 0)
-        llm.tables.pop(r.request_id, None)
-        llm.tokens.pop(r.request_id, None)
-
-    def _alone(self, us: UnitState, job: Job) -> bool:
-        """Could no idle process on the unit start anything? Then the policy would relaunch this decode
-        at each step boundary until something changes, so it may repeat as is (`Simulator._pending_work`).
-        Jobs already running elsewhere do not matter: their end is a change, which yields the run."""
-        if any(j.llm.unit_id == us.unit.unit_id for j in self._deferred):
-            return False  # a launch waits for cores: the run would keep them (the simulator ends runs too)
-        for x in us.llms.values():
-            if any(not r.busy for r in x.running):
-                return False  # an idle decode process with work, or requests left out of the batch
-            if (not x.prefill.busy and len(x.running) < x.placement.max_batch
-                    and head_fits(x.waiting, x.chunk_blocks, min(x.kv_quota - x.kv_used, us.blocks.free))):
-                return False
-        return True
-
-    def _plan_run(self, us: UnitState, job: Job) -> None:
+    def _plan_run(self, unit: RunnerUnit, job: Job) -> None:
         """Steps of a decode run: until its first request finishes, as far as its KV growth fits the
-        slack. The blocks of every step are taken now, so the worker's tables cover the whole run."""
-        llm = job.llm
-        slack = min(llm.kv_quota - llm.kv_used, us.blocks.free)
-        steps = decode_run_length([r.context_tokens for r in job.batch],
-                                  min(r.remaining_tokens for r in job.batch), slack // llm.chunk_blocks)
-        if steps <= 1:
-            return
-        for r in job.batch:
-            r.blocks = blocks_for_tokens(r.context_tokens + steps - 1, llm.chunk_blocks)
-            self._grow(us, llm, r)
-        job.cmd = self._decode_cmd(llm, job.batch, steps)
+        slack. The blocks of its last step are taken now, so the tables cover every step it may run."""
+        batch = job.batch
+        contexts = [r.context_tokens for r in batch.requests]
+        left = [r.remaining_tokens for r in batch.requests]
+        steps = steps_within_kv(contexts, left, batch.min_left, unit.ledger.slack(batch.llm) // batch.llm.chunk_blocks)
+        if steps > 1:
+            unit.ledger.hold_for_steps(batch, steps)
+            job.cmd = self._decode_cmd(batch, steps)
 
-    def _yield_runs(self, us: UnitState) -> None:
+    def _trim(self, unit: RunnerUnit, batch: Batch, steps: int) -> None:
+        """A run cut short after `steps` steps: each request keeps the blocks of the last step taken."""
+        pool, chunk = unit.ledger.pool, batch.llm.chunk_blocks
+        for r in batch.requests:
+            blocks = blocks_for_tokens(r.context_tokens + steps - 1, chunk)
+            if blocks != r.blocks:
+                pool.resize(r, blocks)
+
+    def _yield_runs(self, unit: RunnerUnit) -> None:
         """Ask the unit's decode runs to stop at their next step boundary: something changed, so the
-        policy may launch something else beside them, or decide otherwise for their requests."""
-        for llm in us.llms.values():
-            job = llm.decode.job
+        policy may launch something beside them, or decide otherwise for their requests."""
+        for name in unit.ledger.llms:
+            proc = self._procs[name, "decode"]
+            job = proc.job
             if job is None or job.max_steps == 1:
                 continue
             if not job.dispatched:
-                for r in job.batch:
-                    self._shrink(us, llm, r, blocks_for_tokens(r.context_tokens, llm.chunk_blocks))
-                job.cmd = self._decode_cmd(llm, job.batch, 1)
+                self._trim(unit, job.batch, 1)
+                job.cmd = self._decode_cmd(job.batch, 1)
             elif not job.yielded:
                 job.yielded = True
-                job.proc.worker.send(Yield())
-
-    def _preempt(self, us: UnitState, llm: LLMState, rid: int) -> None:
-        r = next((r for r in llm.running if r.request_id == rid and not r.busy), None)
-        if r is None:
-            raise RunnerError(f"policy {self.policy.name} preempted request {rid}, not idle-running on {llm.name}")
-        llm.running.remove(r)
-        self._shrink(us, llm, r, 0)
-        requeue_preempted(llm.waiting, r)  # its blocks are back in the pool already: frees 0 here
-        self.stats["preemptions"] += 1
+                proc.worker.send(Yield())
 
     def _dispatch(self, job: Job) -> None:
-        """Send the job now, or hold it while another worker runs on any of its cores (oldest first)."""
+        """Send the job now, or defer it while another worker runs on any of its cores (oldest first)."""
         if self._must_wait(job):
             self._deferred.append(job)
             self.stats["deferred_launches"] += 1
         else:
             self._send(job)
 
-    def _send(self, job: Job) -> None:
-        running = [p for _, p in self._by_conn.values()]
-        other = job.llm.decode if job.proc is job.llm.prefill else job.llm.prefill
-        self.stats["sent_beside_own_other_phase"] += other in running
-        self.stats["sent_beside_other_llm"] += any(p not in (job.llm.prefill, job.llm.decode) for p in running)
-        job.dispatched = True
-        job.t_sent = time.monotonic()
-        job.proc.worker.send(job.cmd)
-        assert job.proc.worker.conn is not None
-        self._by_conn[job.proc.worker.conn] = (job.llm, job.proc)
-
     def _must_wait(self, job: Job) -> bool:
         cores = job.proc.slice.cores
         if not cores:
             return False  # GPU: MPS shares the SMs, nothing to serialise
-        return (any(overlapping(cores, p.slice.cores) for _, p in self._by_conn.values())
+        return (any(overlapping(cores, p.slice.cores) for p in self._by_conn.values())
                 or any(overlapping(cores, j.proc.slice.cores) for j in self._deferred))
 
+    def _send(self, job: Job) -> None:
+        running = list(self._by_conn.values())
+        self.stats["sent_beside_own_other_phase"] += any(p.llm == job.proc.llm for p in running)
+        self.stats["sent_beside_other_llm"] += any(p.llm != job.proc.llm for p in running)
+        job.dispatched = True
+        job.t_sent = time.monotonic()
+        job.proc.worker.send(job.cmd)
+        assert job.proc.worker.conn is not None
+        self._by_conn[job.proc.worker.conn] = job.proc
+
     def _release_deferred(self) -> None:
-        """Start held launches, oldest first, as far as their cores are now free."""
-        held, self._deferred = self._deferred, deque()
-        for job in held:
+        """Start deferred launches, oldest first, as far as their cores are now free."""
+        deferred, self._deferred = self._deferred, deque()
+        for job in deferred:
             if self._must_wait(job):
                 self._deferred.append(job)
             else:
                 self._send(job)
 
-    def _job_done(self, llm: LLMState, proc: Proc) -> None:
+    def _job_done(self, proc: Proc) -> None:
         reply: PhaseDone = proc.worker.recv(what=f"a {proc.phase} result")
         job = proc.job
         assert proc.worker.conn is not None and job is not None
         del self._by_conn[proc.worker.conn]
-        self._check(llm, job, reply)
+        self._check(job, reply)
         steps = reply.steps
         self.stats["steps"] += steps
+        self.stats["prefills" if proc.phase == "prefill" else "decode_runs"] += proc.phase == "prefill" or steps > 1
         self._step_s[proc.phase].extend(reply.step_s)
-        us = self.units[llm.unit_id]
-        t_end = reply.t_end - self._t0
-        done = []
-        for r in job.batch:
-            llm.tokens[r.request_id] += reply.new_tokens[r.request_id]
-            r.generated += steps
-            r.busy = False
-            if r.remaining_tokens <= 0:
-                done.append(r)
-        if proc.phase == "prefill":
-            self.stats["prefills"] += 1
-            for r in job.batch:
-                if math.isnan(r.first_token_s):  # not set yet: a first admission, not a recompute
-                    r.first_token_s = reply.t_first_end - self._t0
-                bisect.insort(llm.running, r, key=age)
-        else:
-            self.stats["decode_runs"] += steps > 1
-            if job.max_steps > steps:  # a run that yielded early: return the blocks of the steps not taken
-                for r in job.batch:
-                    self._shrink(us, llm, r, blocks_for_tokens(r.context_tokens - 1, llm.chunk_blocks))
-        if done:
-            gone = set(done)
-            llm.running = [r for r in llm.running if r not in gone]
-            for r in done:
-                self._release(us, llm, r)
-                self._record(us, r, "finished", finish_s=t_end)
         proc.job = None
-        us.sm_free += job.sm_units
-        proc.idle_since = t_end
-        us.dirty = True
+        unit = self.units[proc.unit_id]
+        batch = job.batch
+        if job.max_steps > steps:
+            self._trim(unit, batch, steps)  # blocks of the steps a yielded run did not take go back
+        for r in batch.requests:
+            self._tokens[r.request_id] += reply.new_tokens[r.request_id]
+        unit.ledger.end(batch, steps, reply.t_first_end - self._t0, reply.t_end - self._t0)
+        for r in batch.requests:
+            if r.remaining_tokens <= 0:
+                del self._tokens[r.request_id]
+        unit.dirty = True
         self._release_deferred()
 
-    def _check(self, llm: LLMState, job: Job, reply: PhaseDone) -> None:
+    def _check(self, job: Job, reply: PhaseDone) -> None:
         """Did the worker do what was launched: the right number of tokens each, the right ones done?
         Checked before any state changes, so a stop still records the job's requests."""
         problems = []
         steps = reply.steps
         if not 1 <= steps <= job.max_steps:
             problems.append(f"ran {steps} steps, launched for at most {job.max_steps}")
-        for r in job.batch:
+        for r in job.batch.requests:
             got = len(reply.new_tokens.get(r.request_id, ()))
             if got != steps:
                 problems.append(f"request {r.request_id} got {got} tokens in {steps} step(s)")
         if isinstance(job.cmd, DecodeCmd):
-            expected = {r.request_id for r in job.batch if r.remaining_tokens <= steps}
+            expected = {r.request_id for r in job.batch.requests if r.remaining_tokens <= steps}
             if expected != set(reply.finished):
                 problems.append(f"worker finished {sorted(reply.finished)}, runner expected {sorted(expected)}")
         if problems:
-            self.stats["anomalies"].extend(f"{llm.name}/{job.proc.phase}: {p}" for p in problems)
+            self.stats["anomalies"].extend(f"{job.proc.worker.name}: {p}" for p in problems)
             if self.config.strict:
-                raise RunnerError(f"{job.proc.phase} worker of {llm.name} deviated from its launch: "
-                                  f"{'; '.join(problems[:3])}")
+                raise RunnerError(f"worker {job.proc.worker.name} deviated from its launch: {'; '.join(problems[:3])}")
 
     # ---- records --------------------------------------------------------------------------------
-    def _record(self, us: UnitState, r: Request, status: str, reason: str = "", finish_s: float = math.nan) -> None:
-        assert self.writer is not None
-        self.writer.add(r.request_id, r.llm, us.unit.unit_id, r.arrival_s, r.first_token_s, finish_s,
-                        r.prompt_tokens, r.output_tokens, r.preemptions, status, reason)
-
     def _fail_leftovers(self, why: str) -> None:
         """Every request not finished is recorded once as failed with `why`, and its blocks returned."""
-        for us in self.units.values():
-            for llm in us.llms.values():
-                in_prefill = llm.prefill.job.batch if llm.prefill.job else []
-                for r in [*llm.waiting, *llm.running, *in_prefill]:
-                    self._release(us, llm, r)
-                    self._record(us, r, "failed", why)
-                llm.waiting.clear()
-                llm.running.clear()
-                llm.prefill.job = llm.decode.job = None
+        for unit in self.units.values():
+            unit.ledger.fail_leftovers(why)
+        for proc in self._procs.values():
+            proc.job = None
+        self._tokens.clear()
         for i in range(self._next_arrival, len(self._rows[0])):
             rid, name, t, prompt, output = (col[i] for col in self._rows)
-            llm = self._llms.get(str(name))
-            if llm is None:
-                continue  # the runner stopped before its units were built: nothing was replayed
-            self._record(self.units[llm.unit_id], Request(int(rid), str(name), float(t), int(prompt), int(output)),
-                         "failed", f"{why}; arrives at {float(t):g}s, after the replay stopped")
+            unit = self.units.get(self._unit_of[str(name)])
+            if unit is None:
+                continue  # the runner stopped before its units were built: no ledger to record in
+            unit.ledger.fail(Request(int(rid), str(name), float(t), int(prompt), int(output)), not_arrived(why, float(t)))
         self._next_arrival = len(self._rows[0])
 
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from policies import view as contract
 from policies.placement import BLOCK_TOKENS, SM_UNITS_FULL, blocks_for_tokens
 from policies.view import Launch, LLMView, Request, UnitView, age
 
 
 def kv_slack(llm: LLMView, view: UnitView) -> int:
-    """Blocks this LLM may still take: bounded by its own quota and by the shared pool."""
-    return min(llm.kv_quota - llm.kv_used, view.kv_blocks_free)
+    """Blocks this LLM may still take (`policies.view.kv_slack`)."""
+    return contract.kv_slack(llm.kv_quota, llm.kv_used, view.kv_blocks_free)
 
 
 def prefill_slack(llm: LLMView, view: UnitView) -> int:
@@ -51,7 +52,10 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
     Like vLLM, the most recently arrived requests are preempted first (recompute later), so the
     oldest keep making progress.
     """
-    batch = [r for r in llm.running if not r.busy][: llm.placement.max_batch]
+    if llm.decode_busy:
+        batch = [r for r in llm.running if not r.busy][: llm.placement.max_batch]
+    else:  # none is busy (`LLMView.running`): a slice, not a pass, at every decode step
+        batch = list(llm.running[: llm.placement.max_batch])
     if slack >= len(batch) * llm.chunk_blocks:
         # A running request holds the blocks of its context as of its last job's start, so one more
         # step grows it by at most one chunk: no need to look at each (this runs at every step).

@@ -7,7 +7,7 @@ simulator and by the hardware runner, and compared like for like.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,6 @@ class Placement:
                 if llm.name == name:
                     return llm
         raise PlacementError(f"LLM {name!r} is not placed on any unit")
-
-    def with_units(self, units: tuple[Unit, ...], **changes: Any) -> Placement:
-        return replace(self, units=units, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -36,7 +36,7 @@ class RecordWriter:
     def __init__(self, path: str | Path | None = None, flush_every: int = 65536) -> None:
         self.path = Path(path) if path else None
         self.flush_every = flush_every
-        self._columns: dict[str, list[Any]] = {c: [] for c in RECORD_COLUMNS}
+        self._rows: list[tuple[Any, ...]] = []  # one tuple per record: cheaper to add than 11 appends
         self._tables: list[pa.Table] = []
         self._writer: pq.ParquetWriter | None = None
         self.count = 0
@@ -44,19 +44,18 @@ class RecordWriter:
     def add(self, request_id: int, model: str, unit: int, arrival_s: float, first_token_s: float,
             finish_s: float, prompt_tokens: int, output_tokens: int, preemptions: int,
             status: str, reason: str = "") -> None:
-        row = (request_id, model, unit, arrival_s, first_token_s, finish_s, prompt_tokens,
-               output_tokens, preemptions, status, reason)
-        for col, value in zip(RECORD_COLUMNS, row, strict=True):
-            self._columns[col].append(value)
+        self._rows.append((request_id, model, unit, arrival_s, first_token_s, finish_s, prompt_tokens,
+                           output_tokens, preemptions, status, reason))
         self.count += 1
-        if len(self._columns["request_id"]) >= self.flush_every:
+        if len(self._rows) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
-        if not self._columns["request_id"]:
+        if not self._rows:
             return
-        table = pa.Table.from_pydict(self._columns, schema=RECORD_SCHEMA)
-        self._columns = {c: [] for c in RECORD_COLUMNS}
+        columns = dict(zip(RECORD_COLUMNS, map(list, zip(*self._rows, strict=True)), strict=True))
+        self._rows = []
+        table = pa.Table.from_pydict(columns, schema=RECORD_SCHEMA)
         if self.path is None:
             self._tables.append(table)
             return

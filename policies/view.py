@@ -1,7 +1,8 @@
 """What a batching policy sees and returns: a read-only snapshot of one unit, and launches.
 
-Both executors (SimPy simulator, hardware runner) build these same objects, which is what lets one
-policy object drive simulated time and real engines alike.
+Both executors (SimPy simulator, hardware runner) build these same objects from one unit ledger
+(`policies.ledger`), which is what lets one policy object drive simulated time and real engines
+alike. Nothing here changes a request: the ledger does.
 
 Token accounting follows vLLM v1: a request tracks tokens generated against tokens needed; there is
 no separate "prefill state". A prefill job computes the request's whole context (prompt plus
@@ -12,12 +13,11 @@ While a job runs, a request holds KV blocks for its current context.
 from __future__ import annotations
 
 import math
-from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from policies.placement import BLOCK_TOKENS, LLMPlacement, blocks_for_tokens
+from policies.placement import LLMPlacement
 
 Phase = Literal["prefill", "decode", "mixed"]
 # "split": MuxServe's execution, one prefill and one decode process per LLM, sharing KV blocks.
@@ -55,58 +55,10 @@ def age(r: Request) -> tuple[float, int]:
     return (r.arrival_s, r.request_id)
 
 
-# Request bookkeeping both executors share: the simulator and the hardware runner must apply a
-# launch and a preemption identically for their records to be comparable.
-
-
-def take_waiting(waiting: deque[Request], ids: set[int]) -> list[Request]:
-    """Remove the admitted requests from the queue, in queue order (fast when taken from its head)."""
-    taken: list[Request] = []
-    while waiting and waiting[0].request_id in ids:
-        taken.append(waiting.popleft())
-    if len(taken) < len(ids):
-        kept = [r for r in waiting if r.request_id not in ids]
-        taken += [r for r in waiting if r.request_id in ids]
-        waiting.clear()
-        waiting.extend(kept)
-    return taken
-
-
-def hold(batch: Sequence[Request], chunk_blocks: int) -> int:
-    """Mark the batch busy, each request grown to hold its whole current context for the next job;
-    returns the blocks taken from the pool (the caller checks them against its budgets).
-
-    One pass per launch: on a busy unit this runs at every decode step over the whole batch.
-    """
-    taken, block = 0, BLOCK_TOKENS
-    for r in batch:  # blocks_for_tokens, inlined: this loop is the simulator's hottest
-        grown = -(-(r.prompt_tokens + r.generated) // block) * chunk_blocks - r.blocks
-        if grown:  # most decode steps cross no block boundary
-            r.blocks += grown
-            taken += grown
-        r.busy = True
-    return taken
-
-
-def head_fits(waiting: Sequence[Request], chunk_blocks: int, slack: int) -> bool:
-    """Could the head of the queue be admitted within `slack` blocks? Admission is FCFS, so when the
-    head cannot, nothing behind it can: an executor asks this to know whether a process has work."""
-    if not waiting:
-        return False
-    head = waiting[0]
-    return blocks_for_tokens(head.context_tokens, chunk_blocks) - head.blocks <= slack
-
-
-def requeue_preempted(waiting: deque[Request], r: Request) -> int:
-    """Preempt by recompute: free r's blocks and put it back at the front of its queue, behind
-    requests preempted earlier that arrived before it. Returns the blocks freed."""
-    freed, r.blocks = r.blocks, 0
-    r.preemptions += 1
-    pos = 0
-    while pos < len(waiting) and waiting[pos].preemptions and age(waiting[pos]) < age(r):
-        pos += 1
-    waiting.insert(pos, r)
-    return freed
+def kv_slack(kv_quota: int, kv_used: int, pool_free: int) -> int:
+    """Blocks an LLM may still take: bounded by its own quota and by the shared pool. The one
+    formula, for policies reading a view and for the ledger (`policies.ledger`) alike."""
+    return min(kv_quota - kv_used, pool_free)
 
 
 class ReadOnlyQueue(Sequence[Request]):
@@ -132,7 +84,9 @@ class LLMView:
     placement: LLMPlacement
     chunk_blocks: int  # pool blocks per BLOCK_TOKENS tokens of this model's context
     waiting: Sequence[Request]  # FCFS order; preempted requests sit at the front
-    running: Sequence[Request]  # hold KV, not finished, oldest first (`age`); some may be in a job: `busy`
+    # Admitted, not finished, oldest first (`age`). Some may be in a job (`busy`), but only while
+    # the decode process is (`decode_busy`): only decode and mixed jobs take running requests.
+    running: Sequence[Request]
     prefill_busy: bool
     decode_busy: bool
     kv_used: int

@@ -1,4 +1,4 @@
-"""The simulator: a SimPy executor of placements and batching policies, and the shared metrics."""
+"""The simulator: a SimPy executor of placements and batching policies."""
 
 from sim.engine import SimResult, SimulationError, Simulator
 

@@ -109,11 +109,11 @@ def test_synthetic_prompts_stay_in_vocab_and_differ() -> None:
     ([10, 200, 64, 65], 500, 7), ([1, 2], 1, 0),
 ])
 def test_decode_runs_stop_before_the_kv_they_cannot_have(contexts: list[int], max_steps: int, chunks: int) -> None:
-    from hwloop.runner import decode_run_length
+    from policies.ledger import steps_within_kv
     from policies.placement import blocks_for_tokens
 
     def grown(s: int) -> int:  # chunks held at step s beyond those of step 0
         return sum(blocks_for_tokens(c + s, 1) - blocks_for_tokens(c, 1) for c in contexts)
 
     brute = next((s for s in range(1, max_steps) if grown(s) > chunks), max_steps)
-    assert decode_run_length(contexts, max_steps, chunks) == brute
+    assert steps_within_kv(contexts, [max_steps] * len(contexts), max_steps, chunks) == brute

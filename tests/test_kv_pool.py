@@ -128,3 +128,28 @@ def test_bf16_tokens_match() -> None:
         prompts = [prompt(n, seed=n, vocab=spec.vocab_size) for n in (12, 35)]
         paged, *_ = run_paged(engine, handle.tensor(), BlockAllocator(200), prompts, steps=10)
     assert paged == run_contiguous(engine, prompts, steps=10)[0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 12)), max_size=60))
+def test_block_id_pool_gives_each_block_to_one_request(ops: list[tuple[int, int]]) -> None:
+    """The ledger's pool with ids: tables disjoint, as long as the counts, and free + held = total."""
+    from hwloop.kv_pool import BlockIdPool
+    from policies.view import Request
+
+    pool = BlockIdPool(40, ["a", "b"])
+    requests = [Request(i, "ab"[i % 2], 0.0, 10, 10) for i in range(6)]
+    for i, blocks in ops:
+        r = requests[i]
+        if blocks - r.blocks > pool.free:
+            with pytest.raises(PoolError):
+                pool.resize(r, blocks)
+            continue
+        pool.resize(r, blocks)
+        ids = [b for t in pool.tables.values() for b in t]
+        assert len(ids) == len(set(ids)) and pool.free + len(ids) == 40
+        assert all(len(pool.table(x.request_id)) == x.blocks for x in requests)
+        assert pool.used == {n: sum(x.blocks for x in requests if x.llm == n) for n in "ab"}
+    for r in requests:
+        pool.release(r)
+    assert pool.free == 40 and not pool.tables

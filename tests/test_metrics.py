@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from policies.metrics import max_rate_within_slo, slo_attainment, standalone_latency, summarize
 from policies.specs import MODEL_PRESETS
-from sim.metrics import max_rate_within_slo, slo_attainment, standalone_latency, summarize
 from tests.sim_helpers import table
 
 

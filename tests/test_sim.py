@@ -15,7 +15,7 @@ from policies.batching import make_batching
 from policies.cost import InterferenceModel, TableCostModel
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from sim import SimulationError, Simulator
-from sim.engine import UnitState
+from sim.engine import SimUnit
 from tests.sim_helpers import SPECS, one_unit, table, workload
 
 
@@ -113,7 +113,8 @@ def test_horizon_reports_unfinished_and_later_requests_as_failed():
     res = simulate(wl, one_unit(["a"]), horizon_s=1.0)
     rec = res.records.sort_values("request_id")
     assert rec.status.tolist() == ["failed", "failed"]
-    assert "horizon" in rec.reason.iloc[0] and "after horizon" in rec.reason.iloc[1]
+    assert rec.reason.iloc[0] == "not finished by horizon 1s"
+    assert rec.reason.iloc[1] == "not finished by horizon 1s; arrives at 5s, after the run stopped"
 
 
 def test_policy_overcommitting_sm_units_is_caught():
@@ -145,14 +146,17 @@ PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[Healt
 class Checked(Simulator):
     """Checks the budgets after every decision: SM units and KV blocks never over-committed."""
 
-    def _decide(self, us: UnitState) -> None:
-        super()._decide(us)
-        assert 0 <= us.sm_free <= us.unit.sm_units
-        assert 0 <= us.kv_free <= us.unit.kv_blocks
-        assert sum(x.kv_used for x in us.llms.values()) + us.kv_free == us.unit.kv_blocks
+    def _decide(self, unit: SimUnit) -> None:
+        super()._decide(unit)
+        ledger = unit.ledger
+        assert 0 <= ledger.sm_free <= ledger.unit.sm_units
+        assert 0 <= ledger.pool.free <= ledger.unit.kv_blocks
+        held = [r.blocks for x in ledger.llms.values() for r in [*x.waiting, *x.running]]
+        held += [r.blocks for b in ledger.batches for r in b.requests[: b.admitted]]
+        assert sum(ledger.pool.used.values()) + ledger.pool.free == ledger.unit.kv_blocks == sum(held) + ledger.pool.free
         if not self.policy.exclusive:
-            assert sum(x.kv_quota for x in us.llms.values()) <= us.unit.kv_blocks
-            assert all(x.kv_used <= x.kv_quota for x in us.llms.values())
+            assert sum(x.kv_quota for x in ledger.llms.values()) <= ledger.unit.kv_blocks
+            assert all(ledger.kv_used(x) <= x.kv_quota for x in ledger.llms.values())
 
 
 def _run(rows, policy, mode, skip, kv_blocks, cost, interference=None):

@@ -68,6 +68,19 @@ def dev_shm() -> set[str]:
     return set(os.listdir("/dev/shm"))
 
 
+def left_in_dev_shm(before: set[str], pids: list[int]) -> set[str]:
+    """Entries added to /dev/shm since `before` by this test's processes: torch and vLLM name theirs
+    after the creating pid, ours would say muxsim. (Other jobs on a shared machine add their own.)"""
+    keys = ["muxsim", str(os.getpid()), *(str(p) for p in pids)]
+    return {name for name in dev_shm() - before if any(k in name for k in keys)}
+
+
+def maps_pool(pid: int) -> bool:
+    """Does process `pid` map the pool, as the anonymous memfd (no /dev/shm path)?"""
+    with open(f"/proc/{pid}/maps") as f:
+        return any("/memfd:muxsim-kv-pool" in line for line in f)
+
+
 def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
     """Two shapes, each with a prefill and a decode process, on one pool; the decode process reads
     the blocks the prefill process wrote, through the block table, and gives the single-process
@@ -82,6 +95,7 @@ def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
             readies = [h.wait_ready(120) for h in handles]
             # Every worker maps the runner's memfd itself: one storage, four mappings.
             assert {r.pool_identity for r in readies} == {pool.identity()}
+            assert all(maps_pool(r.pid) for r in readies)
             for spec, (pre, dec) in zip((WIDE, DEEP), (handles[:2], handles[2:]), strict=True):
                 chunk = blocks_per_chunk(spec)
                 tokens = prompt(45, seed=len(spec.name), vocab=spec.vocab_size)
@@ -107,7 +121,7 @@ def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
         finally:
             for h in handles:
                 h.stop()
-    assert dev_shm() <= shm
+    assert left_in_dev_shm(shm, [r.pid for r in readies]) == set()
 
 
 def test_kill_9_of_a_worker_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
@@ -116,7 +130,7 @@ def test_kill_9_of_a_worker_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
         h = start(pool, WIDE, "decode", CORES[0], tmp_path)
         try:
             h.wait_ready(120)
-            assert h.proc is not None
+            assert h.proc is not None and maps_pool(h.proc.pid)
             os.kill(h.proc.pid, signal.SIGKILL)
             h.proc.wait(10)
             with pytest.raises(WorkerError, match="killed by SIGKILL"):
@@ -124,8 +138,8 @@ def test_kill_9_of_a_worker_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
                 h.recv(10)
         finally:
             h.stop()
-        assert dev_shm() <= shm
-    assert dev_shm() <= shm
+        assert left_in_dev_shm(shm, [h.proc.pid]) == set()
+    assert left_in_dev_shm(shm, [h.proc.pid]) == set()
 
 
 # ---- the split-mode runner ------------------------------------------------------------------------
@@ -179,7 +193,7 @@ def test_split_runner_records_every_request_once_and_returns_every_block(tmp_pat
     assert result.stats["sent_beside_own_other_phase"] > 0 and result.stats["sent_beside_other_llm"] > 0
     assert result.stats["preemptions"] > 0  # the pool is small enough that decodes outgrow it (4-5 measured)
     assert all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
-    assert dev_shm() <= shm
+    assert left_in_dev_shm(shm, [h.proc.pid for h in runner.workers if h.proc]) == set()
 
 
 def test_shares_the_cores_cannot_honour_are_refused_before_any_process(tmp_path: Path) -> None:
@@ -220,7 +234,7 @@ def test_kill_9_of_a_worker_mid_run_saves_records_and_returns_blocks(tmp_path: P
     assert len(failed) and failed["reason"].str.contains("worker failed").all()
     assert runner.stats["kv_free_end"] == runner.stats["kv_total"]
     assert all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
-    assert dev_shm() <= shm
+    assert left_in_dev_shm(shm, [h.proc.pid for h in runner.workers if h.proc]) == set()
 
 
 def replay_until_stopped(folder: str) -> None:

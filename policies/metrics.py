@@ -81,9 +81,6 @@ class Summary:
     per_llm: pd.DataFrame
     slo: pd.Series
 
-    def to_frame(self) -> pd.DataFrame:
-        return pd.DataFrame([self.overall])
-
 
 def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
               rates: dict[str, float] | None = None, slo_scales: Sequence[float] = SLO_SCALES,

@@ -1,0 +1,174 @@
+"""Decode runs: a decode job that covers several steps in one SimPy event, timed at once.
+
+Why skipping is exact (the one place this argument is written; tests/test_sim.py and
+tests/test_sim_cores.py check that skipping gives the records of step-by-step execution):
+- A run is only extended while no other process on its unit could start anything
+  (`UnitLedger.idle_work` is false). Any policy would then relaunch the same decode at each step
+  boundary: the batching contract (`policies.view.BatchingPolicy`) has a lone decode take all its
+  LLM's idle running requests, and `decide` is a pure function of the view.
+- It ends at the first step boundary at or after the next thing that could change the unit (an
+  arrival, another job's end, a quota tick), so every decision sees the unit as step by step would.
+- It ends before its KV blocks would overflow the slack (`policies.ledger.steps_within_kv`); the
+  blocks of its last step are taken when it is planned, since step by step they would be held by
+  the time anything else on the unit can look.
+- It ends when a request in it finishes, unless no request waits anywhere on the unit: then only
+  the batch itself could use what the finish frees, so the run goes on with the batch shrunk (as
+  the relaunched decode would be), and each finished request is recorded at its own step.
+- Step latencies are summed one at a time from the run's start, in the order SimPy would add them,
+  and the vectorised lookup does the scalar lookup's float operations (`policies.cost.Curve`), so
+  both give the same times bit for bit. With interference a run keeps one slowdown factor (nothing
+  starts beside it while it runs); the step that contains the next event is rescaled at that event,
+  as it is step by step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from policies.cost import CostModel
+from policies.ledger import Batch, steps_within_kv
+from policies.view import Request
+
+# Up to this many steps a run is timed with scalar lookups; numpy's per-call costs dominate below it.
+SHORT_RUN = 16
+
+
+class SimulationError(RuntimeError):
+    """A run that cannot be simulated as asked (unplaced LLM, a policy breaking a budget, an
+    unmeasured latency). Defined here, below `sim.engine`, which raises it too."""
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """A batch in simulated time: when it ends, and for a decode run, each step's boundary."""
+
+    job_id: int
+    batch: Batch
+    sm_pct: int
+    end: float
+    alone_s: float = math.nan  # prefill and mixed steps: duration at this share with nothing beside it
+    factor: float = 1.0  # interference slowdown from the jobs beside it (Simulator._interfere)
+    version: int = 0  # bumped when interference moves `end`
+    steps: int | None = None  # decode runs only: number of steps in this run
+    boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
+    _left: list[int] = field(default_factory=list)  # multi-step runs: tokens each request had to go at launch
+
+    def plan(self, cost: CostModel, now: float, slack: int, horizon: float, through_finishes: bool = False) -> None:
+        """Choose how many steps this decode run covers and when each ends.
+
+        Steps: while the batch's KV growth fits `slack` (blocks for step 0 are already held), up to
+        the first boundary at or after `horizon` (−inf: a single step), and until the first request
+        finishes. With `through_finishes`, until the last one does instead: the batch shrinks at each
+        finish, as the decode relaunched after it would (the caller knows nothing else could start).
+        """
+        batch = self.batch
+        requests = batch.requests
+        n = len(requests)
+        # Integer sums, then one division: the same mean context step-by-step execution computes.
+        self._one_step(cost, now, batch.decoding_context / n)
+        if self.end >= horizon:
+            return  # the first step already reaches the next event: the common case under load
+        if not through_finishes and batch.min_left == 1:
+            return
+        left = [r.output_tokens - r.generated for r in requests]
+        max_steps = max(left) if through_finishes else batch.min_left
+        if max_steps == 1:
+            return
+        contexts = [r.prompt_tokens + r.generated for r in requests]
+        llm = batch.llm
+        spec, tp, sm_pct = llm.spec, llm.placement.tp, self.sm_pct
+        boundaries = [self.end]  # step 0, timed above
+        t = self.end
+        for alive, alive_ctx, stop in _segments(contexts, left, max_steps):
+            if t >= horizon:
+                break
+            start = len(boundaries)  # the first step not timed yet
+            # Boundaries are sequential sums from `now`, as SimPy adds one step at a time.
+            step_time = cost.decode_curve(spec, tp, sm_pct, alive)
+            if stop - start <= SHORT_RUN:
+                for s in range(start, stop):
+                    t += step_time((alive_ctx + alive * s) / alive) * self.factor
+                    boundaries.append(t)
+                    if t >= horizon:
+                        break
+                continue
+            # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
+            # with context. Any cap is exact: a run that ends early is relaunched as it is.
+            cap = stop
+            step = step_time((alive_ctx + alive * start) / alive) * self.factor
+            if horizon < math.inf and step > 0:
+                cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
+            means = (alive_ctx + alive * np.arange(start, cap, dtype=np.int64)) / alive
+            durations = cost.decode_times(spec, tp, sm_pct, alive, means) * self.factor
+            boundaries += np.add.accumulate(np.concatenate(([t], durations)))[1:].tolist()
+            t = boundaries[-1]
+            if cap < stop:
+                break
+        self._check(t, cost)  # an unmeasured cell makes its step, and so every later boundary, infinite
+        self.boundaries = boundaries
+        steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
+        steps = steps_within_kv(contexts, left, steps, slack // llm.chunk_blocks) if steps > 1 else 1
+        self._left = left
+        self._set_steps(steps)
+
+    def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
+        llm = self.batch.llm
+        d = cost.decode_time(llm.spec, llm.placement.tp, self.sm_pct, len(self.batch.requests), mean_ctx) * self.factor
+        self._check(d, cost)
+        self.steps, self.end = 1, now + d
+
+    def _check(self, duration: float, cost: CostModel) -> None:
+        if not math.isfinite(duration):
+            llm = self.batch.llm
+            raise SimulationError(f"{cost.label}: no decode latency for {llm.name} ({llm.spec.name}) batch "
+                                 f"{len(self.batch.requests)} at {self.sm_pct}% SM (unmeasured cell)")
+
+    def _steps_to(self, t: float) -> int:
+        """Steps up to and including the first boundary at or after `t`."""
+        return bisect.bisect_left(self.boundaries, t) + 1
+
+    def _set_steps(self, k: int) -> None:
+        self.steps = k
+        self.end = self.boundaries[k - 1]
+
+    def truncate(self, t: float) -> None:
+        """End at the first step boundary at or after `t`, if that is earlier than planned."""
+        if self.steps is not None and self.steps > 1 and self.end > t:
+            self._set_steps(self._steps_to(t))
+
+    def early_finishers(self) -> list[tuple[float, Request]]:
+        """The requests that finish before the run's last step, with their finish times, earliest
+        first (batch order within a step, as step by step). Call once, after the last `truncate`."""
+        if self.steps is None or self.steps == 1 or min(self._left) >= self.steps:
+            return []
+        early = [(left, r) for left, r in zip(self._left, self.batch.requests, strict=True) if left < self.steps]
+        early.sort(key=lambda x: x[0])
+        return [(self.boundaries[left - 1], r) for left, r in early]
+
+
+def _segments(contexts: list[int], left: list[int], max_steps: int) -> Iterator[tuple[int, int, int]]:
+    """Stretches of a decode run over which its batch stays the same, in order, covering steps
+    0..max_steps-1: (requests, their summed context at step 0, the step the stretch ends before;
+    each starts where the previous one ended). A request with `left` tokens to go takes part in
+    steps 0..left-1."""
+    n, total, start = len(left), sum(contexts), 0
+    if min(left) >= max_steps:
+        yield n, total, max_steps
+        return
+    ending = list(zip(left, contexts, strict=True))
+    heapq.heapify(ending)  # popped lazily: a run usually stops at the next event after a few finishes
+    while ending:
+        request_left, ctx = heapq.heappop(ending)
+        if request_left > start:
+            yield n, total, min(request_left, max_steps)
+            start = request_left
+            if start >= max_steps:
+                return
+        n -= 1
+        total -= ctx
