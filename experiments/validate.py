@@ -272,8 +272,8 @@ def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparis
     placement = place(system, s.workload, cluster, cost, extra_specs=s.specs,
                       placement_opts=whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None)
     if s.mode == "split":  # the pool is allocated for real here: what this machine holds, for both executors
-        placement = placement.with_units(tuple(replace(u, kv_blocks=min(u.kv_blocks, s.split_pool_blocks))
-                                               for u in placement.units))
+        placement = replace(placement, units=tuple(replace(u, kv_blocks=min(u.kv_blocks, s.split_pool_blocks))
+                                                   for u in placement.units))
     placement.save(out / f"placement_{system}.yaml")
     batcher = SYSTEMS[system][1]
     slicer = split_core_slices if s.mode == "split" else core_slices
