@@ -252,16 +252,20 @@ class BlockIdPool(BlockPool):
         return self.ids.free
 
     def resize(self, r: Request, blocks: int) -> None:
-        table = self.tables.setdefault(r.request_id, [])
+        table = self.tables.pop(r.request_id, [])
         if len(table) != r.blocks:
             raise PoolError(f"request {r.request_id} holds {r.blocks} blocks but has {len(table)} ids")
         if blocks > len(table):
-            table += self.ids.allocate(blocks - len(table))
+            try:
+                table += self.ids.allocate(blocks - len(table))
+            finally:
+                if table:
+                    self.tables[r.request_id] = table
         else:
             self.ids.deallocate(table[blocks:])
             del table[blocks:]
-        if not table:
-            del self.tables[r.request_id]
+            if table:
+                self.tables[r.request_id] = table
         self.used[r.llm] += blocks - r.blocks
         r.blocks = blocks
 
