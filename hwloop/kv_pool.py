@@ -69,9 +69,10 @@ class PagedLayout:
                             f"block count) {spec.dtype_bytes}")
         width, rest = divmod(block_bytes, 2 * BLOCK_TOKENS * dtype_bytes)
         per_layer = spec.num_kv_heads * spec.head_dim
-        if rest or per_layer % width:
+        if rest or per_layer % width or (width % spec.head_dim and spec.head_dim % width):
             raise PoolError(f"{spec.name}: a layer's K per token ({spec.num_kv_heads} KV heads × {spec.head_dim}) "
-                            f"is not a whole number of {width}-element block slices; the pool cannot page it")
+                            f"is not a whole number of {width}-element block slices holding whole heads or whole parts "
+                            f"of one; the pool cannot page it")
         layout = cls(spec.num_layers, per_layer // width, width, dtype_bytes)
         assert layout.chunk_blocks == blocks_per_chunk(spec), (layout, blocks_per_chunk(spec))
         return layout

@@ -138,6 +138,18 @@ class PagedKV:
         b, _h, s, _hd = x.shape
         return x.transpose(1, 2).reshape(b, s, self.tables.shape[-1], self.pool.shape[-1])
 
+    @staticmethod
+    def _heads_major(blocks: torch.Tensor, b: int, c: int, heads: int, hd: int) -> torch.Tensor:
+        """Gathered blocks → K and V as [2, B, kv_heads, chunks · BLOCK_TOKENS, hd], in one copy, laid
+        out as attention reads them (keys of one head contiguous: SDPA on CPU was 5× slower on the
+        token-major view)."""
+        t, width = blocks.shape[2], blocks.shape[3]
+        if width >= hd:  # a block slice holds width / hd whole heads
+            x = blocks.view(b, c, -1, 2, t, width // hd, hd).permute(3, 0, 2, 5, 1, 4, 6)
+        else:  # a head spans hd / width consecutive slices
+            x = blocks.view(b, c, heads, hd // width, 2, t, width).permute(4, 0, 2, 1, 5, 3, 6)
+        return x.reshape(2, b, heads, c * t, hd)
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         gqa = k.shape[1] != q.shape[1]
         ids = self.tables[:, :, layer]  # [B, chunks, slices]
@@ -155,14 +167,14 @@ class PagedKV:
         self.pool[at, 0, offset] = self._slices(k)[:, 0]
         self.pool[at, 1, offset] = self._slices(v)[:, 0]
         n_keys = step.n_keys
-        blocks = self.pool[ids[:, : -(-n_keys // BLOCK_TOKENS)]]  # [B, chunks, slices, 2, BLOCK_TOKENS, width]
-        b, c, t = blocks.shape[0], blocks.shape[1], blocks.shape[4]
-        kv = blocks.permute(3, 0, 1, 4, 2, 5).reshape(2, b, c * t, k.shape[1], k.shape[3])[:, :, :n_keys]
-        keys, values = kv[0].transpose(1, 2), kv[1].transpose(1, 2)
+        chunks = ids[:, : -(-n_keys // BLOCK_TOKENS)]
+        blocks = self.pool.index_select(0, chunks.flatten())  # [B·chunks·slices, 2, BLOCK_TOKENS, width]
+        kv = self._heads_major(blocks, *chunks.shape[:2], k.shape[1], k.shape[3])[..., :n_keys, :]
+        keys, values = kv[0], kv[1]
         if step.mask is not None:
             # Keys past a row's length are other requests' leftovers, maybe in another dtype: NaN or
             # inf as bits here, and 0 × NaN would survive the mask. Zero them.
-            keep = step.mask[:, :, 0, :, None]
+            keep = step.mask[:, :, 0, :, None]  # [B, 1, keys, 1]
             keys, values = keys.masked_fill(~keep, 0), values.masked_fill(~keep, 0)
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
 
