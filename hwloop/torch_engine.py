@@ -141,8 +141,8 @@ class PagedKV:
     @staticmethod
     def _heads_major(blocks: torch.Tensor, b: int, c: int, heads: int, hd: int) -> torch.Tensor:
         """Gathered blocks → K and V as [2, B, kv_heads, chunks · BLOCK_TOKENS, hd], in one copy, laid
-        out as attention reads them (keys of one head contiguous: SDPA on CPU was 5× slower on the
-        token-major view)."""
+        out as attention reads them: keys of one head contiguous. (On the token-major view, CPU SDPA
+        took 18 ms a call against 7 ms, batch 32 × 256 tokens, one core, torch.profiler, once.)"""
         t, width = blocks.shape[2], blocks.shape[3]
         if width >= hd:  # a block slice holds width / hd whole heads
             x = blocks.view(b, c, -1, 2, t, width // hd, hd).permute(3, 0, 2, 5, 1, 4, 6)
