@@ -90,7 +90,7 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int) -> None:
         self.total = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))  # block 0 first
         self._used: set[int] = set()
 
     @property
@@ -101,9 +101,10 @@ class BlockAllocator:
         return 0 <= n <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
+        """The most recently freed blocks first: their pages are mapped and likely in cache."""
         if not self.can_allocate(n):
             raise PoolError(f"asked for {n} KV blocks, {len(self._free)} of {self.total} free")
-        ids = [self._free.popleft() for _ in range(n)]
+        ids = [self._free.pop() for _ in range(n)]
         self._used.update(ids)
         return ids
 
