@@ -5,8 +5,9 @@ the same `SystemRun`, so `experiments.run` reports a hardware run like a simulat
 
     python -m experiments.run runner=hwloop sim.mode=mixed cluster=... models=... cost=profile cost.path=...
 
-Stock vLLM engines run "mixed" steps only (hwloop/README.md says why there is no split mode), so
-any other `mode` is refused in one line rather than silently run as something else. `skip_steps`
+`mode="mixed"` runs stock vLLM engines, one per LLM (`hwloop.runner`); `mode="split"` runs
+MuxServe's own execution, a prefill and a decode process per LLM on the torch engine sharing one KV
+pool per unit (`hwloop.split_runner`). `skip_steps`
 maps to the runner's decode runs, its exact counterpart. The engines run on this machine's CPU
 cores; a placement whose engines would not fit in its memory (the preset models are 7B and up,
 with KV caches sized from the cluster config) is refused in one line before any engine starts.
@@ -31,6 +32,7 @@ from experiments.systems import (
 from hwloop.engine import engine_config
 from hwloop.partition import Device
 from hwloop.runner import Runner, RunnerConfig, RunnerError
+from hwloop.split_runner import SplitRunner
 from policies.batching import make_batching
 from policies.cost import CostModel
 from policies.metrics import summarize
@@ -52,20 +54,21 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
 
     `gpu_cores` (CPU): the cores standing for each GPU index; None splits this process's cores.
     """
-    if mode != "mixed":
-        raise ConfigError(f"runner=hwloop: vLLM engines only run sim.mode=mixed (got {mode!r}; "
-                          "split needs a KV cache shared between processes, see hwloop/README.md)")
+    if mode not in ("mixed", "split"):
+        raise ConfigError(f"runner=hwloop: sim.mode must be mixed (vLLM engines) or split (torch engines over "
+                          f"a shared KV pool), got {mode!r}")
     t0 = time.perf_counter()
     if placement is None:
         placement = place(system, workload, cluster, cost, placement_opts=placement_opts, extra_specs=extra_specs)
     t_place = time.perf_counter() - t0
     policy = make_batching(batching or SYSTEMS[system][1], **(batching_opts or {}))
     specs = type_specs(workload, extra_specs)
-    check_memory(placement, specs, int(getattr(policy, "max_prefill_tokens", 0)))
+    if mode == "mixed":
+        check_memory(placement, specs, int(getattr(policy, "max_prefill_tokens", 0)))
     config = RunnerConfig(records_path=records_path, work_dir=work_dir, device=device, gpu_cores=gpu_cores,
                           horizon_s=horizon_s, progress=progress, decode_runs=skip_steps)
-    try:
-        runner = Runner(workload, placement, policy, specs, config)
+    try:  # the split runner checks its pool and shares itself, before any process starts
+        runner = (SplitRunner if mode == "split" else Runner)(workload, placement, policy, specs, config)
     except RunnerError as e:  # a placement this hardware cannot run: a config problem, said in one line
         raise ConfigError(f"runner=hwloop: {e}") from None
     result = runner.run()

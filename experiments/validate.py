@@ -3,14 +3,21 @@
     python -m experiments.validate                       # or muxsim-validate; config: conf/validate.yaml
     python -m experiments.validate systems=[muxserve] workload.duration_s=20
     python -m experiments.validate profile.reuse=false   # measure the profiles again
+    python -m experiments.validate mode=split systems=[muxserve]   # MuxServe's split execution
+
+`mode=mixed` (default): stock vLLM engines, one per LLM, prefill and decode in one step.
+`mode=split`: MuxServe's own execution, a prefill and a decode process per LLM on the torch engine,
+sharing one paged KV pool per unit (`hwloop.split_runner`), against the simulator in split mode; the
+profile is measured on the same paged engine path (`torch-paged`), and every share is at least one
+whole core (placement options `decode_shares` / `prefill_tiers` start there).
 
 1. Profile: every model shape's step latency, measured by `hwloop.profiler` at one share per core
    count, or a cached profile of the same model config, grid, CPU, cores and versions.
 2. Place each system's workload (`policies.placement_algos`) with that profile, read at the whole
    cores a share gets (`hwloop.mirror.CoreShareCost`).
-3. Simulate it in mixed mode, told which cores each worker will be pinned to, so that launches on
-   shared cores take turns as they do on the hardware (`Simulator(core_slices=…)`).
-4. Replay it on real vLLM engines (`experiments.hardware.run_system`, i.e. `hwloop.runner`).
+3. Simulate it in the same mode, told which cores each worker will be pinned to, so that launches
+   on shared cores take turns as they do on the hardware (`Simulator(core_slices=…)`).
+4. Replay it on real engines (`experiments.hardware.run_system`: `hwloop.runner` or `hwloop.split_runner`).
 5. Compare both record sets with one metrics module and one SLO baseline (each request alone on the
    whole unit): a table of throughput, TTFT/TPOT/latency P50 and P99 and SLO attainment, each with
    its error (relative, or in points for SLO attainment), against the issue's targets.
@@ -45,7 +52,13 @@ from experiments import hardware
 from experiments.config import CONF_DIR, ConfigError, _check, _number, absolute, build_cluster
 from experiments.plots import SYSTEM_COLORS, _plain_log
 from experiments.systems import SYSTEMS, place, run_system, specs_of
-from hwloop.mirror import CoreShareCost, core_slices, gpu_core_table, profile_shares
+from hwloop.mirror import (
+    CoreShareCost,
+    core_slices,
+    gpu_core_table,
+    profile_shares,
+    split_core_slices,
+)
 from hwloop.partition import available_cores
 from hwloop.profiler import (
     Grid,
@@ -59,7 +72,8 @@ from hwloop.profiler import (
 from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
 from policies.cost import CostModelError, TableCostModel
 from policies.metrics import standalone_latency, summarize
-from policies.placement import Placement, PlacementError
+from policies.placement import BLOCK_BYTES, SM_UNIT_PCT, Placement, PlacementError
+from policies.placement_algos.estimate import PlacerOptions
 from policies.records import RECORD_COLUMNS, records_file, write_atomically
 from policies.specs import ClusterSpec, ModelSpec, SpecError
 from traces import WorkloadError, generate
@@ -95,6 +109,17 @@ class Setup:
     slo_scales: tuple[float, ...]
     targets: dict[str, float]
     progress: bool = True
+    mode: str = "mixed"  # "mixed": vLLM engines; "split": prefill/decode torch workers over one KV pool
+    split_pool_blocks: int = 0  # split mode: each unit's pool is at most this many blocks (real memory here)
+
+    @property
+    def backend(self) -> str:
+        """The engine the profile is measured on: the one the hardware run uses."""
+        return "torch-paged" if self.mode == "split" else "vllm"
+
+    @property
+    def engines(self) -> str:
+        return "split prefill/decode torch engines" if self.mode == "split" else "real vLLM engines"
 
 
 def build_setup(cfg: DictConfig) -> Setup:
@@ -107,6 +132,10 @@ def build_setup(cfg: DictConfig) -> Setup:
     cores = _integers(cfg, "cores", 0) if cfg.cores is not None else mine
     if not cores or not set(cores) <= set(mine):
         raise ConfigError(f"cores must be a non-empty subset of this process's cores {list(mine)} (got {list(cores)})")
+    mode = str(cfg.get("mode", "mixed"))
+    if mode not in ("mixed", "split"):
+        raise ConfigError(f"mode must be mixed (vLLM engines) or split (prefill/decode processes over one KV pool), "
+                          f"got {mode!r}")
     cluster = build_cluster(cfg)
     if (cluster.nnodes, cluster.gpus_per_node) != (1, 1):
         raise ConfigError(f"cluster: validation runs one unit, so 1 node × 1 GPU standing for the cores "
@@ -145,7 +174,14 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, {"relative": float(cfg.targets.relative), "slo_points": float(cfg.targets.slo_points)},
-                 bool(cfg.report.progress))
+                 bool(cfg.report.progress), mode, _pool_blocks(cfg))
+
+
+def _pool_blocks(cfg: DictConfig) -> int:
+    mib = float(cfg.get("split_pool_mib", 1024))
+    if not math.isfinite(mib) or mib <= 0:
+        raise ConfigError(f"split_pool_mib must be a number of MiB > 0 (got {mib})")
+    return int(mib * 2**20) // BLOCK_BYTES
 
 
 def _integers(cfg: DictConfig, key: str, lowest: int) -> tuple[int, ...]:
@@ -205,6 +241,8 @@ def profile_path(spec: ModelSpec, s: Setup) -> Path:
     """Cache file of one model's profile: a hash of what the timings depend on."""
     ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores),
              "cpu": host_info()["cpu_model"], "versions": engine_versions()}
+    if s.backend != "vllm":
+        ident["engine"] = s.backend
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return s.profile_dir / f"{spec.name}-{digest}.parquet"
 
@@ -228,7 +266,7 @@ def profiled_cost(s: Setup, out: Path) -> tuple[TableCostModel, list[Path]]:
         else:
             cells = len(s.grid.cells()) * len(share_groups(s.grid.sm_pcts, "cpu", len(s.cores)))
             with _bar(f"profile {spec.name}", cells, "cell", s.progress) as bar:
-                result = profile(spec, s.grid, cores=s.cores, work_dir=out / "profile",
+                result = profile(spec, s.grid, cores=s.cores, work_dir=out / "profile", backend=s.backend,
                                  progress=lambda _msg, bar=bar: bar.update(1))
             write_profile(result, path)
             log.info("profile of %s: measured, written to %s", spec.name, path)
@@ -275,11 +313,16 @@ def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparis
     """One placement, simulated with the hardware's cores and run on real engines."""
     cluster, gpu_cores = system_unit(system, s)
     cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
-    placement = place(system, s.workload, cluster, cost, extra_specs=s.specs)
+    placement = place(system, s.workload, cluster, cost, extra_specs=s.specs,
+                      placement_opts=whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None)
+    if s.mode == "split":  # the pool is allocated for real here: what this machine holds, for both executors
+        placement = replace(placement, units=tuple(replace(u, kv_blocks=min(u.kv_blocks, s.split_pool_blocks))
+                                                   for u in placement.units))
     placement.save(out / f"placement_{system}.yaml")
     batcher = SYSTEMS[system][1]
-    slices = core_slices(placement, BATCHING_POLICIES[batcher].exclusive, gpu_cores)
-    common = {"batching_opts": batching_opts(s, batcher), "mode": "mixed", "extra_specs": s.specs,
+    slicer = split_core_slices if s.mode == "split" else core_slices
+    slices = slicer(placement, BATCHING_POLICIES[batcher].exclusive, gpu_cores)
+    common = {"batching_opts": batching_opts(s, batcher), "mode": s.mode, "extra_specs": s.specs,
               "placement": placement}
     end = float(s.workload.df["arrival_s"].max())
     with _bar(f"{system:>9} sim", end, "s", s.progress) as bar, \
@@ -294,6 +337,21 @@ def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparis
     hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
     return Comparison(system, {"sim": sim.records, "hw": hw.records}, {"sim": sim.stats, "hw": hw.stats},
                       placement, slices)
+
+
+def whole_core_shares(ncores: int) -> dict[str, Any]:
+    """Placement options whose SM shares are whole cores of a unit of `ncores`: the least multiple of
+    10% that gets k cores, for k = 1..ncores (on 2 cores: 50% and 100%).
+
+    A split-mode CPU worker is refused a share below one core (`hwloop.partition.check_cpu_share`),
+    and a share between two of these gets no more cores than the one below it, only more SM units,
+    which would keep a prefill and a decode from running side by side for no compute. So MuxServe's
+    prefill tiers (80% and 90%) become the whole-core share at or below them.
+    """
+    shares = sorted({min(100, -(-100 * k // ncores // SM_UNIT_PCT) * SM_UNIT_PCT) for k in range(1, ncores + 1)})
+    tiers = PlacerOptions().prefill_tiers
+    return {"decode_shares": tuple(shares),
+            "prefill_tiers": tuple((below, max([x for x in shares if x <= pct] or shares[:1])) for below, pct in tiers)}
 
 
 def baseline(records: pd.DataFrame, s: Setup, table: TableCostModel) -> np.ndarray:
@@ -371,7 +429,7 @@ def report(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, profiles
     console = Console(width=max(Console().width, 100))
     wl = s.workload
     console.print(f"[bold]validation[/]: {len(wl.models)} LLMs ({', '.join(s.specs)}), {len(wl.df)} requests over "
-                  f"{float(wl.df.arrival_s.max()):.0f} s on cores {list(s.cores)}; sim vs real vLLM engines")
+                  f"{float(wl.df.arrival_s.max()):.0f} s on cores {list(s.cores)}; {s.mode} mode, sim vs {s.engines}")
     t = Table(title="simulator vs hardware (error: hw vs sim, relative; SLO attainment in points)")
     for col in ("system", "metric", "unit", "sim", "hw", "error", "target"):
         t.add_column(col, justify="left" if col in ("system", "metric", "unit") else "right")
@@ -459,7 +517,7 @@ def overlay_plot(comparisons: list[Comparison], s: Setup, path: Path) -> Path:
         row[2].set_title(f"{c.system}: latency", loc="left")
         row[3].set_title(f"{c.system}: SLO attainment", loc="left")
         row[0].legend(loc="lower right")
-    fig.suptitle("simulator (solid) vs real vLLM engines (dashed), finished requests", fontsize=13)
+    fig.suptitle(f"simulator (solid) vs {s.engines} (dashed), {s.mode} mode, finished requests", fontsize=13)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

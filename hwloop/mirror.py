@@ -17,7 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hwloop.partition import PartitionError, available_cores, cores_for_share, cpu_slices
+from hwloop.partition import (
+    PartitionError,
+    available_cores,
+    cores_for_share,
+    cpu_slices,
+    split_cpu_slices,
+)
 from policies.cost import CostModel, CostModelError
 from policies.placement import Placement
 from policies.specs import ModelSpec
@@ -89,4 +95,16 @@ def core_slices(placement: Placement, exclusive: bool, gpu_cores: dict[int, tupl
         cores = [c for g in unit.gpus for c in gpu_cores[g]]
         for llm, sl in zip(unit.llms, cpu_slices(unit.llms, exclusive, cores), strict=True):
             out[llm.name] = sl.cores
+    return out
+
+
+def split_core_slices(placement: Placement, exclusive: bool,
+                      gpu_cores: dict[int, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
+    """"<LLM>/prefill" and "<LLM>/decode" → the cores each split-mode worker is pinned to, exactly as
+    `hwloop.split_runner.SplitRunner` pins them (the simulator's per-phase `core_slices` keys)."""
+    out: dict[str, tuple[int, ...]] = {}
+    for unit in placement.units:
+        cores = [c for g in unit.gpus for c in gpu_cores[g]]
+        for llm, (pre, dec) in zip(unit.llms, split_cpu_slices(unit.llms, exclusive, cores), strict=True):
+            out[f"{llm.name}/prefill"], out[f"{llm.name}/decode"] = pre.cores, dec.cores
     return out

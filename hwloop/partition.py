@@ -123,6 +123,49 @@ def cpu_slices(llms: Sequence[LLMPlacement], exclusive: bool, cores: Sequence[in
     return [Slice(s, c, env=cpu_env(c)) for s, c in zip(shares, assign_cores(shares, cores), strict=True)]
 
 
+def split_shares(llm: LLMPlacement, exclusive: bool) -> tuple[int, int]:
+    """The fixed shares of a split-mode LLM's prefill and decode workers: whole units, as launched.
+
+    ADBS launches a prefill at the LLM's prefill share and a decode at its decode share; the
+    temporal policies launch every job on the whole unit.
+    """
+    if exclusive:
+        return 100, 100
+    return min(100, llm.prefill_units * SM_UNIT_PCT), min(100, llm.decode_units * SM_UNIT_PCT)
+
+
+def check_cpu_share(worker: str, share_pct: int, ncores: int) -> None:
+    """A CPU worker's share must be at least one whole core: below that, the only slice a process can
+    be pinned to (one core) is more compute than its share, and a run would not be the placement's."""
+    if share_pct * ncores < 100:
+        raise PartitionError(f"{worker}: a {share_pct}% share of {ncores} core(s) is {share_pct * ncores / 100:.2g} "
+                             f"of a core, which the cores cannot honour (give it at least "
+                             f"{-(-100 // ncores // SM_UNIT_PCT) * SM_UNIT_PCT}%, or the unit more cores)")
+
+
+def split_cpu_slices(llms: Sequence[LLMPlacement], exclusive: bool, cores: Sequence[int]) -> list[tuple[Slice, Slice]]:
+    """(prefill, decode) slices per LLM: core sets in placement order, prefill then decode, as
+    `assign_cores` gives them. Every share is checked first (`check_cpu_share`)."""
+    shares = [split_shares(x, exclusive) for x in llms]
+    for x, (pre, dec) in zip(llms, shares, strict=True):
+        check_cpu_share(f"{x.name} prefill", pre, len(cores))
+        check_cpu_share(f"{x.name} decode", dec, len(cores))
+    sets = assign_cores([s for pair in shares for s in pair], cores)
+    return [(Slice(pre, sets[2 * i], env=cpu_env(sets[2 * i])), Slice(dec, sets[2 * i + 1], env=cpu_env(sets[2 * i + 1])))
+            for i, (pre, dec) in enumerate(shares)]
+
+
+def split_cuda_slices(llms: Sequence[LLMPlacement], exclusive: bool, gpus: Sequence[int],
+                      daemon: MPSDaemon) -> list[tuple[Slice, Slice]]:
+    """(prefill, decode) MPS clients per LLM, each at its own thread percentage."""
+    out = []
+    for x in llms:
+        pre, dec = split_shares(x, exclusive)
+        out.append(tuple(Slice(s, gpus=tuple(gpus), env=mps_env(s, gpus, daemon.pipe_dir, daemon.log_dir))
+                         for s in (pre, dec)))
+    return out  # type: ignore[return-value]
+
+
 def cuda_slices(llms: Sequence[LLMPlacement], exclusive: bool, gpus: Sequence[int],
                 daemon: MPSDaemon | None) -> list[Slice]:
     """Without a daemon the workers share the GPUs unpartitioned (e.g. the spatial baseline)."""

@@ -56,6 +56,8 @@ STEP_TIMING = {
     "torch": "perf_counter around one forward + argmax + copy of the tokens to the host, the device "
              "synchronised before it; eager PyTorch, no CUDA graphs; decode cells start from a synthetic "
              "(random) KV context of seq_len tokens",
+    "torch-paged": "as torch, through the split workers' paged path: KV in pool blocks read and written "
+                   "through block tables (gathered for attention), decode contexts synthetic (random)",
 }
 PROFILE_COLUMNS = ("model", "tp", "sm_pct", "batch", "seq_len", "phase", "latency_ms", "std_ms", "repeats",
                    "min_ms", "max_ms")
@@ -201,14 +203,14 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
 
     `model_dir`: a folder vLLM loads (a real checkpoint with `dummy=False`); without it a folder
     holding `spec`'s config.json is written and the weights are random (the torch engine: always).
-    `backend`: "vllm" or "torch"; `partition` (CUDA only): "mps", "green" (torch only) or "none".
+    `backend`: "vllm", "torch" or "torch-paged" (the split workers' path); `partition` (CUDA only): "mps", "green" (torch only) or "none".
     `mps`: a running MPS daemon to use, stopped by its owner; without one, "mps" starts its own.
     """
-    if backend not in ("vllm", "torch"):
-        raise ProfileError(f"unknown engine {backend!r} (vllm | torch)")
-    if backend == "torch" and not dummy:
+    if backend not in STEP_TIMING:
+        raise ProfileError(f"unknown engine {backend!r} ({' | '.join(STEP_TIMING)})")
+    if backend.startswith("torch") and not dummy:
         raise ProfileError("the torch engine runs random weights only (dummy=True)")
-    if device == "cuda" and partition == "green" and backend != "torch":
+    if device == "cuda" and partition == "green" and not backend.startswith("torch"):
         raise ProfileError("green-context shares need the torch engine")
     if device == "cuda" and partition == "none" and set(grid.sm_pcts) != {100}:
         raise ProfileError(f"without a partition every worker has the whole GPU: measure sm_pcts=[100], "

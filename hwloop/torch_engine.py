@@ -36,13 +36,15 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from hwloop.engine import EngineConfig
+from hwloop.kv_pool import PagedLayout
+from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +73,25 @@ class KVCache:
     def max_len(self) -> int:
         return self.k[0].shape[2]
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Write this step's keys/values into the cache rows, then attend (q, k, v: [B, heads, S, hd])."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        gqa = k.shape[1] != q.shape[1]
+        rows = step.rows
+        if step.write_at is None:  # prefill into empty rows: the new keys are all there is
+            k_cache[rows, :, : k.shape[2]] = k
+            v_cache[rows, :, : v.shape[2]] = v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if isinstance(step.write_at, int):
+            k_cache[rows, :, step.write_at] = k[:, :, 0]
+            v_cache[rows, :, step.write_at] = v[:, :, 0]
+        else:
+            batch = torch.arange(k.shape[0], device=k.device)
+            k_cache[rows][batch, :, step.write_at] = k[:, :, 0]
+            v_cache[rows][batch, :, step.write_at] = v[:, :, 0]
+        keys, values = k_cache[rows, :, : step.n_keys], v_cache[rows, :, : step.n_keys]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -85,6 +106,80 @@ class Step:
     write_at: int | torch.Tensor | None = None
     n_keys: int = 0  # decode: keys to attend over (the longest row after this step)
     mask: torch.Tensor | None = None  # decode with unequal lengths: [B, 1, 1, n_keys]
+
+
+class KVStore(Protocol):
+    """Where a layer's keys and values live: rows of a `KVCache`, or blocks of a shared pool (`PagedKV`)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        """Store this step's k, v (each [B, kv_heads, S, hd]) for `layer`, return attention of q over the context."""
+        ...
+
+
+@dataclass
+class PagedKV:
+    """A batch's KV in pool blocks, read and written through each row's block table (paged attention).
+
+    `pool` is the unit's pool seen in this model's dtype, [blocks, 2 (K, V), BLOCK_TOKENS, width]
+    (`hwloop.kv_pool.PagedLayout`). `tables[b]` holds row b's block ids as [chunks, layers, slices];
+    past the chunks row b has written it repeats its own first chunk (`TorchEngine._paged`).
+    `held[b]`: tokens row b's blocks held before this step. Decode gathers the rows' blocks into one
+    [heads, keys, hd] tensor and calls `scaled_dot_product_attention`: a copy of the context per
+    step, the simple way on CPU (a fused paged kernel would read the blocks in place). Masked keys
+    must be finite, since 0 × NaN is NaN and a recycled block holds another request's bytes, maybe
+    of another dtype: a decode clears a block when it writes its first token, a prefill writes
+    whole chunks, and a row never reads a chunk it has not written.
+    """
+
+    pool: torch.Tensor
+    tables: torch.Tensor
+    chunks: list[int]  # chunks of each row's table (the rest is padding)
+    held: list[int]
+
+    def _slices(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, kv_heads, S, hd] → [B, S, slices, width]: one layer's K or V per token, cut into blocks."""
+        b, _h, s, _hd = x.shape
+        return x.transpose(1, 2).reshape(b, s, self.tables.shape[-1], self.pool.shape[-1])
+
+    @staticmethod
+    def _heads_major(blocks: torch.Tensor, b: int, c: int, heads: int, hd: int) -> torch.Tensor:
+        """Gathered blocks → K and V as [2, B, kv_heads, chunks · BLOCK_TOKENS, hd], in one copy, laid
+        out as attention reads them: keys of one head contiguous. (On the token-major view, CPU SDPA
+        took 18 ms a call against 7 ms, batch 32 × 256 tokens, one core, torch.profiler, once.)"""
+        t, width = blocks.shape[2], blocks.shape[3]
+        if width >= hd:  # a block slice holds width / hd whole heads
+            x = blocks.view(b, c, -1, 2, t, width // hd, hd).permute(3, 0, 2, 5, 1, 4, 6)
+        else:  # a head spans hd / width consecutive slices
+            x = blocks.view(b, c, heads, hd // width, 2, t, width).permute(4, 0, 2, 1, 5, 3, 6)
+        return x.reshape(2, b, heads, c * t, hd)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
+        gqa = k.shape[1] != q.shape[1]
+        ids = self.tables[:, :, layer]  # [B, chunks, slices]
+        if step.write_at is None:  # prefill into empty blocks: write, then attend over the new keys
+            for which, x in ((0, k), (1, v)):
+                cut = self._slices(x)
+                for b, n in enumerate(self.chunks):
+                    rows = F.pad(cut[b], (0, 0, 0, 0, 0, n * BLOCK_TOKENS - cut.shape[1]))[: n * BLOCK_TOKENS]
+                    self.pool[ids[b, :n], which] = rows.view(n, BLOCK_TOKENS, *rows.shape[1:]).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        pos = step.positions
+        batch = torch.arange(k.shape[0], device=k.device)
+        at = ids[batch, pos // BLOCK_TOKENS]  # [B, slices]: the blocks this step's token goes to
+        offset = (pos % BLOCK_TOKENS)[:, None]
+        fresh = pos % BLOCK_TOKENS == 0
+        if bool(fresh.any()):  # a block's first token: clear its other positions (a previous owner's bytes)
+            self.pool[at[fresh].flatten(), :, 1:] = 0
+        self.pool[at, 0, offset] = self._slices(k)[:, 0]
+        self.pool[at, 1, offset] = self._slices(v)[:, 0]
+        n_keys = step.n_keys
+        chunks = ids[:, : -(-n_keys // BLOCK_TOKENS)]
+        blocks = self.pool.index_select(0, chunks.flatten())  # [B·chunks·slices, 2, BLOCK_TOKENS, width]
+        kv = self._heads_major(blocks, *chunks.shape[:2], k.shape[1], k.shape[3])[..., :n_keys, :]
+        keys, values = kv[0], kv[1]
+        # Keys past a row's length are masked; they are finite (the row's own padding, zeros, or its
+        # own first chunk: `_paged`), so no leftover NaN survives the mask as 0 × NaN.
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
 
 
 class Rotary(nn.Module):
@@ -122,37 +217,17 @@ class Block(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(2 * inter, h, **factory))
         self.down = nn.Parameter(torch.empty(h, inter, **factory))
 
-    def forward(self, x: torch.Tensor, rope: Rotary, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                step: Step) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rotary, cache: KVStore, layer: int, step: Step) -> torch.Tensor:
         b, s, h = x.shape
         y = F.rms_norm(x, (h,), self.attn_norm, RMS_EPS)
         q, k, v = F.linear(y, self.qkv, self.qkv_bias).split([self.q_dim, self.kv_dim, self.kv_dim], dim=-1)
         q = rope(q.view(b, s, self.heads, self.head_dim).transpose(1, 2), step)
         k = rope(k.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2), step)
         v = v.view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        out = self.attend(q, k, v, k_cache, v_cache, step)
+        out = cache.attend(layer, q, k, v, step)
         x = x + F.linear(out.transpose(1, 2).reshape(b, s, self.q_dim), self.o)
         gate, up = F.linear(F.rms_norm(x, (h,), self.mlp_norm, RMS_EPS), self.gate_up).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, self.down)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-               v_cache: torch.Tensor, step: Step) -> torch.Tensor:
-        """Write this step's keys/values into the cache rows, then attend (q, k, v: [B, heads, S, hd])."""
-        gqa = self.kv_heads != self.heads
-        rows = step.rows
-        if step.write_at is None:  # prefill into empty rows: the new keys are all there is
-            k_cache[rows, :, : k.shape[2]] = k
-            v_cache[rows, :, : v.shape[2]] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        if isinstance(step.write_at, int):
-            k_cache[rows, :, step.write_at] = k[:, :, 0]
-            v_cache[rows, :, step.write_at] = v[:, :, 0]
-        else:
-            batch = torch.arange(k.shape[0], device=k.device)
-            k_cache[rows][batch, :, step.write_at] = k[:, :, 0]
-            v_cache[rows][batch, :, step.write_at] = v[:, :, 0]
-        keys, values = k_cache[rows, :, : step.n_keys], v_cache[rows, :, : step.n_keys]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
 
 
 class TorchLlama(nn.Module):
@@ -171,11 +246,11 @@ class TorchLlama(nn.Module):
                 p.data.normal_(0.0, INIT_STD, generator=gen)
         self.requires_grad_(False)
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache, step: Step, last: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, cache: KVStore, step: Step, last: torch.Tensor | None) -> torch.Tensor:
         """Logits [B, vocab] at each row's last real position (`last`; None: the final column)."""
         x = F.embedding(tokens, self.embed)
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v, strict=True):
-            x = layer(x, self.rope, k_cache, v_cache, step)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, self.rope, cache, i, step)
         x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, RMS_EPS)
         return F.linear(x, self.embed if self.lm_head is None else self.lm_head)
@@ -317,6 +392,73 @@ class TorchEngine:
         cache.lengths[rows] = [n + 1 for n in held]
         return logits
 
+    def layout(self, block_bytes: int) -> PagedLayout:
+        return PagedLayout.of(self.spec, self.dtype.itemsize, block_bytes)
+
+    def pool_view(self, pool: torch.Tensor) -> torch.Tensor:
+        """The unit's pool ([blocks, block_bytes] bytes) as this model's blocks, no copy."""
+        layout = self.layout(pool.shape[1])
+        return pool.view(self.dtype).view(pool.shape[0], 2, BLOCK_TOKENS, layout.width)
+
+    def _paged(self, pool: torch.Tensor, tables: Sequence[Sequence[int]], held: list[int]) -> PagedKV:
+        layout = self.layout(pool.shape[1])
+        per_chunk = layout.chunk_blocks
+        chunks = [len(t) // per_chunk for t in tables]
+        if any(len(t) % per_chunk for t in tables):
+            raise TorchEngineError(f"block tables must hold whole chunks of {per_chunk} blocks")
+        # A decode reads only the chunks its rows have written; past them (a decode run's blocks taken
+        # ahead, or a shorter row's padding) a row's table repeats its own first chunk, which holds
+        # its own finite keys, so a masked position never reads another request's leftovers.
+        live = [min(c, h // BLOCK_TOKENS + 1) for c, h in zip(chunks, held, strict=True)] if any(held) else chunks
+        ids = torch.empty(len(tables), max(chunks), per_chunk, dtype=torch.long)
+        for i, t in enumerate(tables):
+            own = torch.as_tensor(t, dtype=torch.long).view(chunks[i], per_chunk)
+            ids[i, : live[i]] = own[: live[i]]
+            ids[i, live[i]:] = own[0]
+        ids = ids.view(len(tables), max(chunks), layout.num_layers, layout.slices).to(self.device)
+        return PagedKV(self.pool_view(pool), ids, chunks, held)
+
+    @torch.inference_mode()
+    def prefill_paged(self, pool: torch.Tensor, tables: Sequence[Sequence[int]],
+                      prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Prompts into the pool blocks of their block tables; logits [B, vocab] at each last token.
+
+        Row b's table must hold its prompt: ⌈len / BLOCK_TOKENS⌉ chunks of `layout().chunk_blocks`.
+        """
+        lengths = [len(p) for p in prompts]
+        per_chunk = self.layout(pool.shape[1]).chunk_blocks
+        for t, n in zip(tables, lengths, strict=True):
+            if -(-n // BLOCK_TOKENS) * per_chunk != len(t):
+                raise TorchEngineError(f"a prompt of {n} tokens needs {-(-n // BLOCK_TOKENS)} chunks, its table "
+                                       f"has {len(t)} blocks")
+        with self.on_stream():
+            tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
+            for i, p in enumerate(prompts):
+                tokens[i, : len(p)] = torch.as_tensor(p)
+            last = torch.as_tensor(lengths, device=self.device) - 1
+            kv = self._paged(pool, tables, [0] * len(prompts))
+            step = Step(slice(0, len(prompts)), torch.arange(max(lengths), device=self.device))
+            return self.model(tokens.to(self.device), kv, step, last)
+
+    @torch.inference_mode()
+    def decode_paged(self, pool: torch.Tensor, tables: Sequence[Sequence[int]], held: Sequence[int],
+                     tokens: torch.Tensor) -> torch.Tensor:
+        """One token per row (tokens: [B]) at position held[b], appended to its blocks; logits [B, vocab]."""
+        held = list(held)
+        per_chunk = self.layout(pool.shape[1]).chunk_blocks
+        for t, n in zip(tables, held, strict=True):
+            if len(t) < (n // BLOCK_TOKENS + 1) * per_chunk:
+                raise TorchEngineError(f"decode at position {n} needs {n // BLOCK_TOKENS + 1} chunks, "
+                                       f"its table has {len(t) // per_chunk}")
+        with self.on_stream():
+            pos = torch.as_tensor(held, device=self.device)
+            n = max(held) + 1
+            mask = None
+            if len(set(held)) > 1:
+                mask = (torch.arange(n, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]
+            step = Step(slice(0, len(held)), pos, write_at=pos, n_keys=n, mask=mask)
+            return self.model(tokens.to(self.device)[:, None], self._paged(pool, tables, held), step, None)
+
     @staticmethod
     def _rows(cache: KVCache, start: int, count: int) -> slice:
         if start < 0 or start + count > len(cache.lengths):
@@ -382,5 +524,42 @@ class TorchStepEngine:
         times = []
         for _ in range(steps):
             elapsed, tokens = self._timed(lambda t=tokens: self.engine.decode(cache, t))
+            times.append(elapsed)
+        return times
+
+
+class PagedStepEngine(TorchStepEngine):
+    """The profiler's `StepEngine` over the split workers' paged path (`prefill_paged` /
+    `decode_paged`), on a private pool: what a split-mode run's steps cost, gathers included.
+
+    Each cell gets a pool of exactly its blocks, handed out in a shuffled order as a long-running
+    pool's free list would; decode contexts are random keys and values, as in `TorchStepEngine`.
+    """
+
+    def _pool(self, cell: tuple[str, int, int], batch: int, tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
+        from policies.placement import BLOCK_BYTES, blocks_for_tokens
+
+        if cell != self.shape and self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.shape = cell
+        per_request = blocks_for_tokens(tokens, self.engine.layout(BLOCK_BYTES).chunk_blocks)
+        with self.engine.on_stream():
+            pool = torch.empty(batch * per_request, BLOCK_BYTES, dtype=torch.uint8, device=self.engine.device)
+            self.engine.pool_view(pool).normal_(generator=None)
+        ids = torch.randperm(batch * per_request, generator=self.gen).tolist()
+        return pool, [ids[i * per_request:(i + 1) * per_request] for i in range(batch)]
+
+    def prefill(self, batch: int, seq_len: int) -> float:
+        pool, tables = self._pool(("prefill", batch, seq_len), batch, seq_len)
+        prompts = self._tokens(batch, seq_len).tolist()
+        return self._timed(lambda: self.engine.prefill_paged(pool, tables, prompts))[0]
+
+    def decode(self, batch: int, ctx_len: int, steps: int) -> list[float]:
+        pool, tables = self._pool(("decode", batch, ctx_len), batch, ctx_len + steps)
+        tokens = self._tokens(batch)
+        times = []
+        for i in range(steps):
+            held = [ctx_len + i] * batch
+            elapsed, tokens = self._timed(lambda t=tokens, h=held: self.engine.decode_paged(pool, tables, h, t))
             times.append(elapsed)
         return times

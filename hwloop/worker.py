@@ -50,7 +50,7 @@ class WorkerSpec:
     engine: EngineConfig
     cores: tuple[int, ...] = ()  # CPU affinity; () = leave as inherited
     env: dict[str, str] = field(default_factory=dict)
-    # "vllm", or "torch": hwloop.torch_engine, which answers ProfileCmd only (no request-level API
+    # "vllm", or "torch" / "torch-paged" (over a private block pool): hwloop.torch_engine, which answers ProfileCmd only (no request-level API
     # yet), on `device` ("cpu" | "cuda"); a vLLM engine runs where its build runs.
     backend: str = "vllm"
     device: str = "cpu"
@@ -222,10 +222,11 @@ def _die_with_parent() -> None:
 def build_engine(spec: WorkerSpec) -> tuple[Any, Any]:
     """The engine `StepCmd`s drive (None for the torch backend) and the profiler's `StepEngine`
     over it, warmed up."""
-    if spec.backend == "torch":
-        from hwloop.torch_engine import TorchStepEngine
+    if spec.backend in ("torch", "torch-paged"):
+        from hwloop.torch_engine import PagedStepEngine, TorchStepEngine
 
-        return None, TorchStepEngine.for_worker(spec.engine, spec.device)
+        step_engine = PagedStepEngine if spec.backend == "torch-paged" else TorchStepEngine
+        return None, step_engine.for_worker(spec.engine, spec.device)
     if spec.backend != "vllm":
         raise ValueError(f"worker {spec.name}: unknown backend {spec.backend!r} (vllm | torch)")
     from hwloop.engine import VLLMEngine

@@ -69,7 +69,8 @@ class Simulator:
                  progress: Callable[[float], None] | None = None,
                  core_slices: dict[str, tuple[int, ...]] | None = None,
                  interference: InterferenceModel | None = None) -> None:
-        """`core_slices` (LLM name → the CPU cores its worker is pinned to) models the CPU runner's
+        """`core_slices` (LLM name, or "<LLM>/prefill" and "<LLM>/decode" in split mode → the CPU
+        cores its worker is pinned to) models the CPU runners'
         turn-taking: a launch whose cores overlap a running job's waits until that job ends, oldest
         first (hwloop.runner, deferred launches). None: SM shares only, nothing waits.
 
@@ -259,10 +260,16 @@ class Simulator:
 
     def _must_wait(self, job: Job) -> bool:
         """Does `job` share a core with a running job, or with an older launch still waiting?"""
-        assert self.core_slices is not None
-        cores = set(self.core_slices.get(job.batch.llm.name, ()))
+        cores = set(self._cores(job))
         others = [*self._on_cores.values(), *(deferred for _, deferred, _ in self._deferred)]
-        return any(not cores.isdisjoint(self.core_slices.get(o.batch.llm.name, ())) for o in others)
+        return any(not cores.isdisjoint(self._cores(o)) for o in others)
+
+    def _cores(self, job: Job) -> tuple[int, ...]:
+        """The cores `job`'s worker is pinned to: "<LLM>/<phase>" in split mode (a process per phase,
+        hwloop.split_runner), else the LLM's one worker."""
+        assert self.core_slices is not None
+        name = job.batch.llm.name
+        return self.core_slices.get(f"{name}/{job.batch.phase}", self.core_slices.get(name, ()))
 
     def _release_cores(self, job: Job) -> None:
         """`job` has ended: start the waiting launches whose cores are now free, oldest first."""

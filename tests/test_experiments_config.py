@@ -100,7 +100,7 @@ def test_missing_files_point_at_the_fix(tmp_path: Path) -> None:
 
 def test_hwloop_runner_resolves_and_refuses_what_hardware_cannot_run_in_one_line(tmp_path: Path) -> None:
     assert precheck(["runner=hwloop"], CONF_DIR) is None
-    for mode, why in (("split", "only run sim.mode=mixed"), ("mixed", "GiB available")):
+    for mode, why in (("split", "host memory available"), ("mixed", "GiB available")):
         p = subprocess.run([sys.executable, "-m", "experiments.run", "runner=hwloop", f"sim.mode={mode}", *TINY,
                             "systems=[spatial]", f"hydra.run.dir={tmp_path}"],
                            capture_output=True, text=True, timeout=120)

@@ -53,3 +53,18 @@ def test_turn_taking_skips_decode_steps_exactly_and_reports_every_request(rows, 
     slow, _ = simulate(wl, skip=False, policy=policy, kv_blocks=kv, cost=table(per_token=1e-4))
     pd.testing.assert_frame_equal(fast, slow)
     assert sorted(fast.request_id) == sorted(wl.df.request_id)
+
+
+def test_split_mode_slices_are_per_phase():
+    """Split mode (hwloop.split_runner): each LLM's prefill and decode process has its own cores,
+    keyed "<LLM>/<phase>". Both prefills on core 0 take turns; a's decode on core 1 runs beside b's
+    prefill. Prefill 0.1 s, decode 0.01 s: a prefills 0–0.1 and decodes 0.1–0.11; b's prefill waits
+    for a's (0.1–0.2), then decodes 0.2–0.21."""
+    placement = one_unit(["a", "b"], prefill_sm=50, decode_sm=50, max_batch=8, rates=[2.0, 1.0])
+    slices = {"a/prefill": (0,), "a/decode": (1,), "b/prefill": (0,), "b/decode": (1,)}
+    wl = workload([("a", 0.0, 10, 2), ("b", 0.0, 10, 2)])
+    res = Checked(wl, placement, make_batching("adbs"), table(), SPECS, mode="split", core_slices=slices).run()
+    times = res.records.set_index("model")[["first_token_s", "finish_s"]]
+    assert times.loc["a"].tolist() == pytest.approx([0.1, 0.11])
+    assert times.loc["b"].tolist() == pytest.approx([0.2, 0.21])
+    assert res.stats["deferred_launches"] == 1

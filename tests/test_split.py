@@ -1,0 +1,303 @@
+"""MuxServe's split execution on real processes: prefill and decode workers of two LLMs of different
+shapes sharing one KV pool (hwloop.kv_pool, hwloop.split_worker), and the split-mode runner
+(hwloop.split_runner) executing ADBS on them."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hwloop.kv_pool import BlockAllocator, KVPool
+from hwloop.runner import RunnerConfig, RunnerError
+from hwloop.split_runner import SplitRunner
+from hwloop.split_worker import (
+    DecodeCmd,
+    DecodeItem,
+    PhaseDone,
+    PrefillCmd,
+    PrefillItem,
+    SplitWorkerHandle,
+    SplitWorkerSpec,
+)
+from hwloop.torch_engine import TorchEngine
+from hwloop.worker import WorkerError
+from policies.batching import make_batching
+from policies.placement import LLMPlacement, Placement, Unit, blocks_for_tokens, blocks_per_chunk
+from policies.records import read_records
+from policies.specs import ModelSpec
+from traces.schema import Workload
+
+WIDE = ModelSpec("wide", 2, 128, 4, 2, 344, 512, dtype_bytes=4, max_context=256)  # GQA, head_dim 32
+DEEP = ModelSpec("deep", 3, 192, 3, 3, 256, 384, dtype_bytes=4, max_context=256)  # head_dim 64
+CORES = tuple(sorted(os.sched_getaffinity(0)))
+
+
+def prompt(n: int, seed: int, vocab: int) -> tuple[int, ...]:
+    return tuple(torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist())
+
+
+def greedy_alone(spec: ModelSpec, tokens: tuple[int, ...], steps: int) -> list[int]:
+    """The single-process engine with its own contiguous cache: the tokens the split workers must give."""
+    engine = TorchEngine(spec, dtype="float32", seed=0)
+    cache = engine.new_cache(1, 256)
+    out = [int(engine.prefill(cache, [list(tokens)]).argmax(-1))]
+    for _ in range(steps):
+        out.append(int(engine.decode(cache, torch.tensor(out[-1:])).argmax(-1)))
+    return out
+
+
+def start(pool: KVPool, spec: ModelSpec, phase: str, core: int, tmp: Path) -> SplitWorkerHandle:
+    name = f"{spec.name}/{phase}"
+    h = SplitWorkerHandle(SplitWorkerSpec(name, spec.name, phase, spec, pool.handle(), dtype="float32",  # type: ignore[arg-type]
+                                          cores=(core,), env={"OMP_NUM_THREADS": "1"}),
+                          tmp / f"{spec.name}-{phase}.log")
+    h.start()
+    return h
+
+
+def dev_shm() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def left_in_dev_shm(before: set[str], pids: list[int]) -> set[str]:
+    """Entries added to /dev/shm since `before` by this test's processes: torch and vLLM name theirs
+    after the creating pid, ours would say muxsim. (Other jobs on a shared machine add their own.)"""
+    keys = ["muxsim", str(os.getpid()), *(str(p) for p in pids)]
+    return {name for name in dev_shm() - before if any(k in name for k in keys)}
+
+
+def maps_pool(pid: int) -> bool:
+    """Does process `pid` map the pool, as the anonymous memfd (no /dev/shm path)?"""
+    with open(f"/proc/{pid}/maps") as f:
+        return any("/memfd:muxsim-kv-pool" in line for line in f)
+
+
+def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
+    """Two shapes, each with a prefill and a decode process, on one pool; the decode process reads
+    the blocks the prefill process wrote, through the block table, and gives the single-process
+    engine's tokens."""
+    shm = dev_shm()
+    with KVPool(400) as pool:
+        view = pool.tensor()
+        alloc = BlockAllocator(400)
+        handles = [start(pool, spec, phase, CORES[i % len(CORES)], tmp_path)
+                   for i, (spec, phase) in enumerate((s, p) for s in (WIDE, DEEP) for p in ("prefill", "decode"))]
+        try:
+            readies = [h.wait_ready(120) for h in handles]
+            # Every worker maps the runner's memfd itself: one storage, four mappings.
+            assert {r.pool_identity for r in readies} == {pool.identity()}
+            assert all(maps_pool(r.pid) for r in readies)
+            for spec, (pre, dec) in zip((WIDE, DEEP), (handles[:2], handles[2:]), strict=True):
+                chunk = blocks_per_chunk(spec)
+                tokens = prompt(45, seed=len(spec.name), vocab=spec.vocab_size)
+                table = alloc.allocate(blocks_for_tokens(len(tokens), chunk))
+                before = view.clone()
+                pre.send(PrefillCmd((PrefillItem(7, tokens, tuple(table)),)))
+                done: PhaseDone = pre.recv(60)
+                changed = (view != before).any(dim=1).nonzero().flatten().tolist()
+                assert changed and set(changed) <= set(table)  # the prefill wrote its blocks, in place, only those
+                written = view[table].clone()
+                # The handoff: the block table and one token, not the KV.
+                table += alloc.allocate(blocks_for_tokens(len(tokens) + 20, chunk) - len(table))
+                cmd = DecodeCmd((DecodeItem(7, done.new_tokens[7][0], len(tokens), tuple(table), 20),), max_steps=20)
+                kv_bytes = blocks_for_tokens(len(tokens), chunk) * pool.block_bytes
+                assert len(pickle.dumps(cmd)) < kv_bytes / 20
+                dec.send(cmd)
+                out: PhaseDone = dec.recv(60)
+                assert out.steps == 20 and out.finished == (7,)
+                assert [*done.new_tokens[7], *out.new_tokens[7]] == greedy_alone(spec, tokens, 20)
+                # Decode appended after the prompt; the prompt's K and V are untouched in the same blocks.
+                prompt_blocks = table[: blocks_for_tokens(32, chunk)]  # the first, full chunk
+                assert torch.equal(view[prompt_blocks], written[: len(prompt_blocks)])
+        finally:
+            for h in handles:
+                h.stop()
+    assert left_in_dev_shm(shm, [r.pid for r in readies]) == set()
+
+
+def test_kill_9_of_a_worker_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
+    shm = dev_shm()
+    with KVPool(64) as pool:
+        h = start(pool, WIDE, "decode", CORES[0], tmp_path)
+        try:
+            h.wait_ready(120)
+            assert h.proc is not None and maps_pool(h.proc.pid)
+            os.kill(h.proc.pid, signal.SIGKILL)
+            h.proc.wait(10)
+            with pytest.raises(WorkerError, match="killed by SIGKILL"):
+                h.send(DecodeCmd(()))
+                h.recv(10)
+        finally:
+            h.stop()
+        assert left_in_dev_shm(shm, [h.proc.pid]) == set()
+    assert left_in_dev_shm(shm, [h.proc.pid]) == set()
+
+
+# ---- the split-mode runner ------------------------------------------------------------------------
+
+SPECS = {"wide": WIDE, "deep": DEEP}
+
+
+def workload(n: int, span_s: float, seed: int = 0, prompts: tuple[int, int] = (8, 90),
+             outputs: tuple[int, int] = (1, 40)) -> Workload:
+    rng = np.random.default_rng(seed)
+    df = pd.DataFrame({
+        "request_id": np.arange(n),
+        "model": [("llm-wide", "llm-deep")[i % 2] for i in range(n)],
+        "arrival_s": np.sort(rng.uniform(0, span_s, n)),
+        "prompt_tokens": rng.integers(*prompts, n),
+        "output_tokens": rng.integers(*outputs, n),
+    })
+    return Workload(df)
+
+
+def placement(kv_blocks: int, prefill_sm: int = 50, decode_sm: int = 50) -> Placement:
+    llms = (LLMPlacement("llm-wide", "wide", 1, prefill_sm, decode_sm, 8, rate=2.0),
+            LLMPlacement("llm-deep", "deep", 1, prefill_sm, decode_sm, 8, rate=2.0))
+    return Placement("test", (Unit(0, 0, (0,), llms, kv_blocks=kv_blocks),))
+
+
+def two_cores() -> dict[int, tuple[int, ...]]:
+    if len(CORES) < 2:
+        pytest.skip("needs 2 CPU cores")
+    return {0: CORES[:2]}
+
+
+def test_split_runner_records_every_request_once_and_returns_every_block(tmp_path: Path) -> None:
+    """ADBS split launches on four processes; a pool small enough to preempt. Every request recorded
+    exactly once, the pool's free count back at its total, prefill and decode of one LLM overlapping."""
+    wl = workload(40, 4.0, prompts=(8, 40), outputs=(1, 120))
+    shm = dev_shm()
+    runner = SplitRunner(wl, placement(kv_blocks=90), make_batching("adbs", quota_period_s=1.0), SPECS,
+                         RunnerConfig(gpu_cores=two_cores(), records_path=tmp_path / "r.parquet",
+                                      work_dir=tmp_path / "work"))
+    result = runner.run()
+    rec = read_records(tmp_path / "r.parquet")
+    assert sorted(rec["request_id"]) == list(range(40))
+    assert (rec["status"] == "finished").all(), rec[rec["status"] != "finished"]
+    assert result.stats["kv_free_end"] == result.stats["kv_total"] == {0: 90}
+    assert result.stats["anomalies"] == []
+    workers = result.stats["workers"]
+    assert workers["llm-wide/prefill"]["cores"] != workers["llm-wide/decode"]["cores"]
+    assert result.stats["prefills"] > 0 and result.stats["steps"] > result.stats["prefills"]
+    # Jobs ran at once: one LLM's prefill beside its own decode, and beside the other LLM's jobs.
+    assert result.stats["sent_beside_own_other_phase"] > 0 and result.stats["sent_beside_other_llm"] > 0
+    assert result.stats["preemptions"] > 0  # the pool is small enough that decodes outgrow it (4-5 measured)
+    assert all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
+    assert left_in_dev_shm(shm, [h.proc.pid for h in runner.workers if h.proc]) == set()
+
+
+def test_shares_the_cores_cannot_honour_are_refused_before_any_process(tmp_path: Path) -> None:
+    with pytest.raises(RunnerError, match=r"llm-wide decode: a 30% share of 2 core\(s\) is 0.6 of a core") as e:
+        SplitRunner(workload(4, 1.0), placement(64, decode_sm=30), make_batching("adbs"), SPECS,
+                    RunnerConfig(gpu_cores=two_cores(), work_dir=tmp_path))
+    assert "\n" not in str(e.value) and not (tmp_path / "logs").exists()
+    with pytest.raises(RunnerError, match="does not fit"):
+        SplitRunner(workload(4, 1.0), placement(1 << 36), make_batching("adbs"), SPECS,
+                    RunnerConfig(gpu_cores=two_cores(), work_dir=tmp_path))
+
+
+def test_kill_9_of_a_worker_mid_run_saves_records_and_returns_blocks(tmp_path: Path) -> None:
+    wl = workload(30, 3.0, seed=1)
+    shm = dev_shm()
+    runner = SplitRunner(wl, placement(kv_blocks=14 * 60), make_batching("adbs"), SPECS,
+                         RunnerConfig(gpu_cores=two_cores(), records_path=tmp_path / "r.parquet",
+                                      work_dir=tmp_path / "work"))
+
+    def kill_soon() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if runner.stats.get("steps", 0) >= 3 and runner.workers:
+                victim = next(h for h in runner.workers if h.name == "llm-deep/decode")
+                if victim.proc is not None:
+                    os.kill(victim.proc.pid, signal.SIGKILL)
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    with pytest.raises(WorkerError, match="llm-deep/decode"):
+        runner.run()
+    killer.join()
+    rec = read_records(tmp_path / "r.parquet")
+    assert sorted(rec["request_id"]) == list(range(30))  # finished or failed, each exactly once
+    failed = rec[rec["status"] == "failed"]
+    assert len(failed) and failed["reason"].str.contains("worker failed").all()
+    assert runner.stats["kv_free_end"] == runner.stats["kv_total"]
+    assert all(h.proc is not None and h.proc.poll() is not None for h in runner.workers)
+    assert left_in_dev_shm(shm, [h.proc.pid for h in runner.workers if h.proc]) == set()
+
+
+def replay_until_stopped(folder: str) -> None:
+    """Run in a child interpreter by the signal test: a long replay that prints its progress."""
+    config = RunnerConfig(records_path=Path(folder) / "records.parquet", work_dir=folder, gpu_cores=two_cores(),
+                          progress=lambda t: print(f"progress {t:.1f}", flush=True))
+    SplitRunner(workload(60, 60.0, seed=2), placement(kv_blocks=400), make_batching("adbs"), SPECS, config).run()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_reap_every_worker_and_keep_the_records(tmp_path: Path, sig: signal.Signals) -> None:
+    import subprocess
+    import sys
+
+    import psutil
+
+    code = (f"import importlib.util; s = importlib.util.spec_from_file_location('t', {__file__!r}); "
+            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.replay_until_stopped({str(tmp_path)!r})")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("progress") and float(line.split()[1]) > 1.0:
+            break
+    else:
+        pytest.fail(f"the replay never started: {proc.stderr.read() if proc.stderr else ''}")
+    workers = [p.pid for p in psutil.Process(proc.pid).children()]
+    assert len(workers) == 4  # a prefill and a decode process per LLM
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and ("SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt") in err
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
+    rec = read_records(tmp_path / "records.parquet")
+    assert sorted(rec.request_id) == list(range(60))
+    failed = rec[rec.status == "failed"]
+    assert len(failed) > 0 and failed.reason.str.contains("SIGTERM" if sig == signal.SIGTERM else "SIGINT").all()
+
+
+def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Path) -> None:
+    """`python -m experiments.validate mode=split`, short: one LLM on two cores (its prefill and its
+    decode process one core each), a profile of the paged engine at one and two cores, MuxServe's
+    placement at whole-core shares, the simulator in split mode with per-phase core slices, and the
+    same placement on split workers. Both record sets complete; accuracy is what the README
+    reports, not asserted here (timings on a shared 2-core machine vary with its load)."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.validate import CONF_DIR, incomplete, validate
+
+    cores = two_cores()[0]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="validate", overrides=[
+            "mode=split", f"cores=[{cores[0]},{cores[1]}]", "systems=[muxserve]", "workload.rates=[6.0]",
+            "workload.duration_s=4", "workload.prompt_mean=32", "workload.output_mean=12", "split_pool_mib=64",
+            f"profile.dir={tmp_path / 'profiles'}", "profile.batches=[1,4]", "profile.seq_lens=[8,64]",
+            "profile.warmup=1", "profile.repeats=2", "report.progress=false", "report.plot=false",
+            "report.slo_scales=[2,5]"])
+    cfg.models = cfg.models[:1]
+    v = validate(cfg, tmp_path / "out")
+    (c,) = v.comparisons
+    for executor in ("sim", "hw"):
+        assert incomplete(c.records[executor], v.setup.workload) == [], executor
+        assert (c.records[executor]["status"] == "finished").all()
+    hw = c.stats["hw"]
+    assert hw["mode"] == "split" and hw["anomalies"] == [] and hw["kv_free_end"] == hw["kv_total"]
+    assert c.slices == {"llm-0/prefill": (cores[0],), "llm-0/decode": (cores[1],)}
+    assert c.placement.units[0].kv_blocks == 64 * 2**20 // 16384
+    assert set(v.rows["metric"]) >= {"throughput_rps", "ttft_p50_s", "tpot_p50_s"}
