@@ -19,17 +19,9 @@ import pytest
 
 from hwloop.engine import engine_config, write_model_dir
 from hwloop.partition import cpu_env
+from hwloop.process import WorkerError, Yield, start_workers
 from hwloop.runner import Runner, RunnerConfig
-from hwloop.worker import (
-    Admit,
-    StepCmd,
-    StepDone,
-    WorkerError,
-    WorkerHandle,
-    WorkerSpec,
-    Yield,
-    start_workers,
-)
+from hwloop.worker import Admit, StepCmd, StepDone, WorkerHandle, WorkerSpec
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
 from policies.records import RECORD_COLUMNS, read_records

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from hwloop.kv_pool import BlockAllocator, KVPool
-from hwloop.runner import RunnerConfig, RunnerError
+from hwloop.process import WorkerError
+from hwloop.replay import RunnerConfig, RunnerError
 from hwloop.split_runner import SplitRunner
 from hwloop.split_worker import (
     DecodeCmd,
@@ -29,7 +30,6 @@ from hwloop.split_worker import (
     SplitWorkerSpec,
 )
 from hwloop.torch_engine import TorchEngine
-from hwloop.worker import WorkerError
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_for_tokens, blocks_per_chunk
 from policies.records import read_records
