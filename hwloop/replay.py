@@ -126,7 +126,6 @@ class Job:
     proc: Proc
     batch: Batch
     cmd: Any  # the worker's command: a StepCmd (mixed), a PrefillCmd or a DecodeCmd (split)
-    t_launch: float
     dispatched: bool = False
     t_sent: float = math.inf  # monotonic time the job (or run) was sent to the worker
     yielded: bool = False

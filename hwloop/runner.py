@@ -124,7 +124,7 @@ class Runner(ReplayRunner):
         admitted = batch.requests[: batch.admitted]
         cmd = StepCmd(tuple(Admit(r.request_id, r.prompt_tokens, r.context_tokens, r.remaining_tokens)
                             for r in admitted), tuple(launch.preempt))
-        job = Job(proc, batch, cmd, self._now())
+        job = Job(proc, batch, cmd)
         proc.job = job
         return job
 

@@ -176,7 +176,7 @@ class SplitRunner(ReplayRunner):
         batch = self._apply(unit, launch)
         assert proc is not None  # the ledger knows every LLM of the unit
         cmd = self._prefill_cmd(batch) if launch.phase == "prefill" else self._decode_cmd(batch, 1)
-        job = Job(proc, batch, cmd, self._now())
+        job = Job(proc, batch, cmd)
         proc.job = job
         return job
 
