@@ -49,8 +49,8 @@ import pandas as pd
 
 from hwloop.interference import CoRun, measure_interference
 from hwloop.partition import MPSDaemon, PartitionError, mps_env
+from hwloop.process import WorkerError
 from hwloop.profiler import Grid, ProfileError, ProfileResult, profile, write_profile
-from hwloop.worker import WorkerError
 from policies.cost import InterferenceModel
 from policies.specs import GiB, ModelSpec, model_spec
 

@@ -46,8 +46,9 @@ import pandas as pd
 
 from hwloop.engine import EngineConfig, engine_config, synthetic_prompt, write_model_dir
 from hwloop.partition import available_cores, cpu_env
+from hwloop.process import start_workers
 from hwloop.runner import Runner, RunnerConfig
-from hwloop.worker import Admit, StepCmd, WorkerHandle, WorkerSpec, start_workers
+from hwloop.worker import Admit, StepCmd, WorkerHandle, WorkerSpec
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
 from policies.specs import ModelSpec

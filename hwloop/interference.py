@@ -26,8 +26,9 @@ import pandas as pd
 
 from hwloop.engine import write_model_dir
 from hwloop.partition import Device, MPSDaemon, assign_cores, available_cores, cpu_env
+from hwloop.process import start_workers
 from hwloop.profiler import Grid, Partition, gpu_env, profile_engine_config
-from hwloop.worker import ProfileCmd, ProfileDone, WorkerHandle, WorkerSpec, start_workers
+from hwloop.worker import ProfileCmd, ProfileDone, WorkerHandle, WorkerSpec
 from policies.specs import ModelSpec
 
 INTERFERENCE_COLUMNS = ("model", "phase", "own_pct", "other_pct", "batch", "seq_len", "other_batch",

@@ -46,7 +46,8 @@ import pandas as pd
 
 from hwloop.engine import EngineConfig, VLLMEngine, synthetic_prompt, write_model_dir
 from hwloop.partition import Device, MPSDaemon, available_cores, cores_for_share, cpu_env, mps_env
-from hwloop.worker import ProfileCmd, ProfileDone, WorkerHandle, WorkerSpec, start_workers
+from hwloop.process import start_workers
+from hwloop.worker import ProfileCmd, ProfileDone, WorkerHandle, WorkerSpec
 from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 

@@ -11,9 +11,9 @@ Neither owns a KV cache: every command names the pool blocks each request reads 
   hold and its block table; it appends one token per step at that position and attends over the
   blocks through the table. The handoff from prefill to decode is the block table: no KV byte
   moves between the processes (tests/test_split.py checks both map the same storage).
-- Like the mixed-mode worker (`hwloop.worker`): pinned to its cores (or given its MPS percentage)
-  before torch loads, started in its own session, dying with the runner, serving until `Stop` or
-  until the runner's end of the socket closes. A decode run (`max_steps > 1`) repeats the step
+- Like the mixed-mode worker (`hwloop.worker`), it lives the life of `hwloop.process`: pinned to
+  its cores (or given its MPS percentage) before torch loads, started in its own session, dying
+  with the runner, serving until `Stop` or until the runner's end of the socket closes. A decode run (`max_steps > 1`) repeats the step
   without a round trip, stopping after a step in which a request finished or when a `Yield` waits.
 - The worker keeps no state between commands: the runner sends every table and token each time,
   so a command can never act on a table the runner has since changed.
@@ -22,25 +22,12 @@ Neither owns a KV cache: every command names the pool blocks each request reads 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from hwloop.kv_pool import PoolHandle, storage_identity
-from hwloop.worker import (
-    Failed,
-    Inbox,
-    Ready,
-    Stop,
-    WorkerError,
-    WorkerHandle,
-    Yield,
-    _die_with_parent,
-)
+from hwloop.process import Answer, Ready, WorkerProcess, pinned_cores, worker_main
 from policies.specs import ModelSpec
 
 Phase = Literal["prefill", "decode"]
@@ -178,79 +165,41 @@ class PhaseServer:
                          tuple(finished))
 
 
-def serve(conn: Any) -> int:
-    spec: SplitWorkerSpec = conn.recv()
-    if spec.cores:
-        os.sched_setaffinity(0, spec.cores)
-    os.environ.update(spec.env)
-    try:
-        t0 = time.perf_counter()
-        import torch
+def _build(spec: SplitWorkerSpec) -> tuple[SplitReady, Answer]:
+    """Build the phase's engine over the pool; answer the commands of that phase only."""
+    t0 = time.perf_counter()
+    import torch
 
-        t_import = time.perf_counter() - t0
-        server = PhaseServer(spec)
-        identity = storage_identity(spec.pool.fd) if spec.pool.device == "cpu" else (0, 0)
-        conn.send(SplitReady(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), t_import, server.engine.build_s,
-                             torch.get_num_threads(), dict(server.engine.info), pool_identity=identity))
-        inbox = Inbox(conn)
-        while True:
-            try:
-                msg = inbox.next()
-            except EOFError:
-                return 0  # the runner is gone
-            if isinstance(msg, Stop):
-                return 0
-            if isinstance(msg, Yield):
-                continue  # it came after the run it was meant for had ended
-            if isinstance(msg, PrefillCmd) and spec.phase == "prefill":
-                conn.send(server.prefill(msg))
-            elif isinstance(msg, DecodeCmd) and spec.phase == "decode":
-                conn.send(server.decode(msg, inbox.interrupted))
-            else:
-                raise TypeError(f"worker {spec.name}: a {spec.phase} worker got {type(msg).__name__}")
-    except Exception:
-        conn.send(Failed(traceback.format_exc()))
-        return 1
+    t_import = time.perf_counter() - t0
+    server = PhaseServer(spec)
+    identity = storage_identity(spec.pool.fd) if spec.pool.device == "cpu" else (0, 0)
+    ready = SplitReady(os.getpid(), pinned_cores(), t_import, server.engine.build_s, torch.get_num_threads(),
+                       dict(server.engine.info), pool_identity=identity)
+
+    def answer(msg: object, interrupted: Any) -> object:
+        if isinstance(msg, PrefillCmd) and spec.phase == "prefill":
+            return server.prefill(msg)
+        if isinstance(msg, DecodeCmd) and spec.phase == "decode":
+            return server.decode(msg, interrupted)
+        raise TypeError(f"worker {spec.name}: a {spec.phase} worker got {type(msg).__name__}")
+
+    return ready, answer
 
 
 def main(fd: int) -> None:
-    import multiprocessing.connection as mpc
-
-    _die_with_parent()
-    code = serve(mpc.Connection(fd))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    worker_main(fd, _build)
 
 
 # ---- runner side --------------------------------------------------------------------------------
 
 
-class SplitWorkerHandle(WorkerHandle):
-    """The runner's end of one prefill or decode worker: `WorkerHandle`, started on
-    `hwloop.split_worker.main` with the pool's descriptor inherited at the same number."""
+class SplitWorkerHandle(WorkerProcess):
+    """The runner's end of one prefill or decode worker, which inherits the unit's pool descriptor
+    at the same number (`hwloop.process.WorkerProcess`)."""
 
-    spec: SplitWorkerSpec  # type: ignore[assignment]
+    entry = "hwloop.split_worker"
+    ready_type = SplitReady
+    spec: SplitWorkerSpec
 
-    def start(self) -> None:
-        import multiprocessing.connection as mpc
-
-        parent, child = socket.socketpair()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        fds = (child.fileno(),) + ((self.spec.pool.fd,) if self.spec.pool.fd >= 0 else ())
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", "import sys, hwloop.split_worker as w; w.main(int(sys.argv[1]))",
-                 str(child.fileno())],
-                pass_fds=fds, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.spec.env}, start_new_session=True)
-        child.close()
-        self.conn = mpc.Connection(parent.detach())
-        self.conn.send(self.spec)
-
-    def wait_ready(self, timeout_s: float) -> SplitReady:
-        reply = self.recv(timeout_s, what="start-up")
-        if not isinstance(reply, SplitReady):
-            raise WorkerError(f"worker {self.describe()}: expected SplitReady, got {type(reply).__name__}")
-        self.ready = reply
-        return reply
+    def inherited_fds(self) -> tuple[int, ...]:
+        return (self.spec.pool.fd,) if self.spec.pool.fd >= 0 else ()

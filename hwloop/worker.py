@@ -3,13 +3,10 @@
 Why a process per engine: compute partitioning works per process (an MPS client's thread
 percentage, a CPU affinity mask), and an engine crash must not take the runner down with it.
 
-Life of a worker (`hwloop.worker.main(FD)` in a fresh interpreter, pickled messages over a socket):
-1. it receives its `WorkerSpec`, pins itself to its cores and sets its env (OpenMP, MPS) *before*
-   torch is imported, since OpenMP reads its settings when the library loads;
-2. it builds its engine and answers `Ready` (with start-up times);
-3. it serves `StepCmd` (add these requests, abort those, run exactly one engine step) and
-   `ProfileCmd` (time one cell of the profiler's grid) until `Stop` or until the runner's end of
-   the socket closes. It also dies with the runner (PR_SET_PDEATHSIG), so no engine outlives it.
+A worker lives the life every worker process does (`hwloop.process`: spawned in its own session,
+pinned before torch loads, dying with the runner): it receives its `WorkerSpec`, builds its engine,
+answers `Ready`, then serves `StepCmd` (add these requests, abort those, run exactly one engine
+step) and `ProfileCmd` (time one cell of the profiler's grid) until `Stop`.
 
 Execution semantics of a step (the "mixed" mode of policies.view): the engine holds exactly the
 requests the runner has admitted and not yet finished or preempted; one `StepCmd` adds the newly
@@ -23,23 +20,16 @@ only asks for one when the policy would relaunch that same step anyway (see hwlo
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import multiprocessing.connection as mpc
 import os
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from hwloop.engine import EngineConfig, StepOutput, synthetic_prompt
+from hwloop.process import Answer, Ready, WorkerProcess, pinned_cores, worker_main
 
 # ---- messages -----------------------------------------------------------------------------------
 
@@ -54,17 +44,6 @@ class WorkerSpec:
     # yet), on `device` ("cpu" | "cuda"); a vLLM engine runs where its build runs.
     backend: str = "vllm"
     device: str = "cpu"
-
-
-@dataclass(frozen=True)
-class Ready:
-    pid: int
-    cores: tuple[int, ...]
-    import_s: float
-    build_s: float
-    torch_threads: int
-    versions: dict[str, str]
-    rendezvous: str = ""  # vLLM's file:// rendezvous; removed by whoever outlives the worker
 
 
 @dataclass(frozen=True)
@@ -85,11 +64,6 @@ class StepCmd:
     admit: tuple[Admit, ...]
     preempt: tuple[int, ...] = ()
     max_steps: int = 1
-
-
-@dataclass(frozen=True)
-class Yield:
-    """End the current run after the step in progress (something changed on the unit)."""
 
 
 @dataclass(frozen=True)
@@ -119,20 +93,6 @@ class ProfileCmd:
 @dataclass(frozen=True)
 class ProfileDone:
     samples_s: tuple[float, ...]
-
-
-@dataclass(frozen=True)
-class Stop:
-    pass
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: str  # formatted traceback from the worker
-
-
-class WorkerError(RuntimeError):
-    """A worker died or failed; the message names it, its pid and exit status, and its last log lines."""
 
 
 # ---- worker side --------------------------------------------------------------------------------
@@ -212,13 +172,6 @@ class EngineServer:
         return produced, finished
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when the runner goes away, however it goes."""
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def build_engine(spec: WorkerSpec) -> tuple[Any, Any]:
     """The engine `StepCmd`s drive (None for the torch backend) and the profiler's `StepEngine`
     over it, warmed up."""
@@ -244,62 +197,29 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "vllm": vllm.__version__}
 
 
-def serve(conn: mpc.Connection) -> int:
-    spec: WorkerSpec = conn.recv()
-    if spec.cores:
-        os.sched_setaffinity(0, spec.cores)
-    os.environ.update(spec.env)
-    try:
-        engine, stepper = build_engine(spec)
-        import torch
+def _build(spec: WorkerSpec) -> tuple[Ready, Answer]:
+    """Build the engine; answer `StepCmd`s (vLLM only) and `ProfileCmd`s."""
+    engine, stepper = build_engine(spec)
+    import torch
 
-        built = engine if engine is not None else stepper.engine
-        versions = stepper.engine.info if engine is None else _versions()
-        conn.send(Ready(os.getpid(), tuple(sorted(os.sched_getaffinity(0))), built.import_s,
-                        built.build_s, torch.get_num_threads(), versions, str(rendezvous_file() or "")))
-        server = EngineServer(engine) if engine is not None else None
-        inbox = Inbox(conn)
-        while True:
-            try:
-                msg = inbox.next()
-            except EOFError:
-                return 0  # the runner is gone
-            if isinstance(msg, Stop):
-                return 0
-            if isinstance(msg, Yield):
-                continue  # it came after the run it was meant for had ended
-            if isinstance(msg, StepCmd):
-                if server is None:
-                    raise TypeError(f"worker {spec.name}: the {spec.backend} backend answers ProfileCmd only")
-                conn.send(server.step(msg, inbox.interrupted))
-            elif isinstance(msg, ProfileCmd):
-                from hwloop.profiler import time_cell
+    built = engine if engine is not None else stepper.engine
+    versions = stepper.engine.info if engine is None else _versions()
+    ready = Ready(os.getpid(), pinned_cores(), built.import_s, built.build_s, torch.get_num_threads(), versions,
+                  str(rendezvous_file() or ""))
+    server = EngineServer(engine) if engine is not None else None
 
-                conn.send(ProfileDone(time_cell(stepper, msg)))
-            else:
-                raise TypeError(f"worker {spec.name}: unknown message {type(msg).__name__}")
-    except Exception:
-        conn.send(Failed(traceback.format_exc()))
-        return 1
+    def answer(msg: object, interrupted: Callable[[], bool]) -> object:
+        if isinstance(msg, StepCmd):
+            if server is None:
+                raise TypeError(f"worker {spec.name}: the {spec.backend} backend answers ProfileCmd only")
+            return server.step(msg, interrupted)
+        if isinstance(msg, ProfileCmd):
+            from hwloop.profiler import time_cell
 
+            return ProfileDone(time_cell(stepper, msg))
+        raise TypeError(f"worker {spec.name}: unknown message {type(msg).__name__}")
 
-class Inbox:
-    """Messages from the runner; `interrupted` peeks between the steps of a run without losing any."""
-
-    def __init__(self, conn: mpc.Connection) -> None:
-        self.conn = conn
-        self.pending: list[object] = []
-
-    def next(self) -> object:
-        return self.pending.pop(0) if self.pending else self.conn.recv()
-
-    def interrupted(self) -> bool:
-        if not self.conn.poll(0):
-            return False
-        msg = self.conn.recv()
-        if not isinstance(msg, Yield):
-            self.pending.append(msg)
-        return True
+    return ready, answer
 
 
 def warm_up(engine: Any) -> None:
@@ -317,138 +237,19 @@ def rendezvous_file() -> Path | None:
 
 
 def main(fd: int) -> None:
-    """Serve, then leave at once: a clean vLLM/torch teardown takes seconds and frees nothing the
-    OS would not."""
-    _die_with_parent()
-    code = serve(mpc.Connection(fd))
+    worker_main(fd, _build, cleanup=_remove_rendezvous)
+
+
+def _remove_rendezvous() -> None:
     if (path := rendezvous_file()) is not None:
         path.unlink(missing_ok=True)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 # ---- runner side --------------------------------------------------------------------------------
 
 
-class WorkerHandle:
-    """The runner's end of one worker: start, message, diagnose, and always reap.
+class WorkerHandle(WorkerProcess):
+    """The runner's end of one engine worker (`hwloop.process.WorkerProcess`)."""
 
-    The worker runs in its own session, so a Ctrl-C in the terminal reaches only the runner, which
-    then stops the workers in order instead of having them die mid-step with tracebacks.
-    """
-
-    def __init__(self, spec: WorkerSpec, log_path: str | Path, unit: int = -1) -> None:
-        self.spec = spec
-        self.unit = unit
-        self.log_path = Path(log_path)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.conn: mpc.Connection | None = None
-        self.ready: Ready | None = None
-
-    @property
-    def name(self) -> str:
-        return self.spec.name
-
-    def start(self) -> None:
-        parent, child = socket.socketpair()
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                # -c rather than -m: messages must pickle as hwloop.worker.*, not __main__.*
-                [sys.executable, "-c", "import sys, hwloop.worker as w; w.main(int(sys.argv[1]))",
-                 str(child.fileno())],
-                pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.spec.env}, start_new_session=True)
-        child.close()
-        self.conn = mpc.Connection(parent.detach())
-        self.conn.send(self.spec)
-
-    def wait_ready(self, timeout_s: float) -> Ready:
-        reply = self.recv(timeout_s, what="start-up")
-        if not isinstance(reply, Ready):
-            raise WorkerError(f"worker {self.describe()}: expected Ready, got {type(reply).__name__}")
-        self.ready = reply
-        return reply
-
-    def send(self, msg: object) -> None:
-        assert self.conn is not None
-        try:
-            self.conn.send(msg)
-        except OSError:
-            raise WorkerError(self.failure("the connection broke while sending")) from None
-
-    def recv(self, timeout_s: float | None = None, what: str = "a reply") -> Any:
-        """The next reply; a crash, a `Failed` or a timeout becomes a WorkerError naming the worker."""
-        assert self.conn is not None
-        if timeout_s is not None and not self.conn.poll(timeout_s):
-            raise WorkerError(self.failure(f"no {what} within {timeout_s:g} s"))
-        try:
-            reply = self.conn.recv()
-        except (EOFError, OSError):
-            raise WorkerError(self.failure(f"it exited while the runner waited for {what}")) from None
-        if isinstance(reply, Failed):
-            raise WorkerError(f"worker {self.describe()} raised:\n{reply.error.rstrip()}")
-        return reply
-
-    def describe(self) -> str:
-        pid = self.proc.pid if self.proc else "?"
-        where = f", unit {self.unit}" if self.unit >= 0 else ""
-        return f"{self.name!r} (pid {pid}{where})"
-
-    def failure(self, what: str) -> str:
-        """Why the worker is gone, in one message: its exit status and the end of its log."""
-        status = ""
-        if self.proc is not None:
-            try:
-                code = self.proc.wait(timeout=2.0)
-            except subprocess.TimeoutExpired:
-                code = None
-            if code is None:
-                status = "still running"
-            elif code < 0:
-                status = f"killed by {signal.Signals(-code).name}"
-            else:
-                status = f"exit code {code}"
-        return (f"worker {self.describe()} failed: {what} ({status}); "
-                f"last lines of {self.log_path}:\n{log_tail(self.log_path)}")
-
-    def stop(self, grace_s: float = 5.0) -> None:
-        """Ask politely, then SIGTERM, then SIGKILL; always reaps, and removes what a killed worker
-        could not. Safe to call twice."""
-        if self.proc is None:
-            return
-        if self.proc.poll() is None and self.conn is not None:
-            with contextlib.suppress(OSError):
-                self.conn.send(Stop())
-        for sig in (None, signal.SIGTERM, signal.SIGKILL):
-            if sig is not None and self.proc.poll() is None:
-                self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=grace_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-        if self.ready is not None and self.ready.rendezvous and self.proc.poll() is not None:
-            Path(self.ready.rendezvous).unlink(missing_ok=True)
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "  (no log)"
-    keep = [ln for ln in text.splitlines() if ln.strip()][-lines:]
-    return "\n".join(f"  {ln}" for ln in keep) or "  (empty log)"
-
-
-def start_workers(handles: Sequence[WorkerHandle], timeout_s: float) -> list[Ready]:
-    """Start all workers at once (engines build in parallel), then wait for every `Ready`."""
-    for h in handles:
-        h.start()
-    deadline = time.monotonic() + timeout_s
-    return [h.wait_ready(max(0.1, deadline - time.monotonic())) for h in handles]
-
+    entry = "hwloop.worker"
+    spec: WorkerSpec

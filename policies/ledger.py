@@ -1,6 +1,6 @@
 """One unit's bookkeeping, without time: what both executors do alike, written once.
 
-The simulator (`sim/engine.py`) and the hardware runner (`hwloop/runner.py`) differ only in where
+The simulator (`sim/engine.py`) and the hardware runners (`hwloop/replay.py`) differ only in where
 time comes from (SimPy events, a wall clock and engine replies). Everything they must do alike to
 be comparable lives here: the LLMs' queues and process states, the unit's SM units and KV pool,
 admission on arrival, quotas, checking and applying a `Launch` (preemption included), the end of a

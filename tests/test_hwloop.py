@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -19,21 +17,14 @@ import pytest
 
 from hwloop.engine import engine_config, write_model_dir
 from hwloop.partition import cpu_env
+from hwloop.process import WorkerError, Yield, start_workers
 from hwloop.runner import Runner, RunnerConfig
-from hwloop.worker import (
-    Admit,
-    StepCmd,
-    StepDone,
-    WorkerError,
-    WorkerHandle,
-    WorkerSpec,
-    Yield,
-    start_workers,
-)
+from hwloop.worker import Admit, StepCmd, StepDone, WorkerHandle, WorkerSpec
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
 from policies.records import RECORD_COLUMNS, read_records
 from policies.specs import ModelSpec
+from tests.hw_helpers import interrupt_replay
 from traces.schema import Workload
 
 pytest.importorskip("vllm")
@@ -180,28 +171,7 @@ def replay_until_killed(folder: str) -> None:
 
 
 def test_sigterm_saves_records_and_leaves_no_engine_behind(tmp_path: Path) -> None:
-    code = (f"import importlib.util; s = importlib.util.spec_from_file_location('t', {__file__!r}); "
-            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.replay_until_killed({str(tmp_path)!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("progress") and float(line.split()[1]) > 1.0:
-            break
-    else:
-        pytest.fail(f"the replay never started: {proc.stderr.read() if proc.stderr else ''}")
-    import psutil
-
-    engines = [p.pid for p in psutil.Process(proc.pid).children()]
-    assert len(engines) == 2
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "SIGTERM" in err
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-                   for pid in engines)
-    rec = read_records(tmp_path / "records.parquet")
-    assert sorted(rec.request_id) == list(range(60))
-    failed = rec[rec.status == "failed"]
-    assert len(failed) > 0 and failed.reason.str.contains("SIGTERM").all()
+    interrupt_replay(__file__, "replay_until_killed", tmp_path, signal.SIGTERM, workers=2, requests=60)
 
 
 def test_profile_table_is_what_the_cost_model_reads(tmp_path: Path) -> None:

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from hwloop.kv_pool import BlockAllocator, KVPool
-from hwloop.runner import RunnerConfig, RunnerError
+from hwloop.process import WorkerError
+from hwloop.replay import RunnerConfig, RunnerError
 from hwloop.split_runner import SplitRunner
 from hwloop.split_worker import (
     DecodeCmd,
@@ -29,11 +30,11 @@ from hwloop.split_worker import (
     SplitWorkerSpec,
 )
 from hwloop.torch_engine import TorchEngine
-from hwloop.worker import WorkerError
 from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_for_tokens, blocks_per_chunk
 from policies.records import read_records
 from policies.specs import ModelSpec
+from tests.hw_helpers import interrupt_replay
 from traces.schema import Workload
 
 WIDE = ModelSpec("wide", 2, 128, 4, 2, 344, 512, dtype_bytes=4, max_context=256)  # GQA, head_dim 32
@@ -246,30 +247,7 @@ def replay_until_stopped(folder: str) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_ctrl_c_reap_every_worker_and_keep_the_records(tmp_path: Path, sig: signal.Signals) -> None:
-    import subprocess
-    import sys
-
-    import psutil
-
-    code = (f"import importlib.util; s = importlib.util.spec_from_file_location('t', {__file__!r}); "
-            f"m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.replay_until_stopped({str(tmp_path)!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("progress") and float(line.split()[1]) > 1.0:
-            break
-    else:
-        pytest.fail(f"the replay never started: {proc.stderr.read() if proc.stderr else ''}")
-    workers = [p.pid for p in psutil.Process(proc.pid).children()]
-    assert len(workers) == 4  # a prefill and a decode process per LLM
-    proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and ("SIGTERM" if sig == signal.SIGTERM else "KeyboardInterrupt") in err
-    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in workers)
-    rec = read_records(tmp_path / "records.parquet")
-    assert sorted(rec.request_id) == list(range(60))
-    failed = rec[rec.status == "failed"]
-    assert len(failed) > 0 and failed.reason.str.contains("SIGTERM" if sig == signal.SIGTERM else "SIGINT").all()
+    interrupt_replay(__file__, "replay_until_stopped", tmp_path, sig, workers=4, requests=60)  # 2 processes per LLM
 
 
 def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Path) -> None:
