@@ -54,6 +54,7 @@ class Job:
     end: float
     alone_s: float = math.nan  # prefill and mixed steps: duration at this share with nothing beside it
     factor: float = 1.0  # interference slowdown from the jobs beside it (Simulator._interfere)
+    first_extra_s: float = 0.0  # decode runs: the runner's extra for the first step (Simulator._runner_extra)
     version: int = 0  # bumped when interference moves `end`
     steps: int | None = None  # decode runs only: number of steps in this run
     boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
@@ -120,6 +121,7 @@ class Job:
     def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
         llm = self.batch.llm
         d = cost.decode_time(llm.spec, llm.placement.tp, self.sm_pct, len(self.batch.requests), mean_ctx) * self.factor
+        d += self.first_extra_s
         self._check(d, cost)
         self.steps, self.end = 1, now + d
 
