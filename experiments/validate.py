@@ -16,8 +16,9 @@ whole core (placement options `decode_shares` / `prefill_tiers` start there).
    count, or a cached profile of the same model config, grid, CPU, cores and versions. A few of its
    cells are timed again at the start and at the end of the run (`recheck`): how far they moved is
    the profile's own noise, reported beside the errors it is used to judge.
-2. Find the load the simulator says each system saturates at (`saturation`): the offered rate, the
-   configured rates scaled together, above which its throughput falls behind the arrivals.
+2. Find the load the simulator says each system saturates at (`saturation`): the throughput it
+   reaches as the configured rates are doubled together until that adds (almost) nothing. The
+   simulator is charged the runner's terms, measured beside the profile (`hwloop.terms`).
 3. Sweep the offered load over `load.levels` levels from `load.lowest` to `load.highest` times the
    highest of those saturation points. At each level, for each system:
    a. place it (`policies.placement_algos`) with the profile read at the whole cores a share gets
@@ -116,7 +117,7 @@ class LoadSweep:
     lowest: float = 0.25
     highest: float = 1.3
     repeats: int = 3  # hardware runs per level and system
-    keep_up: float = 0.95  # a system keeps up while its throughput is at least this share of the arrival rate
+    keep_up: float = 0.95  # saturated: doubling the offered rate raises the throughput by less than 1 − this
 
     def fractions(self) -> np.ndarray:
         return np.linspace(self.lowest, self.highest, self.levels) if self.levels > 1 else np.array([self.highest])
@@ -217,16 +218,20 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, targets, bool(cfg.report.progress), mode, _pool_blocks(cfg), _sweep(cfg),
-                 bool(p.get("recheck", True)), trace, _terms(p, mode))
+                 recheck=bool(p.get("recheck", True)), terms=_terms(p, mode), trace=trace)
 
 
 def _terms(p: DictConfig, mode: str) -> tuple[str, ...]:
-    terms = tuple(str(t) for t in p.get("terms", TERMS))
+    """The runner terms to charge: null means all of them in mixed mode and none in split mode (they
+    are measured on the mixed-mode worker)."""
+    if p.get("terms") is None:
+        return TERMS if mode == "mixed" else ()
+    terms = tuple(str(t) for t in p.terms)
     if set(terms) - set(TERMS):
         raise ConfigError(f"profile.terms must list some of {', '.join(TERMS)} (got {list(terms)})")
     if mode == "split" and terms:
         raise ConfigError("profile.terms: the runner's terms are measured on the mixed-mode (vLLM) worker; "
-                          "set profile.terms=[] in split mode")
+                          "leave profile.terms null or [] in split mode")
     return terms
 
 
@@ -380,31 +385,17 @@ def profile_drift(start: pd.DataFrame, end: pd.DataFrame, limit: float) -> dict[
 
 # ---- the load the simulator predicts each system saturates at ------------------------------------
 
-def keeps_up(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None, workload: Workload) -> bool:
-    """Does the simulated system finish requests at least `keep_up` × as fast as they arrive?"""
-    sim = simulate(system, s, table, terms, workload)
-    arrivals = workload.df["arrival_s"]
-    arrival_rate = len(arrivals) / max(float(arrivals.max() - arrivals.min()), 1e-9)
-    return sim.summary.overall["throughput_rps"] >= s.sweep.keep_up * arrival_rate
-
-
-def saturation(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None, steps: int = 6) -> float:
-    """The offered rate (req/s, all LLMs) at which the simulator says `system` stops keeping up:
-    doubling or halving the configured rates until it changes, then `steps` bisections (geometric)."""
-    ok = lambda k: keeps_up(system, s, table, terms, s.workload_at(k))  # noqa: E731
-    lo, hi = 1.0, 1.0
-    if ok(1.0):
-        while ok(hi * 2) and hi < 2**10:
-            hi *= 2
-        lo, hi = hi, hi * 2
-    else:
-        while not ok(lo / 2) and lo > 2**-10:
-            lo /= 2
-        lo, hi = lo / 2, lo
-    for _ in range(steps):
-        mid = math.sqrt(lo * hi)
-        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
-    return math.sqrt(lo * hi) * s.base_rate
+def saturation(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None) -> float:
+    """The most requests per second the simulator says `system` completes (all LLMs): its
+    throughput as the configured rates are doubled together, until doubling them adds less than
+    `1 − keep_up` to it. Beyond this offered rate requests queue without bound."""
+    best, scale = 0.0, 1.0
+    while scale <= 2**12:
+        thr = simulate(system, s, table, terms, s.workload_at(scale)).summary.overall["throughput_rps"]
+        if thr < best * (2 - s.sweep.keep_up):
+            return max(best, thr)
+        best, scale = max(best, thr), scale * 2
+    return best
 
 
 # ---- one system at one load, simulated and on hardware --------------------------------------------
@@ -630,8 +621,8 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
              f"{' : '.join(f'{r:g}' for r in (x.rate for x in s.trace['llms']))}, {s.trace['duration_s']:g} s of "
              f"trace per level, cores {list(s.cores)}, {s.mode} mode, simulator vs {s.engines}, "
              f"{s.sweep.repeats} hardware run(s) per level and system.", "",
-             "Saturation predicted by the simulator (offered req/s at which throughput falls below "
-             f"{s.sweep.keep_up:.0%} of the arrival rate): "
+             "Saturation predicted by the simulator (the throughput, req/s, at which doubling the offered rate "
+             f"adds less than {1 - s.sweep.keep_up:.0%}): "
              + ", ".join(f"{k} {v:.2f}" for k, v in saturation_rps.items()) + ".", "",
              "Each cell: simulator value, then the hardware's error against it (mean of the repeats) ± half the "
              "range of the repeats (the noise); ✓/✗ against the target (throughput ±"

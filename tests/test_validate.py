@@ -53,6 +53,7 @@ def test_sim_and_real_engines_agree_at_light_load_and_at_saturation(tmp_path: Pa
     t0 = time.monotonic()
     v = validate(config(tmp_path, min(os.sched_getaffinity(0))), tmp_path / "out")
     wall = time.monotonic() - t0
+    print(f"validation test: {wall:.0f} s wall\n{v.rows[['level', 'metric', 'sim', 'hw', 'error']].to_string()}")
     light, saturated = v.comparisons
     assert saturated.offered_rps > 3 * light.offered_rps
     for c in v.comparisons:
@@ -65,9 +66,9 @@ def test_sim_and_real_engines_agree_at_light_load_and_at_saturation(tmp_path: Pa
     for level in (0, 1):
         assert abs(rows.loc[(level, "throughput_rps"), "error"]) <= 0.10, v.rows
     assert v.drift is not None and len(v.drift["cells"]) == 4  # 2 batches × 2 phases × 1 core count
+    assert v.terms is not None and set(v.terms.turn_s) == {("tiny-test", 1)}
     assert (tmp_path / "out" / "summary.csv").exists() and v.plot is not None and v.plot.exists()
     assert "Level 2" in (tmp_path / "out" / "validation.md").read_text()
-    print(f"validation test: {wall:.0f} s wall\n{v.rows[['level', 'metric', 'sim', 'hw', 'error']].to_string()}")
 
 
 def test_bad_config_is_one_line() -> None:
