@@ -14,10 +14,12 @@ The profiler (`hwloop.profiler`) times steps of one engine back to back. The run
   back to back: its OpenMP threads went to sleep after spinning, and other processes touched the
   caches. Measured as the median step after sleeping `gap` seconds, minus the back-to-back median,
   at a few gaps.
-- **dispatch**: from the runner sending a step command to the engine starting the step (the pipe,
-  unpickling, waking the worker), and for a launch that admits a request, vLLM adding it. Measured
-  as the median of `StepDone.t_start − t_send` (CLOCK_MONOTONIC is system-wide on Linux) for
-  decode launches, and its excess for launches admitting one request.
+- **dispatch**: the round trip a launch costs beside its step: from the runner sending a step
+  command to the engine starting the step (the pipe, unpickling, waking the worker), plus from the
+  step's end to the runner holding the reply; and for a launch that admits a request, vLLM adding
+  it. Measured as the medians of `StepDone.t_start − t_send` and `t_recv − StepDone.t_end`
+  (CLOCK_MONOTONIC is system-wide on Linux) for decode launches, and the excess of the first for
+  launches admitting one request.
 
 Each is an extra time charged to a job's first step by the simulator (`policies.cost.RunnerTerms`,
 `sim.engine.Simulator(runner_terms=…)`), never fitted to a validation run: these numbers come from
@@ -69,8 +71,8 @@ class Pair:
         for h in self.handles:
             h.stop()
 
-    def step(self, i: int, admit: int = 0) -> tuple[StepDone, float]:
-        """One step of worker `i` (admitting `admit` new requests): its StepDone and the send time.
+    def step(self, i: int, admit: int = 0) -> tuple[StepDone, float, float]:
+        """One step of worker `i` (admitting `admit` new requests): its StepDone, the send and receive times.
         A batch that ran out of tokens is replaced by a fresh one first (its prefill not timed)."""
         if self._left[i] <= 1:
             self._refill(i)
@@ -93,12 +95,12 @@ class Pair:
         self._next_id += self.batch
         self._left[i] = self.budget - 1
 
-    def _send(self, i: int, cmd: StepCmd) -> tuple[StepDone, float]:
+    def _send(self, i: int, cmd: StepCmd) -> tuple[StepDone, float, float]:
         h = self.handles[i]
         t_send = time.monotonic()
         h.send(cmd)
         done: StepDone = h.recv(60)
-        return done, t_send
+        return done, t_send, time.monotonic()
 
 
 def _ms(values: Sequence[float]) -> float:
@@ -107,35 +109,38 @@ def _ms(values: Sequence[float]) -> float:
 
 def measure_turns(pair: Pair, steps: int) -> dict[str, float]:
     """Median decode step alone (worker 0, then worker 1, back to back) and taking turns, and the extra."""
-    alone = [d.t_end - d.t_start for d, _ in (pair.step(0) for _ in range(steps))]
-    turns = [d.t_end - d.t_start for d, _ in (pair.step(k % 2) for k in range(2 * steps))]
-    alone += [d.t_end - d.t_start for d, _ in (pair.step(1) for _ in range(steps))]
+    alone = [d.t_end - d.t_start for d, *_ in (pair.step(0) for _ in range(steps))]
+    turns = [d.t_end - d.t_start for d, *_ in (pair.step(k % 2) for k in range(2 * steps))]
+    alone += [d.t_end - d.t_start for d, *_ in (pair.step(1) for _ in range(steps))]
     return {"alone_ms": _ms(alone), "in_turns_ms": _ms(turns), "extra_ms": _ms(turns) - _ms(alone), "steps": steps}
 
 
 def measure_idle(pair: Pair, steps: int, gaps_s: Sequence[float] = IDLE_GAPS_S) -> dict[str, Any]:
     """Median decode step back to back, and after sleeping each gap; extra per gap."""
-    back_to_back = [d.t_end - d.t_start for d, _ in (pair.step(0) for _ in range(steps))]
+    back_to_back = [d.t_end - d.t_start for d, *_ in (pair.step(0) for _ in range(steps))]
     rows = []
     for gap in gaps_s:
         after = []
         for _ in range(steps):
             time.sleep(gap)
-            done, _ = pair.step(0)
+            done, *_ = pair.step(0)
             after.append(done.t_end - done.t_start)
         rows.append({"gap_s": gap, "after_ms": _ms(after), "extra_ms": _ms(after) - _ms(back_to_back)})
     return {"back_to_back_ms": _ms(back_to_back), "gaps": rows, "steps": steps}
 
 
 def measure_dispatch(pair: Pair, steps: int) -> dict[str, float]:
-    """Median send-to-step-start of decode launches, and of launches admitting one request."""
-    decode, admitting = [], []
+    """Median send-to-step-start and step-end-to-reply of decode launches (`decode_ms`: their sum),
+    and the excess send-to-step-start of launches admitting one request (`admit_ms`)."""
+    send, reply, admitting = [], [], []
     for _ in range(steps):
-        done, t_send = pair.step(0)
-        decode.append(done.t_start - t_send)
-        done, t_send = pair.step(0, admit=1)
+        done, t_send, t_recv = pair.step(0)
+        send.append(done.t_start - t_send)
+        reply.append(t_recv - done.t_end)
+        done, t_send, _ = pair.step(0, admit=1)
         admitting.append(done.t_start - t_send)
-    return {"decode_ms": _ms(decode), "admit_ms": _ms(admitting) - _ms(decode), "steps": steps}
+    return {"send_ms": _ms(send), "reply_ms": _ms(reply), "decode_ms": _ms(send) + _ms(reply),
+            "admit_ms": _ms(admitting) - _ms(send), "steps": steps}
 
 
 def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[str] = TERMS, steps: int = 60,
