@@ -69,9 +69,10 @@ class PagedLayout:
                             f"block count) {spec.dtype_bytes}")
         width, rest = divmod(block_bytes, 2 * BLOCK_TOKENS * dtype_bytes)
         per_layer = spec.num_kv_heads * spec.head_dim
-        if rest or per_layer % width:
+        if rest or per_layer % width or (width % spec.head_dim and spec.head_dim % width):
             raise PoolError(f"{spec.name}: a layer's K per token ({spec.num_kv_heads} KV heads × {spec.head_dim}) "
-                            f"is not a whole number of {width}-element block slices; the pool cannot page it")
+                            f"is not a whole number of {width}-element block slices holding whole heads or whole parts "
+                            f"of one; the pool cannot page it")
         layout = cls(spec.num_layers, per_layer // width, width, dtype_bytes)
         assert layout.chunk_blocks == blocks_per_chunk(spec), (layout, blocks_per_chunk(spec))
         return layout
@@ -89,7 +90,7 @@ class BlockAllocator:
 
     def __init__(self, num_blocks: int) -> None:
         self.total = num_blocks
-        self._free: deque[int] = deque(range(num_blocks))
+        self._free: deque[int] = deque(range(num_blocks - 1, -1, -1))  # block 0 first
         self._used: set[int] = set()
 
     @property
@@ -100,9 +101,10 @@ class BlockAllocator:
         return 0 <= n <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
+        """The most recently freed blocks first: their pages are mapped and likely in cache."""
         if not self.can_allocate(n):
             raise PoolError(f"asked for {n} KV blocks, {len(self._free)} of {self.total} free")
-        ids = [self._free.popleft() for _ in range(n)]
+        ids = [self._free.pop() for _ in range(n)]
         self._used.update(ids)
         return ids
 
