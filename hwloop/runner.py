@@ -14,7 +14,7 @@ Execution semantics ("mixed" mode, the only one a stock vLLM engine can run):
 - A `Launch(phase="mixed", request_ids=new admissions + running requests)` means: add the newly
   admitted requests to that LLM's engine and run exactly one engine step. That step prefills the
   new requests (each gets its first token) and decodes every running one (one token each). Since a
-  vLLM step always decodes every request its engine holds, a launch must name all of the LLM's
+  vLLM step always decodes every request in its engine, a launch must name all of the LLM's
   running requests; `preempt` aborts requests in the engine, which later come back with their
   whole context as the prompt (recompute), as in the simulator.
 - Token times are the end of the engine step that produced them, read in the worker.
@@ -445,7 +445,7 @@ class Runner:
         if batch.decoding != len(llm.running):
             left = sorted({r.request_id for r in llm.running} - set(launch.request_ids))[:5]
             raise RunnerError(f"policy {name} left running request(s) {left} of {llm.name} out of a step; "
-                              f"a vLLM step decodes every request its engine holds")
+                              f"a vLLM step decodes every request in its engine")
         admitted = batch.requests[: batch.admitted]
         cmd = StepCmd(tuple(Admit(r.request_id, r.prompt_tokens, r.context_tokens, r.remaining_tokens)
                             for r in admitted), tuple(launch.preempt))

@@ -7,7 +7,7 @@ are the pure functions at the top.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from policies import view as contract
@@ -60,7 +60,8 @@ def decode_batch(llm: LLMView, slack: int) -> tuple[list[Request], list[Request]
         # A running request holds the blocks of its context as of its last job's start, so one more
         # step grows it by at most one chunk: no need to look at each (this runs at every step).
         return batch, []
-    chunk = llm.chunk_blocks  # blocks_for_tokens, inlined: a full pool sees this at every step
+    # blocks_for_tokens, inlined: a full pool sees this at every step (BENCHMARKS.md, "inlined block counts")
+    chunk = llm.chunk_blocks
     growth = [-(-(r.prompt_tokens + r.generated) // BLOCK_TOKENS) * chunk - r.blocks for r in batch]
     need = sum(growth)
     preempted: list[Request] = []
@@ -123,9 +124,9 @@ class ADBS:
     """MuxServe's adaptive batch scheduling (paper Alg. 3).
 
     Prefills go first, round-robin over LLMs, each at its prefill SM share; decodes fill the SM units
-    left, but none starts while a prefill that has KV room is held back for lack of SM units, so
+    left, but none starts while a prefill that has KV room waits for SM units, so
     units drain towards it. KV quotas start ∝ rate × KV size and move every `quota_period_s` from
-    LLMs with slack to LLMs whose queues are held back by their quota.
+    LLMs with slack to LLMs whose queues their quota blocks.
     """
 
     max_prefill_tokens: int = 2048
@@ -163,7 +164,7 @@ class ADBS:
             return self._decide_mixed(view)
         launches: list[Launch] = []
         free = view.sm_units_free
-        held_back = False
+        waits_for_units = False
         prefill_blocks: dict[str, int] = {}  # a decode of the same LLM draws on the same KV slack
         for llm in least_recently_served(view.llms, "prefill"):
             if llm.prefill_busy or not llm.waiting:
@@ -174,12 +175,12 @@ class ADBS:
                 continue  # waiting for cache, not for compute
             units = llm.placement.prefill_units
             if units > free:
-                held_back = True
+                waits_for_units = True
                 continue
             launches.append(Launch(llm.name, "prefill", ids(batch), units))
             prefill_blocks[llm.name] = sum(blocks_for_tokens(r.context_tokens, llm.chunk_blocks) for r in batch)
             free -= units
-        if held_back:
+        if waits_for_units:
             return launches
         for llm in least_recently_served(view.llms, "decode"):
             units = llm.placement.decode_units
@@ -234,7 +235,7 @@ class _Exclusive:
             return Launch(llm.name, "prefill", ids(batch), SM_UNITS_FULL) if batch else None
         return decode_launch(llm, view, SM_UNITS_FULL)
 
-    def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
+    def order(self, view: UnitView) -> Iterable[tuple[LLMView, str]]:
         raise NotImplementedError
 
 
@@ -244,11 +245,12 @@ class FCFS(_Exclusive):
 
     name: str = "fcfs"
 
-    def order(self, view: UnitView) -> list[tuple[LLMView, str]]:
-        prefills = sorted((x for x in view.llms if x.waiting),
-                          key=lambda x: (x.waiting[0].arrival_s, x.waiting[0].request_id))
-        decodes = sorted((x for x in view.llms if has_idle_running(x)), key=lambda x: age(x.running[0]))
-        return [(x, "prefill") for x in prefills] + [(x, "decode") for x in decodes]
+    def order(self, view: UnitView) -> Iterator[tuple[LLMView, str]]:
+        # A generator: the decodes are only sorted when no prefill could be launched.
+        for x in sorted((x for x in view.llms if x.waiting), key=lambda x: age(x.waiting[0])):
+            yield x, "prefill"
+        for x in sorted((x for x in view.llms if has_idle_running(x)), key=lambda x: age(x.running[0])):
+            yield x, "decode"
 
 
 @dataclass

@@ -193,10 +193,14 @@ class TableCostModel:
         key = self.key(model)
         curve = self._curve(key, tp, int(sm_pct), int(batch), "decode")
         lo, hi = curve.xp[0], curve.xp[-1]
+        counted, noted = self.extrapolated, (key, tp, "seq_len")
 
         def step_time(ctx_len: float) -> float:
             if not lo <= ctx_len <= hi:
-                self._note(key, tp, "seq_len", float(ctx_len))
+                if counted[noted]:  # warned already (and allowed): only count, at every step of a run
+                    counted[noted] += 1
+                else:
+                    self._note(key, tp, "seq_len", float(ctx_len))
             return curve.at(float(ctx_len))
 
         return step_time

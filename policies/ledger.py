@@ -183,9 +183,9 @@ class UnitLedger:
 
     def view(self, now: float) -> UnitView:
         used = self.pool.used
-        llms = tuple(LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x.prefill_busy,
-                             x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since, x.decode_idle_since)
-                     for name, x in self.llms.items())
+        llms = tuple([LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x.prefill_busy,
+                              x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since, x.decode_idle_since)
+                      for name, x in self.llms.items()])
         return UnitView(self.unit.unit_id, now, self.mode, self.unit.sm_units, self.sm_free,
                         self.unit.kv_blocks, self.pool.free, llms)
 
@@ -271,43 +271,48 @@ class UnitLedger:
             raise LedgerError(f"policy {policy} launched {phase} of {llm.name} on a busy process")
         for rid in launch.preempt:
             self._preempt(llm, rid, policy)
-        ids = set(launch.request_ids)
-        admitted = self._take_waiting(llm, ids) if phase != "decode" and llm.waiting else []
+        named = launch.request_ids
+        ids: set[int] | None = None  # the named ids as a set, only when something needs a search
+        admitted: list[Request] = []
+        if phase != "decode" and llm.waiting:
+            ids = set(named)
+            admitted = self._take_waiting(llm, ids)
         decoding: list[Request] = []
-        pool, chunk = self.pool, llm.chunk_blocks
+        pool, chunk, block = self.pool, llm.chunk_blocks, BLOCK_TOKENS
         admitted_context = decoding_context = 0
         min_left = 1 << 62
         for r in admitted:
             r.busy = True
             context = r.prompt_tokens + r.generated
             admitted_context += context
-            blocks = -(-context // BLOCK_TOKENS) * chunk
+            blocks = blocks_for_tokens(context, chunk)
             if blocks != r.blocks:
                 pool.resize(r, blocks)
             left = r.output_tokens - r.generated
             if left < min_left:
                 min_left = left
-        if phase != "prefill" and len(admitted) < len(ids):
+        if phase != "prefill" and len(admitted) < len(named):
             # No running request is busy here: only a decode or mixed job takes running requests,
             # and this LLM's decode process was just checked idle. Policies name the decoding
             # requests in running order, usually from its start: then they are a slice, not a search.
-            named = launch.request_ids[len(admitted):]
-            if tuple(llm.running_ids[: len(named)]) == named:
-                decoding = llm.running[: len(named)]
+            rest = named[len(admitted):]
+            if tuple(llm.running_ids[: len(rest)]) == rest:
+                decoding = llm.running[: len(rest)]
             else:
+                ids = ids or set(named)
                 decoding = [r for r in llm.running if r.request_id in ids]
             # The simulator's hottest loop: at every decode step, over the whole batch.
             for r in decoding:
                 r.busy = True
-                context = r.prompt_tokens + r.generated
+                generated = r.generated
+                context = r.prompt_tokens + generated
                 decoding_context += context
                 # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
-                blocks = -(-context // BLOCK_TOKENS) * chunk
+                blocks = -(-context // block) * chunk
                 if blocks != r.blocks:  # most decode steps cross no block boundary
                     pool.resize(r, blocks)
-                left = r.output_tokens - r.generated
-                if left < min_left:
-                    min_left = left
+                if r.output_tokens - generated < min_left:
+                    min_left = r.output_tokens - generated
         requests = admitted + decoding if admitted else decoding
         batch = Batch(llm, phase, requests, len(admitted), launch.sm_units, admitted_context,
                       decoding_context, min_left)
@@ -318,9 +323,9 @@ class UnitLedger:
             llm.prefill_busy = True
         if phase == "decode" or self.mode == "mixed":
             llm.decode_busy = True
-        if len(requests) != len(ids):
-            raise LedgerError(f"policy {policy} launched unknown or busy request(s) for {llm.name}: "
-                              f"{sorted(ids - {r.request_id for r in requests})[:5]}")
+        if len(requests) != len(named) or (ids is not None and len(ids) != len(named)):
+            raise LedgerError(f"policy {policy} launched unknown, busy or repeated request(s) for {llm.name}: "
+                              f"{sorted(set(named) - {r.request_id for r in requests})[:5] or list(named)[:5]}")
         used = pool.used[llm.name]
         if used > llm.kv_quota or pool.free < 0:
             raise LedgerError(f"policy {policy} over-committed KV blocks on unit {unit_id}: {llm.name} holds "
@@ -365,9 +370,10 @@ class UnitLedger:
         anything else on the unit looks."""
         if steps <= 1:
             return
-        pool, chunk, last = self.pool, batch.llm.chunk_blocks, steps - 1
+        pool, chunk, block, last = self.pool, batch.llm.chunk_blocks, BLOCK_TOKENS, steps - 1
         for r in batch.requests:
-            blocks = -(-(r.prompt_tokens + r.generated + last) // BLOCK_TOKENS) * chunk  # blocks_for_tokens
+            # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
+            blocks = -(-(r.prompt_tokens + r.generated + last) // block) * chunk
             if blocks != r.blocks:
                 pool.resize(r, blocks)
 
@@ -378,12 +384,11 @@ class UnitLedger:
         if not finished:
             return
         llm = batch.llm
-        gone = {id(r) for _, r in finished}
-        batch.requests = [r for r in batch.requests if id(r) not in gone]
-        llm.running[:] = [r for r in llm.running if id(r) not in gone]
-        llm.running_ids[:] = [r.request_id for r in llm.running]
+        requests = batch.requests
         llm.running_busy -= len(finished)
-        for finish_s, r in finished:
+        for finish_s, r in finished:  # a few at a time: cheaper than rebuilding the lists
+            del requests[requests.index(r)]
+            self._leave_running(llm, r)
             r.generated, r.busy = r.output_tokens, False
             self.finish(r, finish_s)
 
@@ -455,6 +460,12 @@ class UnitLedger:
         self.batches.clear()
 
 
+def grows_within(requests: int, steps: int, slack_chunks: int) -> bool:
+    """Would `steps` decode steps of `requests` requests fit `slack_chunks` new chunks even if every
+    request grew at every chance (once per BLOCK_TOKENS steps, step 0's blocks held already)?"""
+    return slack_chunks >= requests * -(-(steps - 1) // BLOCK_TOKENS)
+
+
 def steps_within_kv(contexts: Sequence[int], left: Sequence[int], max_steps: int, slack_chunks: int) -> int:
     """How many of `max_steps` decode steps fit when the batch may grow by `slack_chunks` chunks.
 
@@ -464,8 +475,8 @@ def steps_within_kv(contexts: Sequence[int], left: Sequence[int], max_steps: int
     a row grow each of them once. Blocks of requests that finished are not counted back: a run that
     stops early is relaunched as it is, so this stays exact. Both executors' decode runs use it.
     """
-    if slack_chunks >= len(contexts) * -(-(max_steps - 1) // BLOCK_TOKENS):
-        return max_steps  # even if every request grew at every chance: the common case, in O(1)
+    if grows_within(len(contexts), max_steps, slack_chunks):
+        return max_steps  # the common case, in O(1)
     residues = [(1 - c) % BLOCK_TOKENS or BLOCK_TOKENS for c in contexts]
     per_residue = [0] * (BLOCK_TOKENS + 1)
     for q in residues:

@@ -26,13 +26,13 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from policies.cost import CostModel
-from policies.ledger import Batch, steps_within_kv
+from policies.ledger import Batch, grows_within, steps_within_kv
 from policies.view import Request
 
 # Up to this many steps a run is timed with scalar lookups; numpy's per-call costs dominate below it.
@@ -67,63 +67,78 @@ class Job:
         the first boundary at or after `horizon` (−inf: a single step), and until the first request
         finishes. With `through_finishes`, until the last one does instead: the batch shrinks at each
         finish, as the decode relaunched after it would (the caller knows nothing else could start).
+
+        The per-request lists are only built when the run goes past its first finish or its KV
+        growth has to be counted: most runs end at the next event before either.
         """
         batch = self.batch
-        requests = batch.requests
-        n = len(requests)
+        llm = batch.llm
+        n, total = len(batch.requests), batch.decoding_context
+        step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, n)
         # Integer sums, then one division: the same mean context step-by-step execution computes.
-        self._one_step(cost, now, batch.decoding_context / n)
+        d = step_time(total / n) * self.factor + self.first_extra_s
+        self._check(d, cost)
+        self.steps, self.end = 1, now + d
         if self.end >= horizon:
             return  # the first step already reaches the next event: the common case under load
-        if not through_finishes and batch.min_left == 1:
+        min_left = batch.min_left
+        if min_left == 1 and not through_finishes:
             return
-        left = [r.output_tokens - r.generated for r in requests]
-        max_steps = max(left) if through_finishes else batch.min_left
-        if max_steps == 1:
-            return
-        contexts = [r.prompt_tokens + r.generated for r in requests]
-        llm = batch.llm
-        spec, tp, sm_pct = llm.spec, llm.placement.tp, self.sm_pct
         boundaries = [self.end]  # step 0, timed above
-        t = self.end
-        for alive, alive_ctx, stop in _segments(contexts, left, max_steps):
-            if t >= horizon:
-                break
-            start = len(boundaries)  # the first step not timed yet
-            # Boundaries are sequential sums from `now`, as SimPy adds one step at a time.
-            step_time = cost.decode_curve(spec, tp, sm_pct, alive)
-            if stop - start <= SHORT_RUN:
-                for s in range(start, stop):
-                    t += step_time((alive_ctx + alive * s) / alive) * self.factor
-                    boundaries.append(t)
-                    if t >= horizon:
-                        break
-                continue
-            # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
-            # with context. Any cap is exact: a run that ends early is relaunched as it is.
-            cap = stop
-            step = step_time((alive_ctx + alive * start) / alive) * self.factor
-            if horizon < math.inf and step > 0:
-                cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
-            means = (alive_ctx + alive * np.arange(start, cap, dtype=np.int64)) / alive
-            durations = cost.decode_times(spec, tp, sm_pct, alive, means) * self.factor
-            boundaries += np.add.accumulate(np.concatenate(([t], durations)))[1:].tolist()
-            t = boundaries[-1]
-            if cap < stop:
-                break
+        # Steps 1..min_left-1: the whole batch, until its first finish.
+        t = self._time_steps(cost, step_time, n, total, min_left, boundaries, horizon)
+        contexts: list[int] = []
+        left: list[int] = []
+        if len(boundaries) == min_left and t < horizon and through_finishes:  # on past the first finish
+            contexts = [r.prompt_tokens + r.generated for r in batch.requests]
+            left = [r.output_tokens - r.generated for r in batch.requests]
+            for alive, alive_ctx, stop in _segments(contexts, left, max(left)):
+                if stop <= min_left:
+                    continue  # the first stretch, timed above
+                step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, alive)
+                t = self._time_steps(cost, step_time, alive, alive_ctx, stop, boundaries, horizon)
+                if len(boundaries) < stop or t >= horizon:
+                    break  # stopped at `horizon`, or where the arrays were capped
         self._check(t, cost)  # an unmeasured cell makes its step, and so every later boundary, infinite
         self.boundaries = boundaries
         steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
-        steps = steps_within_kv(contexts, left, steps, slack // llm.chunk_blocks) if steps > 1 else 1
+        chunks = slack // llm.chunk_blocks
+        if steps > 1 and not grows_within(n, steps, chunks):
+            if not left:
+                contexts = [r.prompt_tokens + r.generated for r in batch.requests]
+                left = [r.output_tokens - r.generated for r in batch.requests]
+            steps = steps_within_kv(contexts, left, steps, chunks)
         self._left = left
         self._set_steps(steps)
 
-    def _one_step(self, cost: CostModel, now: float, mean_ctx: float) -> None:
+    def _time_steps(self, cost: CostModel, step_time: Callable[[float], float], alive: int, alive_ctx: int,
+                    stop: int, boundaries: list[float], horizon: float) -> float:
+        """Time steps len(boundaries)..stop-1 of `alive` requests whose contexts summed `alive_ctx` at
+        step 0, appending each end to `boundaries`, up to the first at or after `horizon` (or fewer,
+        where a long stretch's arrays are capped); returns the last end.
+
+        Boundaries are sequential sums from the run's start, as SimPy adds one step at a time.
+        """
+        start, t = len(boundaries), boundaries[-1]
+        cap = stop
+        if stop - start > SHORT_RUN and horizon < math.inf:
+            # Keep the arrays to the steps that fit before `horizon` while step latency does not fall
+            # with context. Any cap is exact: a run that ends early is relaunched as it is.
+            step = step_time((alive_ctx + alive * start) / alive) * self.factor
+            if step > 0:
+                cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
+        if cap - start <= SHORT_RUN:  # few steps to the horizon: numpy's per-call costs would dominate
+            for s in range(start, stop):
+                t += step_time((alive_ctx + alive * s) / alive) * self.factor
+                boundaries.append(t)
+                if t >= horizon:
+                    break
+            return t
         llm = self.batch.llm
-        d = cost.decode_time(llm.spec, llm.placement.tp, self.sm_pct, len(self.batch.requests), mean_ctx) * self.factor
-        d += self.first_extra_s
-        self._check(d, cost)
-        self.steps, self.end = 1, now + d
+        means = (alive_ctx + alive * np.arange(start, cap, dtype=np.int64)) / alive
+        durations = cost.decode_times(llm.spec, llm.placement.tp, self.sm_pct, alive, means) * self.factor
+        boundaries += np.add.accumulate(np.concatenate(([t], durations)))[1:].tolist()
+        return boundaries[-1]
 
     def _check(self, duration: float, cost: CostModel) -> None:
         if not math.isfinite(duration):
@@ -147,8 +162,8 @@ class Job:
     def early_finishers(self) -> list[tuple[float, Request]]:
         """The requests that finish before the run's last step, with their finish times, earliest
         first (batch order within a step, as step by step). Call once, after the last `truncate`."""
-        if self.steps is None or self.steps == 1 or min(self._left) >= self.steps:
-            return []
+        if self.steps is None or self.steps <= self.batch.min_left:
+            return []  # nobody finishes before the last step
         early = [(left, r) for left, r in zip(self._left, self.batch.requests, strict=True) if left < self.steps]
         early.sort(key=lambda x: x[0])
         return [(self.boundaries[left - 1], r) for left, r in early]

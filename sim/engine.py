@@ -4,7 +4,8 @@ Shape of the model (MuxServe §4):
 - Each unit has `sm_units` compute units (10 × 10% SM plus an overload allowance) and one KV pool
   shared by its LLMs. Each LLM has a prefill process and a decode process ("split" mode), or one
   engine process ("mixed" mode, a stock vLLM step serving prefills and decodes together).
-- A job holds its SM units and its requests' KV blocks for its duration, taken from the CostModel.
+- A job takes its SM units for its duration, taken from the CostModel; its requests hold their KV
+  blocks.
 - The policy is asked what to launch after every change on a unit (an arrival, a job ending, a
   quota tick), once all changes at that instant have been applied.
 
@@ -155,6 +156,7 @@ class Simulator:
         df = self.workload.df
         columns = [df[c].to_numpy() for c in ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens")]
         every = max(1, len(df) // 200)
+        times = columns[2]
         for i, (rid, name, t, prompt, output) in enumerate(zip(*columns, strict=True)):
             if t > self.env.now:
                 yield timeout_at(self.env, float(t))
@@ -164,7 +166,8 @@ class Simulator:
             r = Request(int(rid), str(name), float(t), int(prompt), int(output))
             queued = ledger.arrive(r, ledger.llms[r.llm].spec.max_context)
             if queued and not (self.policy.exclusive and unit.jobs):  # an exclusive policy waits for the job's end
-                self._request_decision(unit)
+                last = i + 1 == len(times) or times[i + 1] > t  # the last arrival of this instant
+                self._decide_now_or_later(unit, last)
             if self.progress and i % every == 0:
                 self.progress(self.env.now)
 
@@ -183,6 +186,14 @@ class Simulator:
         return unit.ledger.set_quotas(self.policy.quotas(unit.ledger.view(self.env.now)), self.policy.name)
 
     # ---- decisions ----------------------------------------------------------------------------
+    def _decide_now_or_later(self, unit: SimUnit, last: bool = True) -> None:
+        """Decide at once if nothing else happens at this instant (`last`: the caller has nothing
+        more to apply either), else after everything that does: the same decision either way."""
+        if last and not unit.decide_pending and self.env.peek() > self.env.now:
+            self._decide(unit)
+        else:
+            self._request_decision(unit)
+
     def _request_decision(self, unit: SimUnit) -> None:
         if unit.decide_pending:
             return
@@ -202,11 +213,16 @@ class Simulator:
             jobs = self._take_turns(unit, jobs)
         if self.interference is not None:
             self._interfere(unit, jobs)
-        runs = [job for job in jobs if job.steps is not None]
-        unit.jobs.update((job.job_id, job) for job in jobs if job.steps is None)
+        runs = []
+        for job in jobs:
+            if job.steps is None:
+                unit.jobs[job.job_id] = job
+            else:
+                runs.append(job)
         if runs:
             self._plan_runs(unit, runs)
-            unit.jobs.update((job.job_id, job) for job in runs)
+            for job in runs:
+                unit.jobs[job.job_id] = job
         for job in jobs:
             self._run(unit, job)
 
@@ -341,9 +357,10 @@ class Simulator:
         # A finish frees blocks and batch room, which only a waiting request could use. (Under
         # core_slices runs also decide when another unit's launch gets its cores: keep them short.)
         through_finishes = self.core_slices is None and not ledger.has_waiting()
-        slacks = [ledger.slack(job.batch.llm) for job in runs]
+        now = self.env.now
+        slacks = [ledger.slack(job.batch.llm) for job in runs]  # all before any run holds more
         for job, slack in zip(runs, slacks, strict=True):
-            job.plan(self.cost, self.env.now, slack, horizon, through_finishes)
+            job.plan(self.cost, now, slack, horizon, through_finishes)
         if len(runs) > 1:
             first_end = min(job.end for job in runs)
             for job in runs:
@@ -383,7 +400,7 @@ class Simulator:
         if job.steps is not None:
             self.stats["decode_steps"] += steps
         unit.ledger.end(job.batch, steps, job.end, job.end)
-        self._request_decision(unit)
+        self._decide_now_or_later(unit)
 
     def _fail_leftovers(self) -> None:
         """Whatever is still in the system when the simulation stops is reported, never dropped."""
@@ -401,9 +418,10 @@ class Simulator:
 
 def timeout_at(env: simpy.Environment, t: float) -> simpy.Timeout:
     """A timeout that fires at exactly time `t`, whatever rounding `now + (t - now)` would do."""
-    delay = t - env.now
-    while env.now + delay < t:
+    now = env.now
+    delay = t - now
+    while now + delay < t:
         delay = math.nextafter(delay, math.inf)
-    while delay > 0 and env.now + delay > t:
+    while delay > 0 and now + delay > t:
         delay = math.nextafter(delay, -math.inf)
-    return env.timeout(max(delay, 0.0))
+    return env.timeout(delay if delay > 0.0 else 0.0)

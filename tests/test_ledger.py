@@ -109,7 +109,7 @@ def test_over_commits_raise_and_leave_every_request_recordable():
         ledger.apply(Launch("a", "prefill", (0, 1), 8), "test")
     with pytest.raises(LedgerError, match="over-committed SM units"):
         ledger.apply(Launch("a", "decode", (), 99), "test")
-    with pytest.raises(LedgerError, match="unknown or busy"):
+    with pytest.raises(LedgerError, match="unknown, busy or repeated"):
         ledger_of().apply(Launch("a", "prefill", (7,), 8), "test")
     ledger.fail_leftovers("stopped")
     assert sorted(ledger.writer.close().request_id) == [0, 1]
