@@ -8,12 +8,15 @@
 The profiler (`hwloop.profiler`) times steps of one engine back to back. The runner does more:
 - **turns**: engines whose core sets overlap take turns, so a step often follows another engine's
   step on the same cores, whose weights and activations then fill the caches (and whose OpenMP
-  threads just left the cores). Measured as the median step of an engine taking turns step by step
-  with a second engine of the same model on the same cores, minus its median step alone.
+  threads just left the cores). Measured with a second engine of the same model on the same cores:
+  a step following the other engine's against a step following its own, in adjacent pairs.
 - **idle**: an engine that sat idle (no other engine on its cores meanwhile) starts colder than
   back to back: its OpenMP threads went to sleep after spinning, and other processes touched the
-  caches. Measured as the median step after sleeping `gap` seconds, minus the back-to-back median,
-  at a few gaps.
+  caches. Measured as a step after sleeping `gap` seconds against the step just before the sleep,
+  in pairs, at a few gaps.
+
+Each extra is the median of paired differences (with their interquartile range): other processes'
+load drifts over seconds, and a pair a few milliseconds apart sees nearly the same load.
 - **dispatch**: the round trip a launch costs beside its step: from the runner sending a step
   command to the engine starting the step (the pipe, unpickling, waking the worker), plus from the
   step's end to the runner holding the reply; and for a launch that admits a request, vLLM adding
@@ -107,26 +110,41 @@ def _ms(values: Sequence[float]) -> float:
     return 1e3 * float(np.median(values))
 
 
+def _step_s(pair: Pair, i: int) -> float:
+    done, *_ = pair.step(i)
+    return done.t_end - done.t_start
+
+
 def measure_turns(pair: Pair, steps: int) -> dict[str, float]:
-    """Median decode step alone (worker 0, then worker 1, back to back) and taking turns, and the extra."""
-    alone = [d.t_end - d.t_start for d, *_ in (pair.step(0) for _ in range(steps))]
-    turns = [d.t_end - d.t_start for d, *_ in (pair.step(k % 2) for k in range(2 * steps))]
-    alone += [d.t_end - d.t_start for d, *_ in (pair.step(1) for _ in range(steps))]
-    return {"alone_ms": _ms(alone), "in_turns_ms": _ms(turns), "extra_ms": _ms(turns) - _ms(alone), "steps": steps}
+    """Paired samples, so that load from other processes, which drifts, hits both alike: worker 0
+    steps twice (the second step follows its own: alone), then worker 1 once and worker 0 once (that
+    step follows worker 1's: in turns). The extra is the median of the pairs' differences."""
+    alone, turns = [], []
+    for _ in range(steps):
+        _step_s(pair, 0)
+        alone.append(_step_s(pair, 0))
+        _step_s(pair, 1)
+        turns.append(_step_s(pair, 0))
+    diff = np.subtract(turns, alone)
+    return {"alone_ms": _ms(alone), "in_turns_ms": _ms(turns), "extra_ms": _ms(diff),
+            "extra_iqr_ms": 1e3 * float(np.subtract(*np.percentile(diff, [75, 25]))), "steps": steps}
 
 
 def measure_idle(pair: Pair, steps: int, gaps_s: Sequence[float] = IDLE_GAPS_S) -> dict[str, Any]:
-    """Median decode step back to back, and after sleeping each gap; extra per gap."""
-    back_to_back = [d.t_end - d.t_start for d, *_ in (pair.step(0) for _ in range(steps))]
+    """Paired samples per gap: a step right after the engine's previous one (back to back), then a
+    step after sleeping `gap`; the extra is the median of the pairs' differences."""
     rows = []
     for gap in gaps_s:
-        after = []
+        back_to_back, after = [], []
         for _ in range(steps):
+            _step_s(pair, 0)
+            back_to_back.append(_step_s(pair, 0))
             time.sleep(gap)
-            done, *_ = pair.step(0)
-            after.append(done.t_end - done.t_start)
-        rows.append({"gap_s": gap, "after_ms": _ms(after), "extra_ms": _ms(after) - _ms(back_to_back)})
-    return {"back_to_back_ms": _ms(back_to_back), "gaps": rows, "steps": steps}
+            after.append(_step_s(pair, 0))
+        diff = np.subtract(after, back_to_back)
+        rows.append({"gap_s": gap, "back_to_back_ms": _ms(back_to_back), "after_ms": _ms(after),
+                     "extra_ms": _ms(diff), "extra_iqr_ms": 1e3 * float(np.subtract(*np.percentile(diff, [75, 25])))})
+    return {"gaps": rows, "steps": steps}
 
 
 def measure_dispatch(pair: Pair, steps: int) -> dict[str, float]:
@@ -153,7 +171,7 @@ def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[s
         pair.step(0), pair.step(1)  # both batches admitted and warm
         for term in which:
             how = {"turns": measure_turns, "idle": measure_idle, "dispatch": measure_dispatch}[term]
-            out[term] = how(pair, steps // 2 if term == "idle" else steps)  # idle sleeps: fewer samples
+            out[term] = how(pair, steps // 2 if term == "idle" else steps)  # idle sleeps: fewer pairs
     out["loadavg_after"] = os.getloadavg()[0]
     return out
 
