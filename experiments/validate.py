@@ -19,8 +19,8 @@ whole core (placement options `decode_shares` / `prefill_tiers` start there).
 2. Find the load the simulator says each system saturates at (`saturation`): the throughput it
    reaches as the configured rates are doubled together until that adds (almost) nothing. The
    simulator is charged the runner's terms, measured beside the profile (`hwloop.terms`).
-3. Sweep the offered load over `load.levels` levels from `load.lowest` to `load.highest` times the
-   highest of those saturation points. At each level, for each system:
+3. Sweep each system's offered load over `load.levels` levels from `load.lowest` to `load.highest`
+   times its own saturation point. At each level, for each system:
    a. place it (`policies.placement_algos`) with the profile read at the whole cores a share gets
       (`hwloop.mirror.CoreShareCost`);
    b. simulate it in the same mode, told which cores each worker will be pinned to, so that launches
@@ -30,7 +30,7 @@ whole core (placement options `decode_shares` / `prefill_tiers` start there).
    throughput, TTFT/TPOT/latency P50 and P99 and SLO attainment, each with its error (hardware mean
    against the simulator, relative, or in points for SLO attainment), the spread of the hardware
    repeats (the noise the error is judged against), the issue's targets, and whether the
-   simulator ranks the systems as the hardware does at each level.
+   simulator ranks the systems by throughput as the hardware does at each level.
 5. Write summary.csv/.json (one row per level × system × metric), validation.md (a table per
    level), every record set, the placements and validate_load.png (each metric against the offered
    rate, simulator and hardware overlaid) into Hydra's run folder; with `report.readme`, replace the
@@ -103,7 +103,7 @@ METRICS = (("throughput_rps", "throughput", "req/s", "throughput"), ("tokens_per
            ("ttft_p50_s", "TTFT P50", "s", "p50"), ("ttft_p99_s", "TTFT P99", "s", "p99"),
            ("tpot_p50_s", "TPOT P50", "s/tok", "p50"), ("tpot_p99_s", "TPOT P99", "s/tok", "p99"),
            ("latency_p50_s", "latency P50", "s", None), ("latency_p99_s", "latency P99", "s", None))
-RANK_BY = "latency_p50_s"  # systems are ranked by P50 latency at each level (lower is better)
+RANK_BY = "throughput_rps"  # systems are ranked by throughput at each level (higher is better)
 README_BEGIN, README_END = "<!-- validate:begin -->", "<!-- validate:end -->"
 
 
@@ -111,7 +111,7 @@ README_BEGIN, README_END = "<!-- validate:begin -->", "<!-- validate:end -->"
 
 @dataclass(frozen=True)
 class LoadSweep:
-    """The offered loads: `levels` rates from `lowest` to `highest` times the predicted saturation."""
+    """The offered loads: `levels` rates from `lowest` to `highest` times a system's predicted saturation."""
 
     levels: int = 4
     lowest: float = 0.25
@@ -569,12 +569,14 @@ def summarise(comparisons: list[Comparison], s: Setup, table: TableCostModel) ->
 
 
 def rankings(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per level: the systems ordered by `RANK_BY` in each executor, and whether the orders agree."""
+    """Per level: the systems ordered by `RANK_BY` (highest first) in each executor, and whether the
+    orders agree. Each system is at the same fraction of its own saturation point, so below it
+    the order is that of the saturation points, and from it up that of the throughputs reached."""
     out = []
-    for (level, offered), g in rows[rows["metric"] == RANK_BY].groupby(["level", "offered_rps"], sort=True):
-        order = {ex: tuple(g.sort_values(ex)["system"]) for ex in EXECUTORS}
-        out.append({"level": level, "offered_rps": offered, "sim": " < ".join(order["sim"]),
-                    "hw": " < ".join(order["hw"]), "same": order["sim"] == order["hw"]})
+    for level, g in rows[rows["metric"] == RANK_BY].groupby("level", sort=True):
+        order = {ex: tuple(g.sort_values(ex, ascending=False)["system"]) for ex in EXECUTORS}
+        out.append({"level": level, "sim": " > ".join(order["sim"]), "hw": " > ".join(order["hw"]),
+                    "same": order["sim"] == order["hw"]})
     return pd.DataFrame(out)
 
 
@@ -638,15 +640,16 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
         lines += ["No runner terms charged (profile.terms=[]).", ""]
     keys = [k for k, *_ in metric_keys(s) if k not in ("tokens_per_s", "latency_p99_s")]
     labels = {k: label for k, label, *_ in metric_keys(s)}
-    for (level, offered), g in rows.groupby(["level", "offered_rps"], sort=True):
-        n = len(next(c for c in comparisons if c.level == level).workload.df)
-        lines += [f"**Level {level + 1}: {offered:.2f} req/s offered** ({n} requests)", "",
-                  "| system | " + " | ".join(labels[k] for k in keys) + " |",
-                  "|---|" + "---|" * len(keys)]
+    fractions = s.sweep.fractions()
+    for level, g in rows.groupby("level", sort=True):
+        lines += [f"**Level {level + 1}: {fractions[level]:.2f}× each system's saturation point**", "",
+                  "| system | offered req/s (requests) | " + " | ".join(labels[k] for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
         for system, h in g.groupby("system", sort=False):
             by = h.set_index("metric")
+            n = len(next(c for c in comparisons if c.level == level and c.system == system).workload.df)
             cells = [f"{_fmt(by.loc[k, 'sim'], by.loc[k, 'unit'])}: {_err(by.loc[k])}{_mark(by.loc[k])}" for k in keys]
-            lines.append(f"| {system} | " + " | ".join(cells) + " |")
+            lines.append(f"| {system} | {by['offered_rps'].iloc[0]:.2f} ({n}) | " + " | ".join(cells) + " |")
         lines.append("")
     rank = rankings(rows)
     if len(s.systems) > 1:
@@ -800,8 +803,8 @@ class Validation:
 
 
 def validate(cfg: DictConfig, out: Path) -> Validation:
-    """Profile, find the saturation points, then place, simulate, run and compare every system at
-    every load level; writes everything into `out`."""
+    """Profile, find each system's saturation point, then place, simulate, run and compare it at
+    every load level relative to that point; writes everything into `out`."""
     s = build_setup(cfg)
     readme = absolute(cfg.report.readme) if cfg.report.get("readme") else None
     if readme is not None and not readme.exists():
@@ -812,12 +815,12 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
     start = recheck(s, paths, out / "recheck") if s.recheck else None
     sat = {system: saturation(system, s, table, terms) for system in s.systems}
     log.info("saturation predicted by the simulator (req/s): %s", sat)
-    top = max(sat.values())
     comparisons = []
     for level, fraction in enumerate(s.sweep.fractions()):
-        workload = s.workload_at(top * fraction / s.base_rate)
-        workload.write(out / f"workload_L{level}.parquet")
-        comparisons += [compare(system, level, workload, s, table, terms, out) for system in s.systems]
+        for system in s.systems:
+            workload = s.workload_at(sat[system] * fraction / s.base_rate)
+            workload.write(out / f"workload_{system}_L{level}.parquet")
+            comparisons.append(compare(system, level, workload, s, table, terms, out))
     drift = profile_drift(start, recheck(s, paths, out / "recheck"), s.targets["p50"]) if start is not None else None
     rows = summarise(comparisons, s, table)
     plot = load_plot(rows, s, out / "validate_load.png") if cfg.report.plot else None
