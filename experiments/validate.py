@@ -195,7 +195,8 @@ def build_setup(cfg: DictConfig) -> Setup:
                           f"cores, {len(cores)} given (drop spatial or add cores)")
     p = cfg.profile
     grid = Grid(batches=tuple(p.batches), seq_lens=tuple(p.seq_lens), sm_pcts=profile_shares(len(cores)),
-                warmup=int(p.warmup), repeats=int(p.repeats))
+                warmup=int(p.warmup), repeats=int(p.repeats),
+                max_prefill_tokens=int(p.max_prefill_tokens) if p.get("max_prefill_tokens") else None)
     for spec in specs:
         if max(grid.seq_lens) + grid.warmup + grid.repeats + 2 > spec.max_context:
             raise ConfigError(f"profile.seq_lens: {max(grid.seq_lens)} plus {grid.warmup + grid.repeats + 2} "

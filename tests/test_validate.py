@@ -30,7 +30,7 @@ def config(tmp_path: Path, core: int):
         cfg = compose(config_name="validate", overrides=[
             f"cores=[{core}]", "systems=[muxserve]", "workload.rates=[2.0,1.0]", "workload.duration_s=8",
             "workload.prompt_mean=96", "workload.output_mean=24", f"profile.dir={tmp_path / 'profiles'}",
-            "profile.batches=[1,4,16]", "profile.seq_lens=[8,64,192]", "profile.warmup=2", "profile.repeats=8",
+            "profile.batches=[1,4,16,64]", "profile.seq_lens=[8,64,192]", "profile.warmup=2", "profile.repeats=8",
             "load.levels=2", "load.lowest=0.3", "load.highest=1.3", "load.repeats=1",
             "report.progress=false", "report.slo_scales=[2,5]"])
     cfg.models = OmegaConf.create([TINY])
