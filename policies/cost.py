@@ -556,14 +556,18 @@ class RunnerTerms:
 
     @classmethod
     def from_measured(cls, measured: list[dict], label: str) -> RunnerTerms:
-        """From `hwloop.terms.measure` results (one per model and core count; figures in ms)."""
+        """From `hwloop.terms.measure` results (one per model and core count; figures in ms). Each is
+        a cost, so a median difference below zero (noise: nothing measurable) is charged as zero; the
+        stored figures keep the measured value."""
         turn, idle, dispatch, admit = {}, {}, {}, {}
         for m in measured:
             key = (str(m["model"]), int(m["cores"]))
             if "turns" in m:
-                turn[key] = m["turns"]["extra_ms"] / 1e3
+                turn[key] = max(0.0, m["turns"]["extra_ms"] / 1e3)
             if "idle" in m:
-                idle[key] = tuple((float(g["gap_s"]), g["extra_ms"] / 1e3) for g in sorted(m["idle"]["gaps"], key=lambda g: g["gap_s"]))
+                idle[key] = tuple((float(g["gap_s"]), max(0.0, g["extra_ms"] / 1e3))
+                                  for g in sorted(m["idle"]["gaps"], key=lambda g: g["gap_s"]))
             if "dispatch" in m:
-                dispatch[key], admit[key] = m["dispatch"]["decode_ms"] / 1e3, m["dispatch"]["admit_ms"] / 1e3
+                dispatch[key] = max(0.0, m["dispatch"]["decode_ms"] / 1e3)
+                admit[key] = max(0.0, m["dispatch"]["admit_ms"] / 1e3)
         return cls(turn, idle, dispatch, admit, label)

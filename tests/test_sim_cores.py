@@ -105,3 +105,5 @@ def test_runner_terms_read_from_measurements_take_the_largest_idle_gap_not_above
     assert extra(after_other=False, idle_for=0.1, admitting=True) == pytest.approx(0.0018)
     assert extra(after_other=False, idle_for=float("inf"), admitting=False) == pytest.approx(0.0033)
     assert terms.first_step_extra("m", 2, after_other=True, idle_for=1.0, admitting=True) == 0.0  # not measured
+    measured[0]["turns"]["extra_ms"] = -1.0  # a cost measured below zero is noise: charged as none
+    assert RunnerTerms.from_measured(measured, "test").turn_s[("m", 1)] == 0.0
