@@ -146,12 +146,19 @@ def check_fits(nbytes: int, device: str, what: str = "KV pool") -> None:
         free, _total = torch.cuda.mem_get_info()
         where = "GPU memory free"
     else:
-        import psutil
-
-        free = psutil.virtual_memory().available
+        free = host_available_bytes()
         where = "host memory available"
     if nbytes > free:
         raise PoolError(f"{what} of {nbytes / GiB:.2f} GiB does not fit: {free / GiB:.2f} GiB {where}")
+
+
+def host_available_bytes() -> int:
+    """MemAvailable from /proc/meminfo: what the kernel can give without swapping (Linux, as memfd is)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise PoolError("/proc/meminfo has no MemAvailable line: cannot check the pool fits in memory")
 
 
 class KVPool:

@@ -52,11 +52,11 @@ import numpy as np
 
 from hwloop.engine import synthetic_prompt
 from hwloop.kv_pool import BlockIdPool, KVPool, PoolError, check_fits
+from hwloop.mirror import gpu_core_table
 from hwloop.partition import (
     MPSDaemon,
     PartitionError,
     Slice,
-    available_cores,
     overlapping,
     split_cpu_slices,
     split_cuda_slices,
@@ -187,19 +187,9 @@ class SplitRunner:
         except (PoolError, PartitionError) as e:
             raise RunnerError(str(e)) from None
 
-    def _gpu_cores(self) -> dict[int, tuple[int, ...]]:
-        if self.config.gpu_cores is not None:
-            return self.config.gpu_cores
-        gpus = sorted({g for u in self.placement.units for g in u.gpus})
-        cores = available_cores()
-        if len(cores) < len(gpus):
-            raise RunnerError(f"placement uses {len(gpus)} GPU indices but only {len(cores)} CPU cores "
-                              f"are available to stand in for them")
-        per = len(cores) // len(gpus)
-        return {g: cores[i * per:(i + 1) * per] for i, g in enumerate(gpus)}
-
     def _unit_cores(self, unit: Unit) -> list[int]:
-        table = self._gpu_cores()
+        """The unit's cores: `gpu_cores` of its GPU indices, or this process's cores split evenly."""
+        table = self.config.gpu_cores or gpu_core_table(sorted({g for u in self.placement.units for g in u.gpus}))
         return [c for g in unit.gpus for c in table[g]]
 
     def _work_dir(self) -> Path:
