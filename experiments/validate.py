@@ -274,7 +274,7 @@ def batching_opts(s: Setup, batcher: str) -> dict[str, Any]:
 
 def profile_path(spec: ModelSpec, s: Setup) -> Path:
     """Cache file of one model's profile: a hash of what the timings depend on."""
-    ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores),
+    ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores), "latency": "median",
              "cpu": host_info()["cpu_model"], "versions": engine_versions()}
     if s.backend != "vllm":
         ident["engine"] = s.backend
