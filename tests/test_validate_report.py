@@ -25,13 +25,13 @@ def test_profile_drift_is_flagged_when_a_cell_moves_more_than_the_limit():
 
 def test_rankings_compare_the_order_of_systems_per_level():
     rows = pd.DataFrame([
-        {"level": 0, "offered_rps": 1.0, "system": "a", "metric": "latency_p50_s", "sim": 1.0, "hw": 1.1},
-        {"level": 0, "offered_rps": 1.0, "system": "b", "metric": "latency_p50_s", "sim": 2.0, "hw": 2.2},
-        {"level": 1, "offered_rps": 2.0, "system": "a", "metric": "latency_p50_s", "sim": 1.0, "hw": 3.0},
-        {"level": 1, "offered_rps": 2.0, "system": "b", "metric": "latency_p50_s", "sim": 2.0, "hw": 2.5}])
+        {"level": 0, "offered_rps": 1.0, "system": "a", "metric": "throughput_rps", "sim": 2.0, "hw": 2.2},
+        {"level": 0, "offered_rps": 1.0, "system": "b", "metric": "throughput_rps", "sim": 1.0, "hw": 1.1},
+        {"level": 1, "offered_rps": 2.0, "system": "a", "metric": "throughput_rps", "sim": 2.0, "hw": 1.0},
+        {"level": 1, "offered_rps": 2.0, "system": "b", "metric": "throughput_rps", "sim": 1.0, "hw": 1.5}])
     r = rankings(rows)
     assert r["same"].tolist() == [True, False]
-    assert r["hw"].tolist() == ["a < b", "b < a"]
+    assert r["hw"].tolist() == ["a > b", "b > a"]
 
 
 def test_readme_block_is_replaced_and_a_readme_without_markers_refused(tmp_path: Path):
