@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 
 from policies.batching import make_batching
-from policies.cost import CostModel, InterferenceModel
+from policies.cost import CostModel, InterferenceModel, RunnerTerms
 from policies.metrics import Summary, standalone_latency, summarize
 from policies.placement import Placement
 from policies.placement_algos import Estimator, PlacerOptions, demands_from_workload, make_placement
@@ -92,11 +92,13 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
                records_path: str | Path | None = None, extra_specs: dict[str, ModelSpec] | None = None,
                progress: Callable[[float], None] | None = None, placement: Placement | None = None,
                batching: str | None = None, core_slices: dict[str, tuple[int, ...]] | None = None,
-               interference: InterferenceModel | None = None) -> SystemRun:
+               interference: InterferenceModel | None = None,
+               runner_terms: RunnerTerms | None = None) -> SystemRun:
     """Place, simulate and summarise one system on one workload; `batching` swaps its batcher (ablations).
 
     `core_slices`: the CPU cores each LLM's worker would be pinned to (hwloop.mirror), to model the
     CPU runner's turn-taking. `interference`: the slowdown of jobs sharing a unit's SMs.
+    `runner_terms`: the CPU runner's measured extras per job (`policies.cost.RunnerTerms`).
     """
     batcher = batching or SYSTEMS[system][1]
     t0 = time.perf_counter()
@@ -106,7 +108,7 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
     sim = Simulator(workload, placement, make_batching(batcher, **(batching_opts or {})), cost,
                     type_specs(workload, extra_specs), mode=mode, skip_steps=skip_steps, horizon_s=horizon_s,
                     records_path=records_path, progress=progress, core_slices=core_slices,
-                    interference=interference)
+                    interference=interference, runner_terms=runner_terms)
     t1, c1 = time.perf_counter(), time.process_time()
     result = sim.run()
     t_sim, c_sim = time.perf_counter() - t1, time.process_time() - c1

@@ -1,9 +1,10 @@
-"""Validate the simulator against real engines on this machine: profile → place → simulate → run → compare.
+"""Validate the simulator against real engines on this machine, over load: profile → place → simulate → run → compare.
 
     python -m experiments.validate                       # or muxsim-validate; config: conf/validate.yaml
-    python -m experiments.validate systems=[muxserve] workload.duration_s=20
+    python -m experiments.validate systems=[muxserve] load.levels=2 load.repeats=1
     python -m experiments.validate profile.reuse=false   # measure the profiles again
     python -m experiments.validate mode=split systems=[muxserve]   # MuxServe's split execution
+    python -m experiments.validate report.readme=README.md          # also rewrite README's results block
 
 `mode=mixed` (default): stock vLLM engines, one per LLM, prefill and decode in one step.
 `mode=split`: MuxServe's own execution, a prefill and a decode process per LLM on the torch engine,
@@ -12,18 +13,29 @@ profile is measured on the same paged engine path (`torch-paged`), and every sha
 whole core (placement options `decode_shares` / `prefill_tiers` start there).
 
 1. Profile: every model shape's step latency, measured by `hwloop.profiler` at one share per core
-   count, or a cached profile of the same model config, grid, CPU, cores and versions.
-2. Place each system's workload (`policies.placement_algos`) with that profile, read at the whole
-   cores a share gets (`hwloop.mirror.CoreShareCost`).
-3. Simulate it in the same mode, told which cores each worker will be pinned to, so that launches
-   on shared cores take turns as they do on the hardware (`Simulator(core_slices=…)`).
-4. Replay it on real engines (`experiments.hardware.run_system`: `hwloop.runner` or `hwloop.split_runner`).
-5. Compare both record sets with one metrics module and one SLO baseline (each request alone on the
-   whole unit): a table of throughput, TTFT/TPOT/latency P50 and P99 and SLO attainment, each with
-   its error (relative, or in points for SLO attainment), against the issue's targets.
-6. Write summary.csv/.json (one row per system × metric), both record sets, the placements and
-   validate_overlay.png (latency CDFs and SLO curves, sim against hardware, per system) into Hydra's
-   run folder.
+   count, or a cached profile of the same model config, grid, CPU, cores and versions. A few of its
+   cells are timed again at the start and at the end of the run (`recheck`): how far they moved is
+   the profile's own noise, reported beside the errors it is used to judge.
+2. Find the load the simulator says each system saturates at (`saturation`): the throughput it
+   reaches as the configured rates are doubled together until that adds (almost) nothing. The
+   simulator is charged the runner's terms, measured beside the profile (`hwloop.terms`).
+3. Sweep each system's offered load over `load.levels` levels from `load.lowest` to `load.highest`
+   times its own saturation point. At each level, for each system:
+   a. place it (`policies.placement_algos`) with the profile read at the whole cores a share gets
+      (`hwloop.mirror.CoreShareCost`);
+   b. simulate it in the same mode, told which cores each worker will be pinned to, so that launches
+      on shared cores take turns as they do on the hardware (`Simulator(core_slices=…)`);
+   c. replay it on real engines `load.repeats` times (`experiments.hardware.run_system`).
+4. Compare with one metrics module and one SLO baseline (each request alone on the whole unit):
+   throughput, TTFT/TPOT/latency P50 and P99 and SLO attainment, each with its error (hardware mean
+   against the simulator, relative, or in points for SLO attainment), the spread of the hardware
+   repeats (the noise the error is judged against), the issue's targets, and whether the
+   simulator ranks the systems by throughput as the hardware does at each level.
+5. Write summary.csv/.json (one row per level × system × metric), validation.md (a table per
+   level), every record set, the placements and validate_load.png (each metric against the offered
+   rate, simulator and hardware overlaid) into Hydra's run folder; with `report.readme`, replace the
+   block between the README's `<!-- validate:begin -->` / `<!-- validate:end -->` markers with
+   validation.md and copy the figure to `docs/img/`.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -50,7 +63,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments import hardware
 from experiments.config import CONF_DIR, ConfigError, _check, _number, absolute, build_cluster
-from experiments.plots import SYSTEM_COLORS, _plain_log
+from experiments.plots import SYSTEM_COLORS
 from experiments.systems import SYSTEMS, place, run_system, specs_of
 from hwloop.mirror import (
     CoreShareCost,
@@ -69,8 +82,9 @@ from hwloop.profiler import (
     share_groups,
     write_profile,
 )
+from hwloop.terms import TERMS, measure
 from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
-from policies.cost import CostModelError, TableCostModel
+from policies.cost import CostModelError, RunnerTerms, TableCostModel
 from policies.metrics import standalone_latency, summarize
 from policies.placement import BLOCK_BYTES, SM_UNIT_PCT, Placement, PlacementError
 from policies.placement_algos.estimate import PlacerOptions
@@ -85,15 +99,30 @@ from traces.synthetic import MAX_CV
 log = logging.getLogger("muxsim.validate")
 USER_ERRORS = (ConfigError, CostModelError, PlacementError, ProfileError, WorkloadError)
 EXECUTORS = ("sim", "hw")
-# (summary key, label, unit); throughput and the P50s carry the issue's relative target.
-METRICS = (("throughput_rps", "throughput", "req/s"), ("tokens_per_s", "throughput", "tok/s"),
-           ("ttft_p50_s", "TTFT P50", "s"), ("ttft_p99_s", "TTFT P99", "s"),
-           ("tpot_p50_s", "TPOT P50", "s/tok"), ("tpot_p99_s", "TPOT P99", "s/tok"),
-           ("latency_p50_s", "latency P50", "s"), ("latency_p99_s", "latency P99", "s"))
-TARGETED = {"throughput_rps", "ttft_p50_s", "tpot_p50_s"}
+# (summary key, label, unit, the key of its target in Setup.targets or None).
+METRICS = (("throughput_rps", "throughput", "req/s", "throughput"), ("tokens_per_s", "throughput", "tok/s", None),
+           ("ttft_p50_s", "TTFT P50", "s", "p50"), ("ttft_p99_s", "TTFT P99", "s", "p99"),
+           ("tpot_p50_s", "TPOT P50", "s/tok", "p50"), ("tpot_p99_s", "TPOT P99", "s/tok", "p99"),
+           ("latency_p50_s", "latency P50", "s", None), ("latency_p99_s", "latency P99", "s", None))
+RANK_BY = "throughput_rps"  # systems are ranked by throughput at each level (higher is better)
+README_BEGIN, README_END = "<!-- validate:begin -->", "<!-- validate:end -->"
 
 
 # ---- the set-up, checked before any engine starts ------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadSweep:
+    """The offered loads: `levels` rates from `lowest` to `highest` times a system's predicted saturation."""
+
+    levels: int = 4
+    lowest: float = 0.25
+    highest: float = 1.3
+    repeats: int = 3  # hardware runs per level and system
+    keep_up: float = 0.95  # saturated: doubling the offered rate raises the throughput by less than 1 − this
+
+    def fractions(self) -> np.ndarray:
+        return np.linspace(self.lowest, self.highest, self.levels) if self.levels > 1 else np.array([self.highest])
+
 
 @dataclass(frozen=True)
 class Setup:
@@ -101,7 +130,7 @@ class Setup:
     cores: tuple[int, ...]
     cluster: ClusterSpec  # one unit: one node, one "GPU" standing for `cores`
     specs: dict[str, ModelSpec]  # model type → shape
-    workload: Workload
+    workload: Workload  # at the configured rates; the sweep scales them together (`workload_at`)
     grid: Grid
     profile_dir: Path
     reuse: bool
@@ -111,6 +140,21 @@ class Setup:
     progress: bool = True
     mode: str = "mixed"  # "mixed": vLLM engines; "split": prefill/decode torch workers over one KV pool
     split_pool_blocks: int = 0  # split mode: each unit's pool is at most this many blocks (real memory here)
+    sweep: LoadSweep = LoadSweep()
+    recheck: bool = True  # time a few profile cells again at the start and the end of the run
+    terms: tuple[str, ...] = TERMS  # the runner's measured extras the simulator charges (hwloop.terms)
+    trace: dict[str, Any] = field(default_factory=dict)  # generate()'s arguments but the rates
+
+    def workload_at(self, scale: float) -> Workload:
+        """The configured workload with every LLM's rate times `scale` (same seed, lengths, CV)."""
+        llms = tuple(replace(x, rate=x.rate * scale) for x in self.trace["llms"])
+        return generate(WorkloadSpec(llms, label=f"validate ×{scale:.3g}"), self.trace["duration_s"],
+                        seed=self.trace["seed"], cv=self.trace["cv"], lengths=self.trace["lengths"],
+                        limits=self.trace["limits"])
+
+    @property
+    def base_rate(self) -> float:
+        return sum(x.rate for x in self.trace["llms"])
 
     @property
     def backend(self) -> str:
@@ -155,7 +199,8 @@ def build_setup(cfg: DictConfig) -> Setup:
                           f"cores, {len(cores)} given (drop spatial or add cores)")
     p = cfg.profile
     grid = Grid(batches=tuple(p.batches), seq_lens=tuple(p.seq_lens), sm_pcts=profile_shares(len(cores)),
-                warmup=int(p.warmup), repeats=int(p.repeats))
+                warmup=int(p.warmup), repeats=int(p.repeats),
+                max_prefill_tokens=int(p.max_prefill_tokens) if p.get("max_prefill_tokens") else None)
     for spec in specs:
         if max(grid.seq_lens) + grid.warmup + grid.repeats + 2 > spec.max_context:
             raise ConfigError(f"profile.seq_lens: {max(grid.seq_lens)} plus {grid.warmup + grid.repeats + 2} "
@@ -164,17 +209,51 @@ def build_setup(cfg: DictConfig) -> Setup:
     lengths = LognormalLengths.from_means(float(w.prompt_mean), float(w.output_mean), float(w.length_sigma))
     # Lengths stay within the profile, so the cost model interpolates rather than extrapolates in length.
     limits = LengthLimits(prompt_min=min(grid.seq_lens), output_min=4, max_total=max(grid.seq_lens))
-    workload = generate(WorkloadSpec(tuple(llms), label="validate"), float(w.duration_s), seed=int(w.seed),
-                        cv=float(w.cv), lengths=lengths, limits=limits)
+    trace = {"llms": tuple(llms), "duration_s": float(w.duration_s), "seed": int(w.seed), "cv": float(w.cv),
+             "lengths": lengths, "limits": limits}
+    workload = generate(WorkloadSpec(tuple(llms), label="validate"), trace["duration_s"], seed=trace["seed"],
+                        cv=trace["cv"], lengths=lengths, limits=limits)
     given = cfg.report.slo_scales
     if not isinstance(given, ListConfig) or not given or any(
             isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k < math.inf for k in given):
         raise ConfigError(f"report.slo_scales must be a non-empty list of numbers > 0 (got {given})")
     scales = tuple(float(k) for k in given)
+    targets = {k: float(v) for k, v in cfg.targets.items()}
+    if set(targets) != {"throughput", "p50", "p99", "slo_points", "slo_from"} or any(v < 0 for v in targets.values()):
+        raise ConfigError(f"targets must give throughput, p50, p99 (relative), slo_points and slo_from, each ≥ 0 "
+                          f"(got {targets})")
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
-                 scales, {"relative": float(cfg.targets.relative), "slo_points": float(cfg.targets.slo_points)},
-                 bool(cfg.report.progress), mode, _pool_blocks(cfg))
+                 scales, targets, bool(cfg.report.progress), mode, _pool_blocks(cfg), _sweep(cfg),
+                 recheck=bool(p.get("recheck", True)), terms=_terms(p, mode), trace=trace)
+
+
+def _terms(p: DictConfig, mode: str) -> tuple[str, ...]:
+    """The runner terms to charge: null means all of them in mixed mode and none in split mode (they
+    are measured on the mixed-mode worker)."""
+    if p.get("terms") is None:
+        return TERMS if mode == "mixed" else ()
+    terms = tuple(str(t) for t in p.terms)
+    if set(terms) - set(TERMS):
+        raise ConfigError(f"profile.terms must list some of {', '.join(TERMS)} (got {list(terms)})")
+    if mode == "split" and terms:
+        raise ConfigError("profile.terms: the runner's terms are measured on the mixed-mode (vLLM) worker; "
+                          "leave profile.terms null or [] in split mode")
+    return terms
+
+
+def _sweep(cfg: DictConfig) -> LoadSweep:
+    load = cfg.load
+    sweep = LoadSweep(int(load.levels), float(load.lowest), float(load.highest), int(load.repeats),
+                      float(load.keep_up))
+    if sweep.levels < 1 or sweep.repeats < 1:
+        raise ConfigError(f"load.levels and load.repeats must be ≥ 1 (got {sweep.levels}, {sweep.repeats})")
+    if not 0 < sweep.lowest <= sweep.highest:
+        raise ConfigError(f"load: need 0 < lowest ≤ highest (× the predicted saturation), got "
+                          f"{sweep.lowest}, {sweep.highest}")
+    if not 0 < sweep.keep_up <= 1:
+        raise ConfigError(f"load.keep_up must be in (0, 1], got {sweep.keep_up}")
+    return sweep
 
 
 def _pool_blocks(cfg: DictConfig) -> int:
@@ -201,7 +280,13 @@ def check_numbers(cfg: DictConfig) -> None:
                           ("workload.seed", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
                           ("profile.warmup", "an integer ≥ 0", lambda v: v == int(v) and v >= 0),
                           ("profile.repeats", "an integer ≥ 1", lambda v: v == int(v) and v >= 1),
-                          ("targets.relative", "> 0", lambda v: v > 0), ("targets.slo_points", "> 0", lambda v: v > 0)):
+                          ("targets.throughput", "> 0", lambda v: v > 0), ("targets.p50", "> 0", lambda v: v > 0),
+                          ("targets.p99", "> 0", lambda v: v > 0), ("targets.slo_points", "> 0", lambda v: v > 0),
+                          ("targets.slo_from", "> 0", lambda v: v > 0),
+                          ("load.levels", "an integer ≥ 1", lambda v: v == int(v) and v >= 1),
+                          ("load.repeats", "an integer ≥ 1", lambda v: v == int(v) and v >= 1),
+                          ("load.lowest", "> 0", lambda v: v > 0), ("load.highest", "> 0", lambda v: v > 0),
+                          ("load.keep_up", "within (0, 1]", lambda v: 0 < v <= 1)):
         _number(cfg, key, rule, ok)
     _integers(cfg, "profile.batches", 1)
     _integers(cfg, "profile.seq_lens", 1)
@@ -239,7 +324,7 @@ def batching_opts(s: Setup, batcher: str) -> dict[str, Any]:
 
 def profile_path(spec: ModelSpec, s: Setup) -> Path:
     """Cache file of one model's profile: a hash of what the timings depend on."""
-    ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores),
+    ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores), "latency": "median",
              "cpu": host_info()["cpu_model"], "versions": engine_versions()}
     if s.backend != "vllm":
         ident["engine"] = s.backend
@@ -275,6 +360,33 @@ def profiled_cost(s: Setup, out: Path) -> tuple[TableCostModel, list[Path]]:
     return TableCostModel.from_frame(table, label="measured: " + ", ".join(p.name for p in paths)), paths
 
 
+def terms_path(profile: Path) -> Path:
+    return profile.with_name(profile.stem + ".terms.json")
+
+
+def runner_terms(s: Setup, profiles: list[Path], out: Path) -> RunnerTerms | None:
+    """The runner's extras (`hwloop.terms`) for every model at every core count, stored beside each
+    model's profile (`<profile>.terms.json`) and reused with it; measured when missing or stale."""
+    if not s.terms:
+        return None
+    measured = []
+    for spec, path in zip(s.specs.values(), profiles, strict=True):
+        side = terms_path(path)
+        cached = json.loads(side.read_text()) if s.reuse and side.exists() else None
+        if cached is None or any(t not in m for m in cached for t in s.terms):
+            with _bar(f"terms {spec.name}", len(s.cores), "core count", s.progress) as bar:
+                cached = []
+                for k in range(1, len(s.cores) + 1):
+                    cached.append(measure(spec, s.cores[:k], out / "terms", s.terms))
+                    bar.update(1)
+            tmp = side.with_suffix(".tmp")
+            tmp.write_text(json.dumps(cached, indent=1))
+            tmp.replace(side)
+            log.info("runner terms of %s: measured, written to %s", spec.name, side)
+        measured += [{k: v for k, v in m.items() if k not in TERMS or k in s.terms} for m in cached]
+    return RunnerTerms.from_measured(measured, "measured: " + ", ".join(terms_path(p).name for p in profiles))
+
+
 def profile_noise(path: Path, spread: float = 0.25) -> dict[str, Any]:
     """How far a profile can be trusted: its cells whose repeats vary by more than `spread` (std/mean).
 
@@ -287,16 +399,70 @@ def profile_noise(path: Path, spread: float = 0.25) -> dict[str, Any]:
             "load_average": p.meta.get("load_average"), "date": p.meta.get("date")}
 
 
-# ---- one system, simulated and on hardware --------------------------------------------------------
+def recheck(s: Setup, profiles: list[Path], work: Path) -> pd.DataFrame:
+    """A few of the profile's cells timed again now (the smallest batch and one near the middle, at
+    the middle sequence length, both phases, every core count): `model, sm_pct, phase, batch,
+    seq_len, profile_ms, now_ms`. Run at the start and at the end of a validation, they say how far
+    the step times the simulator is given moved while it was judged."""
+    b = s.grid.batches
+    grid = replace(s.grid, batches=tuple(sorted({b[0], b[(len(b) - 1) // 2]})),
+                   seq_lens=(s.grid.seq_lens[len(s.grid.seq_lens) // 2],))
+    parts = []
+    for spec in s.specs.values():
+        now = profile(spec, grid, cores=s.cores, work_dir=work, backend=s.backend).table
+        parts.append(now.rename(columns={"latency_ms": "now_ms"})[[*CELL_KEYS, "now_ms"]])
+    checked = pd.concat(parts, ignore_index=True)
+    known = pd.concat([read_profile(p).table for p in profiles], ignore_index=True)
+    known = known.rename(columns={"latency_ms": "profile_ms"})[[*CELL_KEYS, "profile_ms"]]
+    return checked.merge(known, on=list(CELL_KEYS), how="left")
+
+
+CELL_KEYS = ("model", "sm_pct", "phase", "batch", "seq_len")
+
+
+def profile_drift(start: pd.DataFrame, end: pd.DataFrame, limit: float) -> dict[str, Any]:
+    """How far the rechecked cells moved: the start against the profile, the end against the start.
+    `flagged` when any cell moved by more than `limit` (the P50 target): errors of that size are
+    then within what the yardstick itself did."""
+    both = start.merge(end[[*CELL_KEYS, "now_ms"]], on=list(CELL_KEYS), suffixes=("_start", "_end"))
+    vs_profile = both["now_ms_start"] / both["profile_ms"] - 1
+    over_run = both["now_ms_end"] / both["now_ms_start"] - 1
+    worst = max(float(vs_profile.abs().max()), float(over_run.abs().max()))
+    return {"cells": both.assign(start_vs_profile=vs_profile, end_vs_start=over_run).to_dict(orient="records"),
+            "start_vs_profile_median": float(vs_profile.median()), "start_vs_profile_max": float(vs_profile.abs().max()),
+            "end_vs_start_median": float(over_run.median()), "end_vs_start_max": float(over_run.abs().max()),
+            "limit": limit, "flagged": bool(worst > limit)}
+
+
+# ---- the load the simulator predicts each system saturates at ------------------------------------
+
+def saturation(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None) -> float:
+    """The most requests per second the simulator says `system` completes (all LLMs): its
+    throughput as the configured rates are doubled together, until doubling them adds less than
+    `1 − keep_up` to it. Beyond this offered rate requests queue without bound."""
+    best, scale = 0.0, 1.0
+    while scale <= 2**12:
+        thr = simulate(system, s, table, terms, s.workload_at(scale)).summary.overall["throughput_rps"]
+        if thr < best * (2 - s.sweep.keep_up):
+            return max(best, thr)
+        best, scale = max(best, thr), scale * 2
+    return best
+
+
+# ---- one system at one load, simulated and on hardware --------------------------------------------
 
 @dataclass
 class Comparison:
     system: str
-    records: dict[str, pd.DataFrame]  # executor → records in request order
-    stats: dict[str, dict[str, Any]]
+    level: int
+    offered_rps: float
+    workload: Workload
+    sim: pd.DataFrame  # records in request order
+    hw: list[pd.DataFrame]  # one record set per repeat
+    stats: dict[str, Any]  # "sim" → stats, "hw" → a list of stats
     placement: Placement
     slices: dict[str, tuple[int, ...]]
-    overall: dict[str, dict[str, float]] = field(default_factory=dict)  # executor → metrics
+    overall: dict[str, Any] = field(default_factory=dict)  # "sim" → metrics, "hw" → a list of metrics
 
 
 def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int, ...]]]:
@@ -309,34 +475,64 @@ def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int
     return cluster, gpu_core_table(range(cluster.gpus_per_node), s.cores)
 
 
-def compare(system: str, s: Setup, table: TableCostModel, out: Path) -> Comparison:
-    """One placement, simulated with the hardware's cores and run on real engines."""
+@dataclass
+class Planned:
+    """One system's placement on one workload, and everything both executors are given."""
+
+    cluster: ClusterSpec
+    cost: CoreShareCost
+    gpu_cores: dict[int, tuple[int, ...]]
+    placement: Placement
+    slices: dict[str, tuple[int, ...]]
+    common: dict[str, Any]
+
+
+def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Planned:
     cluster, gpu_cores = system_unit(system, s)
     cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
-    placement = place(system, s.workload, cluster, cost, extra_specs=s.specs,
+    placement = place(system, workload, cluster, cost, extra_specs=s.specs,
                       placement_opts=whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None)
     if s.mode == "split":  # the pool is allocated for real here: what this machine holds, for both executors
         placement = replace(placement, units=tuple(replace(u, kv_blocks=min(u.kv_blocks, s.split_pool_blocks))
                                                    for u in placement.units))
-    placement.save(out / f"placement_{system}.yaml")
     batcher = SYSTEMS[system][1]
     slicer = split_core_slices if s.mode == "split" else core_slices
     slices = slicer(placement, BATCHING_POLICIES[batcher].exclusive, gpu_cores)
     common = {"batching_opts": batching_opts(s, batcher), "mode": s.mode, "extra_specs": s.specs,
               "placement": placement}
-    end = float(s.workload.df["arrival_s"].max())
-    with _bar(f"{system:>9} sim", end, "s", s.progress) as bar, \
-            records_file(out / f"records_{system}_sim.parquet") as records:
-        sim = run_system(system, s.workload, cluster, cost, core_slices=slices, progress=_to(bar),
-                         records_path=records, **common)
-    load = os.getloadavg()[0]
-    with _bar(f"{system:>9} hw", end, "s", s.progress) as bar, \
-            records_file(out / f"records_{system}_hw.parquet") as records:
-        hw = hardware.run_system(system, s.workload, cluster, cost, gpu_cores=gpu_cores, progress=_to(bar),
-                                 records_path=records, work_dir=out / "hw" / system, **common)
-    hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
-    return Comparison(system, {"sim": sim.records, "hw": hw.records}, {"sim": sim.stats, "hw": hw.stats},
-                      placement, slices)
+    return Planned(cluster, cost, gpu_cores, placement, slices, common)
+
+
+def simulate(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None, workload: Workload) -> Any:
+    p = plan(system, s, table, workload)
+    return run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms, **p.common)
+
+
+def compare(system: str, level: int, workload: Workload, s: Setup, table: TableCostModel, terms: RunnerTerms | None,
+            out: Path) -> Comparison:
+    """One placement at one load, simulated with the hardware's cores and run `repeats` times on real engines."""
+    p = plan(system, s, table, workload)
+    tag = f"{system}_L{level}"
+    p.placement.save(out / f"placement_{tag}.yaml")
+    end = float(workload.df["arrival_s"].max())
+    with _bar(f"L{level} {system:>9} sim", end, "s", s.progress) as bar, \
+            records_file(out / f"records_{tag}_sim.parquet") as records:
+        sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms,
+                         progress=_to(bar), records_path=records, **p.common)
+    hw_records, hw_stats = [], []
+    for r in range(s.sweep.repeats):
+        load = os.getloadavg()[0]
+        with _bar(f"L{level} {system:>9} hw {r + 1}/{s.sweep.repeats}", end, "s", s.progress) as bar, \
+                records_file(out / f"records_{tag}_hw{r}.parquet") as records:
+            hw = hardware.run_system(system, workload, p.cluster, p.cost, gpu_cores=p.gpu_cores, progress=_to(bar),
+                                     records_path=records,
+                                     work_dir=out / "hw" / f"{tag}_{r}", **p.common)
+        hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
+        hw_records.append(hw.records)
+        hw_stats.append(hw.stats)
+    offered = sum(workload.rates().values())
+    return Comparison(system, level, offered, workload, sim.records, hw_records,
+                      {"sim": sim.stats, "hw": hw_stats}, p.placement, p.slices)
 
 
 def whole_core_shares(ncores: int) -> dict[str, Any]:
@@ -354,10 +550,10 @@ def whole_core_shares(ncores: int) -> dict[str, Any]:
             "prefill_tiers": tuple((below, max([x for x in shares if x <= pct] or shares[:1])) for below, pct in tiers)}
 
 
-def baseline(records: pd.DataFrame, s: Setup, table: TableCostModel) -> np.ndarray:
+def baseline(records: pd.DataFrame, s: Setup, table: TableCostModel, workload: Workload) -> np.ndarray:
     """Each request's latency alone on the whole unit (all cores): one SLO unit for every system."""
     unit = CoreShareCost(table, len(s.cores), len(s.cores))
-    specs = specs_of(s.workload, s.specs)
+    specs = specs_of(workload, s.specs)
     return standalone_latency(records, specs, dict.fromkeys(specs, 1), unit)
 
 
@@ -389,147 +585,260 @@ def error_of(key: str, sim: float, hw: float) -> float:
     return (hw - sim) / sim if sim else math.nan
 
 
+def metric_keys(s: Setup) -> list[tuple[str, str, str, str | None]]:
+    slo = [(f"slo_attainment@{k:g}", f"SLO within {k:g}×", "%", "slo_points" if k >= s.targets["slo_from"] else None)
+           for k in s.slo_scales]
+    return [*METRICS, *slo]
+
+
 def comparison_rows(c: Comparison, s: Setup) -> list[dict[str, Any]]:
-    keys = [(k, label, unit) for k, label, unit in METRICS]
-    keys += [(f"slo_attainment@{k:g}", f"SLO within {k:g}×", "%") for k in s.slo_scales]
+    """One row per metric: the simulator, the hardware's mean over repeats and its spread, the error
+    of the mean, and the noise the error is judged against (half the repeats' range, in the error's
+    unit: relative to the mean, or points)."""
     rows = []
-    for key, label, unit in keys:
-        sim, hw = c.overall["sim"][key], c.overall["hw"][key]
+    for key, label, unit, target_key in metric_keys(s):
+        sim = c.overall["sim"][key]
+        runs = np.array([o[key] for o in c.overall["hw"]], dtype=float)
+        hw, lo, hi = float(np.mean(runs)), float(np.min(runs)), float(np.max(runs))
         slo = key.startswith("slo_attainment@")
-        target = s.targets["slo_points"] if slo else s.targets["relative"] if key in TARGETED else math.nan
+        noise = 100 * (hi - lo) / 2 if slo else ((hi - lo) / 2 / hw if hw else math.nan)
+        target = s.targets[target_key] if target_key else math.nan
         err = error_of(key, sim, hw)
-        rows.append({"system": c.system, "metric": key, "label": label, "unit": unit, "sim": sim, "hw": hw,
-                     "error": err, "error_kind": "points" if slo else "relative", "target": target,
-                     "within_target": bool(abs(err) <= target) if math.isfinite(target) else None})
+        rows.append({"level": c.level, "offered_rps": c.offered_rps, "system": c.system, "metric": key,
+                     "label": label, "unit": unit, "sim": sim, "hw": hw, "hw_min": lo, "hw_max": hi,
+                     "repeats": len(runs), "error": err, "noise": noise,
+                     "error_kind": "points" if slo else "relative", "target": target,
+                     "within_target": bool(abs(err) <= target) if math.isfinite(target) else None,
+                     "within_noise": bool(abs(err) <= noise) if math.isfinite(err) and math.isfinite(noise) else None})
     return rows
 
 
 def summarise(comparisons: list[Comparison], s: Setup, table: TableCostModel) -> pd.DataFrame:
     for c in comparisons:
-        for ex in EXECUTORS:
-            rec = c.records[ex]
-            c.overall[ex] = summarize(rec, baseline(rec, s, table), s.workload.rates(), s.slo_scales).overall
+        def judge(rec: pd.DataFrame, c: Comparison = c) -> dict[str, float]:
+            return summarize(rec, baseline(rec, s, table, c.workload), c.workload.rates(), s.slo_scales).overall
+        c.overall = {"sim": judge(c.sim), "hw": [judge(rec) for rec in c.hw]}
     return pd.DataFrame([row for c in comparisons for row in comparison_rows(c, s)])
 
 
-def _fmt(row: pd.Series, which: str) -> str:
-    v = row[which]
+def rankings(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per level: the systems ordered by `RANK_BY` (highest first) in each executor, and whether the
+    orders agree. Each system is at the same fraction of its own saturation point, so below it
+    the order is that of the saturation points, and from it up that of the throughputs reached."""
+    out = []
+    for level, g in rows[rows["metric"] == RANK_BY].groupby("level", sort=True):
+        order = {ex: tuple(g.sort_values(ex, ascending=False)["system"]) for ex in EXECUTORS}
+        out.append({"level": level, "sim": " > ".join(order["sim"]), "hw": " > ".join(order["hw"]),
+                    "same": order["sim"] == order["hw"]})
+    return pd.DataFrame(out)
+
+
+def _fmt(v: float, unit: str) -> str:
     if not math.isfinite(v):
         return "–"
-    if row["unit"] == "%":
+    if unit == "%":
         return f"{100 * v:.1f}"
+    if unit in ("s", "s/tok"):
+        v, unit = 1e3 * v, "ms"
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
-def report(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, profiles: list[Path], out: Path,
-           plot: Path | None) -> None:
+def _err(r: pd.Series) -> str:
+    if not math.isfinite(r["error"]):
+        return "–"
+    if r["error_kind"] == "points":
+        return f"{r['error']:+.1f} pt ±{r['noise']:.1f}"
+    return f"{100 * r['error']:+.1f}% ±{100 * r['noise']:.1f}"
+
+
+def _mark(r: pd.Series) -> str:
+    return {True: " ✓", False: " ✗", None: ""}[r["within_target"]]
+
+
+def terms_table(terms: RunnerTerms | None) -> dict[str, dict[str, Any]]:
+    """The runner's terms per "model on k core(s)", in ms, for the report."""
+    if terms is None:
+        return {}
+    keys = sorted({*terms.turn_s, *terms.idle_s, *terms.dispatch_s})
+    return {f"{m} on {k} core{'s' if k > 1 else ''}": {
+        "turn_ms": 1e3 * terms.turn_s.get((m, k), math.nan),
+        "idle_ms": {f"{g:g} s": 1e3 * x for g, x in terms.idle_s.get((m, k), ())},
+        "dispatch_ms": 1e3 * terms.dispatch_s.get((m, k), math.nan),
+        "admit_ms": 1e3 * terms.admit_s.get((m, k), math.nan)} for m, k in keys}
+
+
+def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift: dict[str, Any] | None,
+             saturation_rps: dict[str, float], figure: str | None, terms: RunnerTerms | None) -> str:
+    """The results as Markdown: the set-up, the saturation points, one table per level (cell:
+    simulator value, hardware error ± noise, ✓/✗ against the target), rankings and profile drift."""
+    wl = s.workload
+    lines = [f"{len(wl.models)} LLMs ({', '.join(s.specs)}), rates in the ratio "
+             f"{' : '.join(f'{r:g}' for r in (x.rate for x in s.trace['llms']))}, {s.trace['duration_s']:g} s of "
+             f"trace per level, cores {list(s.cores)}, {s.mode} mode, simulator vs {s.engines}, "
+             f"{s.sweep.repeats} hardware run(s) per level and system.", "",
+             "Saturation predicted by the simulator (the throughput, req/s, at which doubling the offered rate "
+             f"adds less than {1 - s.sweep.keep_up:.0%}): "
+             + ", ".join(f"{k} {v:.2f}" for k, v in saturation_rps.items()) + ".", "",
+             "Each cell: simulator value, then the hardware's error against it (mean of the repeats) ± half the "
+             "range of the repeats (the noise); ✓/✗ against the target (throughput ±"
+             f"{100 * s.targets['throughput']:g}%, P50 ±{100 * s.targets['p50']:g}%, P99 ±{100 * s.targets['p99']:g}%, "
+             f"SLO ±{s.targets['slo_points']:g} pt from {s.targets['slo_from']:g}×). Times in ms.", ""]
+    if terms is not None:
+        lines += ["The runner's terms the simulator charges to a job's first step (`python -m hwloop.terms`, measured "
+                  "beside the profile, ms): " + "; ".join(
+                      f"{name}: turn {t['turn_ms']:+.2f}, idle " + ", ".join(f"{g} {x:+.2f}" for g, x in t["idle_ms"].items())
+                      + f", dispatch {t['dispatch_ms']:.2f}, admit {t['admit_ms']:+.2f}"
+                      for name, t in terms_table(terms).items()) + ".", ""]
+    else:
+        lines += ["No runner terms charged (profile.terms=[]).", ""]
+    keys = [k for k, *_ in metric_keys(s) if k not in ("tokens_per_s", "latency_p99_s")]
+    labels = {k: label for k, label, *_ in metric_keys(s)}
+    fractions = s.sweep.fractions()
+    for level, g in rows.groupby("level", sort=True):
+        lines += [f"**Level {level + 1}: {fractions[level]:.2f}× each system's saturation point**", "",
+                  "| system | offered req/s (requests) | " + " | ".join(labels[k] for k in keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for system, h in g.groupby("system", sort=False):
+            by = h.set_index("metric")
+            n = len(next(c for c in comparisons if c.level == level and c.system == system).workload.df)
+            cells = [f"{_fmt(by.loc[k, 'sim'], by.loc[k, 'unit'])}: {_err(by.loc[k])}{_mark(by.loc[k])}" for k in keys]
+            lines.append(f"| {system} | {by['offered_rps'].iloc[0]:.2f} ({n}) | " + " | ".join(cells) + " |")
+        lines.append("")
+    rank = rankings(rows)
+    if len(s.systems) > 1:
+        lines += [f"Ranking by {labels[RANK_BY]} (best first), simulator / hardware: "
+                  + "; ".join(f"level {r.level + 1}: {r.sim} / {r.hw} {'✓' if r.same else '✗'}"
+                              for r in rank.itertuples()) + ".", ""]
+    targeted = rows[rows["within_target"].notna()]
+    beyond = targeted[~targeted["within_target"].astype(bool)]
+    lines.append(f"Within target: {len(targeted) - len(beyond)} of {len(targeted)} targeted figures; of those "
+                 f"outside, {int(beyond['within_noise'].fillna(False).astype(bool).sum())} are within the noise of "
+                 "the hardware repeats.")
+    if drift is not None:
+        lines += ["", f"Profile repeatability ({len(drift['cells'])} cells timed again at the start and the end): "
+                  f"start vs profile median {100 * drift['start_vs_profile_median']:+.1f}% (max |{100 * drift['start_vs_profile_max']:.1f}|%), "
+                  f"end vs start median {100 * drift['end_vs_start_median']:+.1f}% (max |{100 * drift['end_vs_start_max']:.1f}|%)"
+                  + (f": **flagged**, cells moved more than the {100 * drift['limit']:g}% P50 target"
+                     if drift["flagged"] else f": within the {100 * drift['limit']:g}% P50 target") + "."]
+    if figure:
+        lines += ["", f"![each metric against the offered rate, simulator solid, hardware dashed]({figure})"]
+    return "\n".join(lines) + "\n"
+
+
+def report(v: Validation) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    rows = v.rows
     console = Console(width=max(Console().width, 100))
-    wl = s.workload
-    console.print(f"[bold]validation[/]: {len(wl.models)} LLMs ({', '.join(s.specs)}), {len(wl.df)} requests over "
-                  f"{float(wl.df.arrival_s.max()):.0f} s on cores {list(s.cores)}; {s.mode} mode, sim vs {s.engines}")
-    t = Table(title="simulator vs hardware (error: hw vs sim, relative; SLO attainment in points)")
-    for col in ("system", "metric", "unit", "sim", "hw", "error", "target"):
-        t.add_column(col, justify="left" if col in ("system", "metric", "unit") else "right")
-    for system, g in rows.groupby("system", sort=False):
+    t = Table(title="simulator vs hardware over load (error: hw mean vs sim ± half the range of the repeats)")
+    for col in ("level", "req/s", "system", "metric", "sim", "hw", "error ± noise", "target"):
+        t.add_column(col, justify="left" if col in ("system", "metric") else "right")
+    for (level, system), g in rows.groupby(["level", "system"], sort=False):
         for i, (_, r) in enumerate(g.iterrows()):
-            err = r["error"]
-            text = "–" if not math.isfinite(err) else f"{err:+.1f} pt" if r["error_kind"] == "points" else f"{100 * err:+.1f}%"
             style = {True: "green", False: "red", None: ""}[r["within_target"]]
             target = "" if not math.isfinite(r["target"]) else (
                 f"±{r['target']:g} pt" if r["error_kind"] == "points" else f"±{100 * r['target']:g}%")
-            t.add_row(str(system) if i == 0 else "", r["label"], r["unit"], _fmt(r, "sim"), _fmt(r, "hw"),
-                      f"[{style}]{text}[/]" if style else text, target, end_section=i == len(g) - 1)
+            t.add_row(str(level + 1) if i == 0 else "", f"{r['offered_rps']:.2f}" if i == 0 else "",
+                      str(system) if i == 0 else "", r["label"], _fmt(r["sim"], r["unit"]), _fmt(r["hw"], r["unit"]),
+                      f"[{style}]{_err(r)}[/]" if style else _err(r), target, end_section=i == len(g) - 1)
     console.print(t)
-    for path in profiles:
+    console.print(rankings(rows).to_string(index=False))
+    for path in v.profiles:
         n = profile_noise(path)
         console.print(f"profile {path.name}: {n['noisy_cells']} of {n['cells']} cells vary by more than "
                       f"{n['spread']:.0%} between repeats (load average {n['load_average']} when measured)",
                       style="yellow" if n["noisy_cells"] else "")
-    for c in comparisons:
+    if v.drift is not None:
+        console.print(f"profile repeatability: flagged={v.drift['flagged']} (start vs profile max "
+                      f"{100 * v.drift['start_vs_profile_max']:.1f}%, end vs start max {100 * v.drift['end_vs_start_max']:.1f}%)",
+                      style="yellow" if v.drift["flagged"] else "")
+    for c in v.comparisons:
         hw = c.stats["hw"]
-        console.print(f"{c.system}: cores {dict(c.slices)}; hw: start-up {hw.get('startup_s', math.nan):.1f} s, "
-                      f"{hw['steps']} steps, {hw['deferred_launches']} deferred launches "
+        problems = [p for rec in [c.sim, *c.hw] for p in incomplete(rec, c.workload)]
+        console.print(f"L{c.level + 1} {c.system}: cores {dict(c.slices)}; hw steps "
+                      f"{[h['steps'] for h in hw]}, deferred launches {[h['deferred_launches'] for h in hw]} "
                       f"(sim {c.stats['sim'].get('deferred_launches', 0)}), load average "
-                      f"{hw['loadavg_before']:.1f} → {hw['loadavg_after']:.1f}")
-        for ex in EXECUTORS:
-            problems = incomplete(c.records[ex], wl)
-            failed = int((c.records[ex]["status"] == "failed").sum())
-            line = "; ".join(problems) if problems else f"complete, {failed} failed with a reason"
-            console.print(f"  {ex} records: {line}", style="red" if problems else "")
-    console.print(f"results: {out}")
-    if plot:
-        console.print(f"plot: {plot}")
+                      f"{[round(h['loadavg_before'], 1) for h in hw]}; records "
+                      + ("; ".join(problems) if problems else "complete"), style="red" if problems else "")
+    console.print(f"results: {v.out}")
 
 
-def write_summary(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, paths: list[Path], out: Path,
-                  cfg: DictConfig) -> None:
-    write_atomically(out / "summary.csv", lambda p: rows.to_csv(p, index=False))
-    stats = {c.system: c.stats for c in comparisons}
+def write_summary(v: Validation, cfg: DictConfig) -> None:
+    out = v.out
+    write_atomically(out / "summary.csv", lambda p: v.rows.to_csv(p, index=False))
     doc = {"config": OmegaConf.to_container(cfg, resolve=True), "command": " ".join(sys.argv),
-           "cores": list(s.cores), "host": host_info(), "profiles": {str(p): profile_noise(p) for p in paths},
-           "stats": stats, "rows": rows.to_dict(orient="records")}
+           "cores": list(v.setup.cores), "host": host_info(),
+           "profiles": {str(p): profile_noise(p) for p in v.profiles}, "profile_drift": v.drift,
+           "saturation_rps": v.saturation_rps, "runner_terms": terms_table(v.terms), "rankings": rankings(v.rows).to_dict(orient="records"),
+           "stats": {f"L{c.level}/{c.system}": c.stats for c in v.comparisons},
+           "rows": v.rows.to_dict(orient="records")}
     text = json.dumps(doc, indent=1, default=_json_default)
     write_atomically(out / "summary.json", lambda p: p.write_text(text))
 
 
 def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
     return None if isinstance(value, float) and math.isnan(value) else str(value)
+
+
+def update_readme(readme: Path, text: str, figure: Path, img_dir: Path) -> None:
+    """Replace the README's block between the validate markers with `text`; the figure goes to `img_dir`."""
+    doc = readme.read_text()
+    if README_BEGIN not in doc or README_END not in doc:
+        raise ConfigError(f"report.readme: {readme} has no {README_BEGIN} … {README_END} block to replace")
+    img_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(figure, img_dir / figure.name)
+    head, rest = doc.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    tmp = readme.with_suffix(readme.suffix + ".tmp")
+    tmp.write_text(f"{head}{README_BEGIN}\n{text}{README_END}{tail}")
+    tmp.replace(readme)
 
 
 # ---- the overlay plot -----------------------------------------------------------------------------
 
-def overlay_plot(comparisons: list[Comparison], s: Setup, path: Path) -> Path:
-    """Per system (rows): TTFT, TPOT and latency CDFs and the SLO curve, simulator solid, hardware dashed."""
+def load_plot(rows: pd.DataFrame, s: Setup, path: Path) -> Path:
+    """Each metric against the offered rate: per system, simulator solid, hardware dashed with the
+    range of its repeats as error bars."""
     import matplotlib.pyplot as plt  # after experiments.plots chose the file-only backend
-    from matplotlib.ticker import NullFormatter
 
-    # (column, axis label, scale to the unit shown)
-    panels = (("ttft_s", "TTFT (ms)", 1e3), ("tpot_s", "TPOT (ms per token)", 1e3), ("latency_s", "latency (s)", 1.0))
-    fig, axes = plt.subplots(len(comparisons), 4, figsize=(17, 3.6 * len(comparisons)), squeeze=False)
-    for row, c in zip(axes, comparisons, strict=True):
-        color = SYSTEM_COLORS.get(c.system, "C4")
-        for ex, style in (("sim", "-"), ("hw", "--")):
-            lat = latencies(c.records[ex])
-            for ax, (col, label, scale) in zip(row, panels, strict=False):
-                v = np.sort(lat[col].to_numpy()) * scale
-                ax.plot(v, np.arange(1, len(v) + 1) / max(len(v), 1), style, color=color, lw=1.8,
-                        label=f"{'simulator' if ex == 'sim' else 'hardware'}")
-                ax.set_xscale("log")
-                _plain_log(ax.xaxis)
-                ax.set_xlabel(label)
-                ax.set_ylabel("fraction of requests")
-                ax.grid(alpha=0.3, which="both")
-            slo = [100 * c.overall[ex][f"slo_attainment@{k:g}"] for k in s.slo_scales]
-            row[3].plot(s.slo_scales, slo, style, marker="o", color=color, lw=1.8,
-                        label="simulator" if ex == "sim" else "hardware")
-        row[3].set_xscale("log")
-        row[3].set_xticks(s.slo_scales, [f"{k:g}" for k in s.slo_scales])
-        row[3].xaxis.set_minor_formatter(NullFormatter())
-        row[3].set_xlabel("SLO scale (× standalone latency)")
-        row[3].set_ylabel("SLO attainment (%)")
-        row[3].set_ylim(0, 102)
-        row[3].grid(alpha=0.3)
-        row[0].set_title(f"{c.system}: TTFT", loc="left", fontweight="bold")
-        row[1].set_title(f"{c.system}: TPOT", loc="left")
-        row[2].set_title(f"{c.system}: latency", loc="left")
-        row[3].set_title(f"{c.system}: SLO attainment", loc="left")
-        row[0].legend(loc="lower right")
-    fig.suptitle(f"simulator (solid) vs {s.engines} (dashed), {s.mode} mode, finished requests", fontsize=13)
+    scales = [k for k in s.slo_scales if k >= s.targets["slo_from"]][:2] or list(s.slo_scales[:2])
+    panels = [("throughput_rps", "throughput (req/s)", 1.0), ("ttft_p50_s", "TTFT P50 (ms)", 1e3),
+              ("ttft_p99_s", "TTFT P99 (ms)", 1e3), ("latency_p50_s", "latency P50 (s)", 1.0),
+              ("tpot_p50_s", "TPOT P50 (ms/token)", 1e3), ("tpot_p99_s", "TPOT P99 (ms/token)", 1e3),
+              *((f"slo_attainment@{k:g}", f"SLO attainment within {k:g}× (%)", 100.0) for k in scales)]
+    ncols = 4
+    fig, axes = plt.subplots(-(-len(panels) // ncols), ncols, figsize=(4.4 * ncols, 3.6 * -(-len(panels) // ncols)),
+                             squeeze=False)
+    for ax, (key, label, scale) in zip(axes.flat, panels, strict=False):
+        for system, g in rows[rows["metric"] == key].groupby("system", sort=False):
+            g = g.sort_values("offered_rps")
+            color = SYSTEM_COLORS.get(str(system), "C4")
+            x = g["offered_rps"].to_numpy()
+            ax.plot(x, g["sim"] * scale, "-", marker="o", color=color, lw=1.8, label=f"{system} sim")
+            hw = g["hw"].to_numpy() * scale
+            err = np.vstack([hw - g["hw_min"] * scale, g["hw_max"] * scale - hw])
+            ax.errorbar(x, hw, yerr=err, fmt="--", marker="s", color=color, lw=1.4, capsize=3, label=f"{system} hw")
+        if key == "throughput_rps":
+            xs = np.sort(rows["offered_rps"].unique())
+            ax.plot(xs, xs, ":", color="grey", lw=1, label="offered")
+        if key.startswith(("ttft", "tpot", "latency")):
+            ax.set_yscale("log")
+        ax.set_xlabel("offered load (req/s)")
+        ax.set_title(label, loc="left", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(f"simulator (solid) vs {s.engines} (dashed, range of {s.sweep.repeats} runs), {s.mode} mode",
+                 fontsize=12)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def latencies(records: pd.DataFrame) -> pd.DataFrame:
-    done = records[records["status"] == "finished"]
-    return pd.DataFrame({"ttft_s": done["first_token_s"] - done["arrival_s"],
-                         "tpot_s": (done["finish_s"] - done["first_token_s"]) / done["output_tokens"],
-                         "latency_s": done["finish_s"] - done["arrival_s"]})
 
 
 # ---- the whole validation -------------------------------------------------------------------------
@@ -541,19 +850,42 @@ class Validation:
     setup: Setup
     profiles: list[Path]
     plot: Path | None
+    out: Path
+    saturation_rps: dict[str, float]
+    drift: dict[str, Any] | None
+    terms: RunnerTerms | None
 
 
 def validate(cfg: DictConfig, out: Path) -> Validation:
-    """Profile, then place, simulate, run and compare every system; writes everything into `out`."""
+    """Profile, find each system's saturation point, then place, simulate, run and compare it at
+    every load level relative to that point; writes everything into `out`."""
     s = build_setup(cfg)
+    readme = absolute(cfg.report.readme) if cfg.report.get("readme") else None
+    if readme is not None and not readme.exists():
+        raise ConfigError(f"report.readme: {readme} not found")
     out.mkdir(parents=True, exist_ok=True)
-    s.workload.write(out / "workload.parquet")
     table, paths = profiled_cost(s, out)
-    comparisons = [compare(system, s, table, out) for system in s.systems]
+    terms = runner_terms(s, paths, out)
+    start = recheck(s, paths, out / "recheck") if s.recheck else None
+    sat = {system: saturation(system, s, table, terms) for system in s.systems}
+    log.info("saturation predicted by the simulator (req/s): %s", sat)
+    comparisons = []
+    for level, fraction in enumerate(s.sweep.fractions()):
+        for system in s.systems:
+            workload = s.workload_at(sat[system] * fraction / s.base_rate)
+            workload.write(out / f"workload_{system}_L{level}.parquet")
+            comparisons.append(compare(system, level, workload, s, table, terms, out))
+    drift = profile_drift(start, recheck(s, paths, out / "recheck"), s.targets["p50"]) if start is not None else None
     rows = summarise(comparisons, s, table)
-    plot = overlay_plot(comparisons, s, out / "validate_overlay.png") if cfg.report.plot else None
-    write_summary(rows, comparisons, s, paths, out, cfg)
-    return Validation(rows, comparisons, s, paths, plot)
+    plot = load_plot(rows, s, out / "validate_load.png") if cfg.report.plot else None
+    v = Validation(rows, comparisons, s, paths, plot, out, sat, drift, terms)
+    write_summary(v, cfg)
+    img = Path("docs/img") / plot.name if plot else None
+    text = markdown(rows, comparisons, s, drift, sat, str(img) if img else None, terms)
+    (out / "validation.md").write_text(text)
+    if readme is not None and plot is not None:
+        update_readme(readme, text, plot, readme.parent / "docs" / "img")
+    return v
 
 
 # ---- progress -------------------------------------------------------------------------------------
@@ -587,7 +919,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     except USER_ERRORS as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
-    report(v.rows, v.comparisons, v.setup, v.profiles, out, v.plot)
+    report(v)
 
 
 def main() -> None:

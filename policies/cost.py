@@ -629,3 +629,54 @@ def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
             if err < best_err:
                 best, best_err = full, err
     return tuple(float(v) for v in best)
+
+
+@dataclass(frozen=True)
+class RunnerTerms:
+    """What a CPU runner adds to a job's first step beyond the profile of one engine alone, each term
+    measured by its own command (`hwloop.terms`), per (model type, cores of the worker), in seconds:
+
+    - `turn_s`: the step follows another engine's on the same cores (their data filled the caches);
+    - `idle_s`: ((gap, extra), …) by increasing gap: the engine sat idle at least `gap`, with no
+      other engine on its cores meanwhile; the extra of the largest gap not above the idle time;
+    - `dispatch_s`: the runner's message to the worker until the step starts, every launch;
+    - `admit_s`: more of it when the launch admits requests (the engine adding them).
+
+    A (model, cores) pair that was not measured adds nothing. None of these is fitted to a
+    validation run: `experiments.validate` stores them with the profile they were measured beside.
+    """
+
+    turn_s: Mapping[tuple[str, int], float] = field(default_factory=dict)
+    idle_s: Mapping[tuple[str, int], tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    dispatch_s: Mapping[tuple[str, int], float] = field(default_factory=dict)
+    admit_s: Mapping[tuple[str, int], float] = field(default_factory=dict)
+    label: str = "none"
+
+    def first_step_extra(self, model: str, cores: int, *, after_other: bool, idle_for: float,
+                         admitting: bool) -> float:
+        """Extra seconds for a job's first step: `after_other` (another engine ran on its cores since
+        this engine's last step), else `idle_for` seconds since its last step ended (inf: never ran)."""
+        key = (model, cores)
+        extra = self.dispatch_s.get(key, 0.0) + (self.admit_s.get(key, 0.0) if admitting else 0.0)
+        if after_other:
+            return extra + self.turn_s.get(key, 0.0)
+        idle = [x for gap, x in self.idle_s.get(key, ()) if gap <= idle_for]
+        return extra + (idle[-1] if idle else 0.0)
+
+    @classmethod
+    def from_measured(cls, measured: list[dict], label: str) -> RunnerTerms:
+        """From `hwloop.terms.measure` results (one per model and core count; figures in ms). Each is
+        a cost, so a median difference below zero (noise: nothing measurable) is charged as zero; the
+        stored figures keep the measured value."""
+        turn, idle, dispatch, admit = {}, {}, {}, {}
+        for m in measured:
+            key = (str(m["model"]), int(m["cores"]))
+            if "turns" in m:
+                turn[key] = max(0.0, m["turns"]["extra_ms"] / 1e3)
+            if "idle" in m:
+                idle[key] = tuple((float(g["gap_s"]), max(0.0, g["extra_ms"] / 1e3))
+                                  for g in sorted(m["idle"]["gaps"], key=lambda g: g["gap_s"]))
+            if "dispatch" in m:
+                dispatch[key] = max(0.0, m["dispatch"]["decode_ms"] / 1e3)
+                admit[key] = max(0.0, m["dispatch"]["admit_ms"] / 1e3)
+        return cls(turn, idle, dispatch, admit, label)

@@ -54,6 +54,7 @@ class Job:
     end: float
     alone_s: float = math.nan  # prefill and mixed steps: duration at this share with nothing beside it
     factor: float = 1.0  # interference slowdown from the jobs beside it (Simulator._interfere)
+    first_extra_s: float = 0.0  # decode runs: the runner's extra for the first step (Simulator._runner_extra)
     version: int = 0  # bumped when interference moves `end`
     steps: int | None = None  # decode runs only: number of steps in this run
     boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
@@ -75,7 +76,7 @@ class Job:
         n, total = len(batch.requests), batch.decoding_context
         step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, n)
         # Integer sums, then one division: the same mean context step-by-step execution computes.
-        d = step_time(total / n) * self.factor
+        d = step_time(total / n) * self.factor + self.first_extra_s
         self._check(d, cost)
         self.steps, self.end = 1, now + d
         if self.end >= horizon:

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from policies.cost import CostModel, InterferenceModel, mixed_step_time
+from policies.cost import CostModel, InterferenceModel, RunnerTerms, mixed_step_time
 from policies.ledger import STUCK, LedgerError, UnitLedger, not_arrived, past_horizon
 from policies.placement import SM_UNIT_PCT, Placement, blocks_per_chunk
 from policies.records import RecordWriter
@@ -68,14 +68,19 @@ class Simulator:
                  records_path: str | Path | None = None, records_flush_every: int = 65536,
                  progress: Callable[[float], None] | None = None,
                  core_slices: dict[str, tuple[int, ...]] | None = None,
-                 interference: InterferenceModel | None = None) -> None:
+                 interference: InterferenceModel | None = None,
+                 runner_terms: RunnerTerms | None = None) -> None:
         """`core_slices` (LLM name, or "<LLM>/prefill" and "<LLM>/decode" in split mode → the CPU
         cores its worker is pinned to) models the CPU runners'
         turn-taking: a launch whose cores overlap a running job's waits until that job ends, oldest
         first (hwloop.runner, deferred launches). None: SM shares only, nothing waits.
 
         `interference` slows jobs that share a unit's SMs (`_interfere`). None, or a model without
-        coefficients: jobs beside each other run as if alone, MuxServe's own assumption."""
+        coefficients: jobs beside each other run as if alone, MuxServe's own assumption.
+
+        `runner_terms` (with `core_slices`) adds the CPU runner's measured costs to each job's first
+        step: a turn after another engine on its cores, an idle engine's cold start, the dispatch of
+        the launch (`_runner_extra`)."""
         self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
         self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
         self.env = simpy.Environment()
@@ -102,6 +107,13 @@ class Simulator:
                                       "turns on cores) model different hardware: pass one")
             self.stats["rescaled_jobs"] = 0
         self.stats["interference"] = self.interference.label if self.interference else "none"
+        if runner_terms is not None and core_slices is None:
+            raise SimulationError("runner_terms (a CPU runner's costs) need core_slices (its workers' cores)")
+        self.runner_terms = runner_terms
+        self._last_on_core: dict[int, str] = {}  # core → the worker whose job started there last
+        self._last_end: dict[str, float] = {}  # worker → when its last job ended
+        if runner_terms is not None:
+            self.stats.update(runner_terms=runner_terms.label, runner_extra_s=0.0, turn_starts=0)
         self._on_cores: dict[int, Job] = {}  # started jobs, by id, while core_slices is set
         # Launches waiting for their cores, oldest first, with their durations.
         self._deferred: deque[tuple[SimUnit, Job, float]] = deque()
@@ -248,6 +260,11 @@ class Simulator:
         for job in jobs:
             if not self._must_wait(job):
                 self._on_cores[job.job_id] = job
+                extra = self._runner_extra(job)
+                if job.steps is None:
+                    job.end += extra
+                else:  # a decode: `plan` adds it to the run's first step
+                    job.first_extra_s = extra
                 now.append(job)
                 continue
             if job.steps is not None:  # a decode: _start left its timing to _plan_runs
@@ -264,6 +281,29 @@ class Simulator:
         others = [*self._on_cores.values(), *(deferred for _, deferred, _ in self._deferred)]
         return any(not cores.isdisjoint(self._cores(o)) for o in others)
 
+    def _worker(self, job: Job) -> str:
+        """The worker process that runs `job`: its phase's in split mode, else the LLM's one."""
+        assert self.core_slices is not None
+        name = job.batch.llm.name
+        per_phase = f"{name}/{job.batch.phase}"
+        return per_phase if per_phase in self.core_slices else name
+
+    def _runner_extra(self, job: Job) -> float:
+        """`job` starts now on its cores: the runner's measured extra time for its first step
+        (`RunnerTerms.first_step_extra`), and note that its worker was the last on those cores."""
+        worker, cores = self._worker(job), self._cores(job)
+        after_other = any(self._last_on_core.get(c, worker) != worker for c in cores)
+        idle_for = self.env.now - self._last_end.get(worker, -math.inf)
+        for c in cores:
+            self._last_on_core[c] = worker
+        if self.runner_terms is None:
+            return 0.0
+        extra = self.runner_terms.first_step_extra(job.batch.llm.spec.name, len(cores), after_other=after_other,
+                                                   idle_for=idle_for, admitting=job.batch.admitted > 0)
+        self.stats["runner_extra_s"] += extra
+        self.stats["turn_starts"] += after_other
+        return extra
+
     def _cores(self, job: Job) -> tuple[int, ...]:
         """The cores `job`'s worker is pinned to: "<LLM>/<phase>" in split mode (a process per phase,
         hwloop.split_runner), else the LLM's one worker."""
@@ -279,7 +319,7 @@ class Simulator:
             if self._must_wait(waiting):
                 self._deferred.append((unit, waiting, duration))
             else:
-                waiting.end = self.env.now + duration
+                waiting.end = self.env.now + duration + self._runner_extra(waiting)
                 self._on_cores[waiting.job_id] = waiting
                 self._run(unit, waiting)
 
@@ -354,6 +394,7 @@ class Simulator:
     def _end(self, unit: SimUnit, job: Job) -> None:
         del unit.jobs[job.job_id]
         if self.core_slices is not None:
+            self._last_end[self._worker(job)] = job.end
             self._release_cores(job)
         steps = job.steps or 1
         if job.steps is not None:

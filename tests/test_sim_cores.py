@@ -8,8 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policies.batching import make_batching
+from policies.cost import RunnerTerms
 from policies.placement import blocks_for_tokens, blocks_per_chunk
-from sim import Simulator
+from sim import SimulationError, Simulator
 from tests.sim_helpers import SPECS, one_unit, table, workload
 from tests.test_sim import PROPERTY, Checked, requests
 
@@ -68,3 +69,41 @@ def test_split_mode_slices_are_per_phase():
     assert times.loc["a"].tolist() == pytest.approx([0.1, 0.11])
     assert times.loc["b"].tolist() == pytest.approx([0.2, 0.21])
     assert res.stats["deferred_launches"] == 1
+
+
+def test_runner_terms_charge_each_first_step_by_what_came_before_it_on_its_cores():
+    """The measured runner terms (policies.cost.RunnerTerms) on the first test's trace, with dispatch
+    1 ms per launch, 2 ms more when it admits, 5 ms for a turn after another engine on the same
+    cores, and 4 ms for an engine idle at least 50 ms (never run counts as idle):
+    a  0     → 0.107 (dispatch + admit + idle), then its decode waits for c: 0.215 → 0.231 (+ turn);
+    b  0     → 0.107, decode 0.107 → 0.118 (dispatch only: back to back on its own core);
+    c  0.107 → 0.215 (dispatch + admit + turn after a), decode 0.231 → 0.247 (+ turn after a)."""
+    terms = RunnerTerms(turn_s={("llama-7b", 1): 0.005}, idle_s={("llama-7b", 1): ((0.05, 0.004),)},
+                        dispatch_s={("llama-7b", 1): 0.001}, admit_s={("llama-7b", 1): 0.002}, label="test")
+    wl = workload([("a", 0.0, 10, 2), ("b", 0.0, 10, 2), ("c", 0.0, 10, 2)])
+    placement = one_unit(["a", "b", "c"], max_batch=8, rates=[3.0, 2.0, 1.0])
+    res = Checked(wl, placement, make_batching("adbs"), table(), SPECS, mode="mixed", core_slices=SLICES,
+                  runner_terms=terms).run()
+    times = res.records.set_index("model")[["first_token_s", "finish_s"]]
+    assert times.loc["a"].tolist() == pytest.approx([0.107, 0.231])
+    assert times.loc["b"].tolist() == pytest.approx([0.107, 0.118])
+    assert times.loc["c"].tolist() == pytest.approx([0.215, 0.247])
+    assert res.stats["turn_starts"] == 3
+    assert res.stats["runner_extra_s"] == pytest.approx(0.007 * 2 + 0.001 + 0.008 + 0.006 * 2)
+    with pytest.raises(SimulationError, match="core_slices"):
+        Simulator(wl, placement, make_batching("adbs"), table(), SPECS, mode="mixed", runner_terms=terms)
+
+
+def test_runner_terms_read_from_measurements_take_the_largest_idle_gap_not_above_the_idle_time():
+    measured = [{"model": "m", "cores": 1, "turns": {"extra_ms": 2.0},
+                 "idle": {"gaps": [{"gap_s": 0.2, "extra_ms": 3.0}, {"gap_s": 0.002, "extra_ms": 0.5}]},
+                 "dispatch": {"decode_ms": 0.3, "admit_ms": 1.0}}]
+    terms = RunnerTerms.from_measured(measured, "test")
+    extra = lambda **kw: terms.first_step_extra("m", 1, **kw)  # noqa: E731
+    assert extra(after_other=True, idle_for=10.0, admitting=False) == pytest.approx(0.0023)
+    assert extra(after_other=False, idle_for=0.001, admitting=False) == pytest.approx(0.0003)
+    assert extra(after_other=False, idle_for=0.1, admitting=True) == pytest.approx(0.0018)
+    assert extra(after_other=False, idle_for=float("inf"), admitting=False) == pytest.approx(0.0033)
+    assert terms.first_step_extra("m", 2, after_other=True, idle_for=1.0, admitting=True) == 0.0  # not measured
+    measured[0]["turns"]["extra_ms"] = -1.0  # a cost measured below zero is noise: charged as none
+    assert RunnerTerms.from_measured(measured, "test").turn_s[("m", 1)] == 0.0

@@ -266,15 +266,16 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
             "mode=split", f"cores=[{cores[0]},{cores[1]}]", "systems=[muxserve]", "workload.rates=[6.0]",
             "workload.duration_s=4", "workload.prompt_mean=32", "workload.output_mean=12", "split_pool_mib=64",
             f"profile.dir={tmp_path / 'profiles'}", "profile.batches=[1,4]", "profile.seq_lens=[8,64]",
-            "profile.warmup=1", "profile.repeats=2", "report.progress=false", "report.plot=false",
-            "report.slo_scales=[2,5]"])
+            "profile.warmup=1", "profile.repeats=2", "profile.recheck=false", "report.progress=false",
+            "report.plot=false", "report.slo_scales=[2,5]", "load.levels=1", "load.lowest=0.5", "load.highest=0.5",
+            "load.repeats=1"])
     cfg.models = cfg.models[:1]
     v = validate(cfg, tmp_path / "out")
     (c,) = v.comparisons
-    for executor in ("sim", "hw"):
-        assert incomplete(c.records[executor], v.setup.workload) == [], executor
-        assert (c.records[executor]["status"] == "finished").all()
-    hw = c.stats["hw"]
+    for records in (c.sim, *c.hw):
+        assert incomplete(records, c.workload) == []
+        assert (records["status"] == "finished").all()
+    (hw,) = c.stats["hw"]
     assert hw["mode"] == "split" and hw["anomalies"] == [] and hw["kv_free_end"] == hw["kv_total"]
     assert c.slices == {"llm-0/prefill": (cores[0],), "llm-0/decode": (cores[1],)}
     assert c.placement.units[0].kv_blocks == 64 * 2**20 // 16384

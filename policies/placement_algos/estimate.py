@@ -199,7 +199,8 @@ class Estimator:
         rate = self.demands[m[0]].rate
 
         def tpt(b: int) -> float:
-            return b / (self._cycle(m, n, b) + wait)
+            cycle = self._cycle(m, n, b) + wait  # 0 only where a table extrapolates down to zero
+            return b / cycle if cycle > 0 else math.inf
 
         prev, best, best_tpt = 0, 1, -1.0
         for b in _knots(cap):

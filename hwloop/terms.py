@@ -1,0 +1,198 @@
+"""The runner's costs that a step profile of one engine alone does not contain, each measured on its own.
+
+    python -m hwloop.terms turns --cores 0 1        # a step right after another engine's on the same cores
+    python -m hwloop.terms idle --cores 0           # a step after the engine sat idle, by idle time
+    python -m hwloop.terms dispatch --cores 0       # from the runner's send to the engine's step, by launch kind
+    python -m hwloop.terms all --json terms.json    # all three (what experiments.validate stores with a profile)
+
+The profiler (`hwloop.profiler`) times steps of one engine back to back. The runner does more:
+- **turns**: engines whose core sets overlap take turns, so a step often follows another engine's
+  step on the same cores, whose weights and activations then fill the caches (and whose OpenMP
+  threads just left the cores). Measured with a second engine of the same model on the same cores:
+  a step following the other engine's against a step following its own, in adjacent pairs.
+- **idle**: an engine that sat idle (no other engine on its cores meanwhile) starts colder than
+  back to back: its OpenMP threads went to sleep after spinning, and other processes touched the
+  caches. Measured as a step after sleeping `gap` seconds against the step just before the sleep,
+  in pairs, at a few gaps.
+
+Each extra is the median of paired differences (with their interquartile range): other processes'
+load drifts over seconds, and a pair a few milliseconds apart sees nearly the same load.
+- **dispatch**: the round trip a launch costs beside its step: from the runner sending a step
+  command to the engine starting the step (the pipe, unpickling, waking the worker), plus from the
+  step's end to the runner holding the reply; and for a launch that admits a request, vLLM adding
+  it. Measured as the medians of `StepDone.t_start − t_send` and `t_recv − StepDone.t_end`
+  (CLOCK_MONOTONIC is system-wide on Linux) for decode launches, and the excess of the first for
+  launches admitting one request.
+
+Each is an extra time charged to a job's first step by the simulator (`policies.cost.RunnerTerms`,
+`sim.engine.Simulator(runner_terms=…)`), never fitted to a validation run: these numbers come from
+these commands alone. The policy's own decision time is not among them (it is the same code in
+both executors, and the simulator charges no time for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hwloop.engine import engine_config, write_model_dir
+from hwloop.partition import available_cores, cpu_env
+from hwloop.process import start_workers
+from hwloop.worker import Admit, StepCmd, StepDone, WorkerHandle, WorkerSpec
+from policies.placement import blocks_per_chunk
+from policies.specs import ModelSpec
+
+IDLE_GAPS_S = (0.002, 0.02, 0.2)  # the idle times `idle` measures at
+TERMS = ("turns", "idle", "dispatch")
+
+
+class Pair:
+    """Two workers of one model pinned to the same cores, each holding a decode batch."""
+
+    def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
+                 budget: int, env: dict[str, str] | None = None) -> None:
+        cfg = engine_config(spec, write_model_dir(spec, work / "models"), max_batch=max(16, batch),
+                            pool_blocks=10**6, chunk_blocks=blocks_per_chunk(spec), prefill_tokens=2048)
+        self.cores, self.batch, self.context, self.budget = tuple(cores), batch, context, budget
+        self.handles = [WorkerHandle(WorkerSpec(f"terms-{i}", cfg, self.cores, {**cpu_env(self.cores), **(env or {})}),
+                                     work / "logs" / f"terms-{i}.log") for i in range(2)]
+        self._next_id = 0
+        self._left = [0, 0]  # decode steps each worker's batch has left
+
+    def __enter__(self) -> Pair:
+        start_workers(self.handles, timeout_s=600)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for h in self.handles:
+            h.stop()
+
+    def step(self, i: int, admit: int = 0) -> tuple[StepDone, float, float]:
+        """One step of worker `i` (admitting `admit` new requests): its StepDone, the send and receive times.
+        A batch that ran out of tokens is replaced by a fresh one first (its prefill not timed)."""
+        if self._left[i] <= 1:
+            self._refill(i)
+        self._left[i] -= 1
+        return self._send(i, StepCmd(self._admits(admit)))
+
+    def _admits(self, n: int) -> tuple[Admit, ...]:
+        out = []
+        for _ in range(n):
+            self._next_id += 1
+            out.append(Admit(self._next_id, self.context, self.context, 2))
+        return tuple(out)
+
+    def _refill(self, i: int) -> None:
+        while self._left[i] > 0:  # let the old batch finish
+            self._left[i] -= 1
+            self._send(i, StepCmd(()))
+        self._send(i, StepCmd(tuple(Admit(self._next_id + k + 1, self.context, self.context, self.budget)
+                                    for k in range(self.batch))))
+        self._next_id += self.batch
+        self._left[i] = self.budget - 1
+
+    def _send(self, i: int, cmd: StepCmd) -> tuple[StepDone, float, float]:
+        h = self.handles[i]
+        t_send = time.monotonic()
+        h.send(cmd)
+        done: StepDone = h.recv(60)
+        return done, t_send, time.monotonic()
+
+
+def _ms(values: Sequence[float]) -> float:
+    return 1e3 * float(np.median(values))
+
+
+def _step_s(pair: Pair, i: int) -> float:
+    done, *_ = pair.step(i)
+    return done.t_end - done.t_start
+
+
+def measure_turns(pair: Pair, steps: int) -> dict[str, float]:
+    """Paired samples, so that load from other processes, which drifts, hits both alike: worker 0
+    steps twice (the second step follows its own: alone), then worker 1 once and worker 0 once (that
+    step follows worker 1's: in turns). The extra is the median of the pairs' differences."""
+    alone, turns = [], []
+    for _ in range(steps):
+        _step_s(pair, 0)
+        alone.append(_step_s(pair, 0))
+        _step_s(pair, 1)
+        turns.append(_step_s(pair, 0))
+    diff = np.subtract(turns, alone)
+    return {"alone_ms": _ms(alone), "in_turns_ms": _ms(turns), "extra_ms": _ms(diff),
+            "extra_iqr_ms": 1e3 * float(np.subtract(*np.percentile(diff, [75, 25]))), "steps": steps}
+
+
+def measure_idle(pair: Pair, steps: int, gaps_s: Sequence[float] = IDLE_GAPS_S) -> dict[str, Any]:
+    """Paired samples per gap: a step right after the engine's previous one (back to back), then a
+    step after sleeping `gap`; the extra is the median of the pairs' differences."""
+    rows = []
+    for gap in gaps_s:
+        back_to_back, after = [], []
+        for _ in range(steps):
+            _step_s(pair, 0)
+            back_to_back.append(_step_s(pair, 0))
+            time.sleep(gap)
+            after.append(_step_s(pair, 0))
+        diff = np.subtract(after, back_to_back)
+        rows.append({"gap_s": gap, "back_to_back_ms": _ms(back_to_back), "after_ms": _ms(after),
+                     "extra_ms": _ms(diff), "extra_iqr_ms": 1e3 * float(np.subtract(*np.percentile(diff, [75, 25])))})
+    return {"gaps": rows, "steps": steps}
+
+
+def measure_dispatch(pair: Pair, steps: int) -> dict[str, float]:
+    """Median send-to-step-start and step-end-to-reply of decode launches (`decode_ms`: their sum),
+    and the excess send-to-step-start of launches admitting one request (`admit_ms`)."""
+    send, reply, admitting = [], [], []
+    for _ in range(steps):
+        done, t_send, t_recv = pair.step(0)
+        send.append(done.t_start - t_send)
+        reply.append(t_recv - done.t_end)
+        done, t_send, _ = pair.step(0, admit=1)
+        admitting.append(done.t_start - t_send)
+    return {"send_ms": _ms(send), "reply_ms": _ms(reply), "decode_ms": _ms(send) + _ms(reply),
+            "admit_ms": _ms(admitting) - _ms(send), "steps": steps}
+
+
+def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[str] = TERMS, steps: int = 60,
+            batch: int = 4, context: int = 64) -> dict[str, Any]:
+    """The chosen terms for `spec` on `cores`, with how they were measured."""
+    budget = min(4 * steps, spec.max_context - context - 2)
+    out: dict[str, Any] = {"model": spec.name, "cores": len(tuple(cores)), "batch": batch, "context": context,
+                           "loadavg_before": os.getloadavg()[0]}
+    with Pair(spec, cores, work, batch, context, budget) as pair:
+        pair.step(0), pair.step(1)  # both batches admitted and warm
+        for term in which:
+            how = {"turns": measure_turns, "idle": measure_idle, "dispatch": measure_dispatch}[term]
+            out[term] = how(pair, steps // 2 if term == "idle" else steps)  # idle sleeps: fewer pairs
+    out["loadavg_after"] = os.getloadavg()[0]
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("term", choices=[*TERMS, "all"])
+    ap.add_argument("--cores", type=int, nargs="*", help="cores both engines are pinned to (default: all)")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args()
+    spec = ModelSpec("tiny-l4-h512", 4, 512, 8, 8, 1376, 1024, max_context=512)
+    cores = tuple(args.cores or available_cores())
+    with tempfile.TemporaryDirectory(prefix="muxsim-terms-") as tmp:
+        result = measure(spec, cores, Path(tmp), TERMS if args.term == "all" else (args.term,), args.steps, args.batch)
+    print(json.dumps(result, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
