@@ -490,8 +490,16 @@ class Planned:
 def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Planned:
     cluster, gpu_cores = system_unit(system, s)
     cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
-    placement = place(system, workload, cluster, cost, extra_specs=s.specs,
-                      placement_opts=whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None)
+    opts = whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None
+    try:
+        placement = place(system, workload, cluster, cost, extra_specs=s.specs, placement_opts=opts)
+    except PlacementError as e:
+        if workload is s.workload:
+            raise
+        # Past saturation the placer may refuse the rates (no share holds the decode's load): the
+        # system still serves them on the placement of the configured rates, queueing the excess.
+        log.info("%s: the placer refuses the scaled rates (%s); using the configured rates' placement", system, e)
+        placement = place(system, s.workload, cluster, cost, extra_specs=s.specs, placement_opts=opts)
     if s.mode == "split":  # the pool is allocated for real here: what this machine holds, for both executors
         placement = replace(placement, units=tuple(replace(u, kv_blocks=min(u.kv_blocks, s.split_pool_blocks))
                                                    for u in placement.units))
