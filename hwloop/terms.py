@@ -3,7 +3,8 @@
     python -m hwloop.terms turns --cores 0 1        # a step right after another engine's on the same cores
     python -m hwloop.terms idle --cores 0           # a step after the engine sat idle, by idle time
     python -m hwloop.terms dispatch --cores 0       # from the runner's send to the engine's step, by launch kind
-    python -m hwloop.terms all --json terms.json    # all three (what experiments.validate stores with a profile)
+    python -m hwloop.terms shapes --cores 0         # a step whose token count the engine never ran before
+    python -m hwloop.terms all --json terms.json    # all four (what experiments.validate stores with a profile)
 
 The profiler (`hwloop.profiler`) times steps of one engine back to back. The runner does more:
 - **turns**: engines whose core sets overlap take turns, so a step often follows another engine's
@@ -14,6 +15,12 @@ The profiler (`hwloop.profiler`) times steps of one engine back to back. The run
   back to back: its OpenMP threads went to sleep after spinning, and other processes touched the
   caches. Measured as a step after sleeping `gap` seconds against the step just before the sleep,
   in pairs, at a few gaps.
+
+- **shapes**: the first step an engine runs at a given token count (the rows of its matrix products)
+  is slower than later ones of the same count: the CPU kernels are built per shape and cached
+  (oneDNN's primitives for bf16). The profiler warms every cell up, so its times are the cached ones;
+  a served trace keeps meeting new counts (each mixed step's prompts plus decodes). Measured as a
+  prefill of a never-run token count against the same prefill repeated, at a few counts.
 
 Each extra is the median of paired differences (with their interquartile range): other processes'
 load drifts over seconds, and a pair a few milliseconds apart sees nearly the same load.
@@ -51,7 +58,8 @@ from policies.placement import blocks_per_chunk
 from policies.specs import ModelSpec
 
 IDLE_GAPS_S = (0.002, 0.02, 0.2)  # the idle times `idle` measures at
-TERMS = ("turns", "idle", "dispatch")
+SHAPE_TOKENS = (8, 32, 128, 512, 1536)  # the token counts `shapes` measures near (capped by the engine's budget)
+TERMS = ("turns", "idle", "dispatch", "shapes")
 
 
 class Pair:
@@ -59,8 +67,10 @@ class Pair:
 
     def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
                  budget: int, env: dict[str, str] | None = None) -> None:
+        self.prefill_tokens = 2048
         cfg = engine_config(spec, write_model_dir(spec, work / "models"), max_batch=max(16, batch),
-                            pool_blocks=10**6, chunk_blocks=blocks_per_chunk(spec), prefill_tokens=2048)
+                            pool_blocks=10**6, chunk_blocks=blocks_per_chunk(spec), prefill_tokens=self.prefill_tokens)
+        self.max_context = spec.max_context
         self.cores, self.batch, self.context, self.budget = tuple(cores), batch, context, budget
         self.handles = [WorkerHandle(WorkerSpec(f"terms-{i}", cfg, self.cores, {**cpu_env(self.cores), **(env or {})}),
                                      work / "logs" / f"terms-{i}.log") for i in range(2)]
@@ -82,6 +92,19 @@ class Pair:
             self._refill(i)
         self._left[i] -= 1
         return self._send(i, StepCmd(self._admits(admit)))
+
+    def prefill(self, i: int, lengths: Sequence[int]) -> float:
+        """One step of worker `i`, its batch drained first, prefilling prompts of `lengths` that
+        finish in that step; the step's seconds."""
+        while self._left[i] > 0:
+            self._left[i] -= 1
+            self._send(i, StepCmd(()))
+        admits = []
+        for n in lengths:
+            self._next_id += 1
+            admits.append(Admit(self._next_id, n, n, 1))
+        done, *_ = self._send(i, StepCmd(tuple(admits)))
+        return done.t_end - done.t_start
 
     def _admits(self, n: int) -> tuple[Admit, ...]:
         out = []
@@ -162,6 +185,30 @@ def measure_dispatch(pair: Pair, steps: int) -> dict[str, float]:
             "admit_ms": _ms(admitting) - _ms(send), "steps": steps}
 
 
+def prompt_lengths(tokens: int, longest: int) -> list[int]:
+    """Prompts of at most `longest` tokens that add up to `tokens`, as even as they can be."""
+    n = -(-tokens // longest)
+    return [tokens // n + (k < tokens % n) for k in range(n)]
+
+
+def measure_shapes(pair: Pair, steps: int, near: Sequence[int] = SHAPE_TOKENS) -> dict[str, Any]:
+    """Paired samples per token count: a prefill of a count the engine never ran, then the same
+    prompts again (now cached); the extra is the median of the pairs' differences. Each sample uses
+    its own count just above `near`, so every first step really is the engine's first at that count."""
+    rows = []
+    longest = pair.max_context - 2
+    for target in sorted({min(t, pair.prefill_tokens - steps) for t in near}):
+        novel, cached = [], []
+        for k in range(steps):
+            lengths = prompt_lengths(target + k, longest)
+            novel.append(pair.prefill(0, lengths))
+            cached.append(pair.prefill(0, lengths))
+        diff = np.subtract(novel, cached)
+        rows.append({"tokens": target, "novel_ms": _ms(novel), "cached_ms": _ms(cached), "extra_ms": _ms(diff),
+                     "extra_iqr_ms": 1e3 * float(np.subtract(*np.percentile(diff, [75, 25])))})
+    return {"counts": rows, "steps": steps}
+
+
 def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[str] = TERMS, steps: int = 60,
             batch: int = 4, context: int = 64) -> dict[str, Any]:
     """The chosen terms for `spec` on `cores`, with how they were measured."""
@@ -171,8 +218,9 @@ def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[s
     with Pair(spec, cores, work, batch, context, budget) as pair:
         pair.step(0), pair.step(1)  # both batches admitted and warm
         for term in which:
-            how = {"turns": measure_turns, "idle": measure_idle, "dispatch": measure_dispatch}[term]
-            out[term] = how(pair, steps // 2 if term == "idle" else steps)  # idle sleeps: fewer pairs
+            how = {"turns": measure_turns, "idle": measure_idle, "dispatch": measure_dispatch,
+                   "shapes": measure_shapes}[term]
+            out[term] = how(pair, steps // 2 if term == "idle" else steps // 6 if term == "shapes" else steps)
     out["loadavg_after"] = os.getloadavg()[0]
     return out
 

@@ -640,7 +640,10 @@ class RunnerTerms:
     - `idle_s`: ((gap, extra), …) by increasing gap: the engine sat idle at least `gap`, with no
       other engine on its cores meanwhile; the extra of the largest gap not above the idle time;
     - `dispatch_s`: the runner's message to the worker until the step starts, every launch;
-    - `admit_s`: more of it when the launch admits requests (the engine adding them).
+    - `admit_s`: more of it when the launch admits requests (the engine adding them);
+    - `shape_s`: ((tokens, extra), …) by increasing tokens: the step's token count is one its
+      engine never ran before (its kernels are built for that shape first); interpolated between
+      the measured counts, the nearest measured one beyond them.
 
     A (model, cores) pair that was not measured adds nothing. None of these is fitted to a
     validation run: `experiments.validate` stores them with the profile they were measured beside.
@@ -650,14 +653,19 @@ class RunnerTerms:
     idle_s: Mapping[tuple[str, int], tuple[tuple[float, float], ...]] = field(default_factory=dict)
     dispatch_s: Mapping[tuple[str, int], float] = field(default_factory=dict)
     admit_s: Mapping[tuple[str, int], float] = field(default_factory=dict)
+    shape_s: Mapping[tuple[str, int], tuple[tuple[int, float], ...]] = field(default_factory=dict)
     label: str = "none"
 
     def first_step_extra(self, model: str, cores: int, *, after_other: bool, idle_for: float,
-                         admitting: bool) -> float:
+                         admitting: bool, new_shape: int = 0) -> float:
         """Extra seconds for a job's first step: `after_other` (another engine ran on its cores since
-        this engine's last step), else `idle_for` seconds since its last step ended (inf: never ran)."""
+        this engine's last step), else `idle_for` seconds since its last step ended (inf: never ran);
+        `new_shape`: the step's token count when its engine never ran that count before, else 0."""
         key = (model, cores)
         extra = self.dispatch_s.get(key, 0.0) + (self.admit_s.get(key, 0.0) if admitting else 0.0)
+        shapes = self.shape_s.get(key)
+        if new_shape and shapes:
+            extra += float(np.interp(new_shape, [t for t, _ in shapes], [x for _, x in shapes]))
         if after_other:
             return extra + self.turn_s.get(key, 0.0)
         idle = [x for gap, x in self.idle_s.get(key, ()) if gap <= idle_for]
@@ -668,7 +676,7 @@ class RunnerTerms:
         """From `hwloop.terms.measure` results (one per model and core count; figures in ms). Each is
         a cost, so a median difference below zero (noise: nothing measurable) is charged as zero; the
         stored figures keep the measured value."""
-        turn, idle, dispatch, admit = {}, {}, {}, {}
+        turn, idle, dispatch, admit, shape = {}, {}, {}, {}, {}
         for m in measured:
             key = (str(m["model"]), int(m["cores"]))
             if "turns" in m:
@@ -679,4 +687,7 @@ class RunnerTerms:
             if "dispatch" in m:
                 dispatch[key] = max(0.0, m["dispatch"]["decode_ms"] / 1e3)
                 admit[key] = max(0.0, m["dispatch"]["admit_ms"] / 1e3)
-        return cls(turn, idle, dispatch, admit, label)
+            if "shapes" in m:
+                shape[key] = tuple((int(c["tokens"]), max(0.0, c["extra_ms"] / 1e3))
+                                   for c in sorted(m["shapes"]["counts"], key=lambda c: c["tokens"]))
+        return cls(turn, idle, dispatch, admit, shape, label)

@@ -161,6 +161,12 @@ class Batch:
     def decoding(self) -> int:
         return len(self.requests) - self.admitted
 
+    @property
+    def step_tokens(self) -> int:
+        """The tokens the job's first step runs through the model: each admitted request's context
+        (its prefill) and one per decoding request: the rows of the step's matrix products."""
+        return self.admitted_context + self.decoding
+
 
 class UnitLedger:
     """One unit's state and every change to it, as both executors apply it."""

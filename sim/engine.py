@@ -112,6 +112,7 @@ class Simulator:
         self.runner_terms = runner_terms
         self._last_on_core: dict[int, str] = {}  # core → the worker whose job started there last
         self._last_end: dict[str, float] = {}  # worker → when its last job ended
+        self._shapes_run: dict[str, set[int]] = {}  # worker → the step token counts it has run
         if runner_terms is not None:
             self.stats.update(runner_terms=runner_terms.label, runner_extra_s=0.0, turn_starts=0)
         self._on_cores: dict[int, Job] = {}  # started jobs, by id, while core_slices is set
@@ -298,8 +299,13 @@ class Simulator:
             self._last_on_core[c] = worker
         if self.runner_terms is None:
             return 0.0
+        tokens = job.batch.step_tokens
+        shapes = self._shapes_run.setdefault(worker, set())
+        new_shape = 0 if tokens in shapes else tokens
+        shapes.add(tokens)
         extra = self.runner_terms.first_step_extra(job.batch.llm.spec.name, len(cores), after_other=after_other,
-                                                   idle_for=idle_for, admitting=job.batch.admitted > 0)
+                                                   idle_for=idle_for, admitting=job.batch.admitted > 0,
+                                                   new_shape=new_shape)
         self.stats["runner_extra_s"] += extra
         self.stats["turn_starts"] += after_other
         return extra

@@ -107,3 +107,31 @@ def test_runner_terms_read_from_measurements_take_the_largest_idle_gap_not_above
     assert terms.first_step_extra("m", 2, after_other=True, idle_for=1.0, admitting=True) == 0.0  # not measured
     measured[0]["turns"]["extra_ms"] = -1.0  # a cost measured below zero is noise: charged as none
     assert RunnerTerms.from_measured(measured, "test").turn_s[("m", 1)] == 0.0
+
+
+def test_a_step_shape_new_to_its_engine_is_charged_once_per_engine():
+    """`shape_s` (hwloop.terms shapes) charges a step whose token count its worker never ran: a's
+    first request prefills 10 tokens (new: 0.1 + 0.01) and decodes 1 (new: 0.01 + 0.01), ending at
+    0.13; its second request, alike and after a's idle second, runs both counts again (no extra):
+    1.0 → 1.1 → 1.11. b's first steps are new to b's own worker: its 10-token prefill is charged."""
+    terms = RunnerTerms(shape_s={("llama-7b", 1): ((1, 0.01), (100, 0.01))}, label="test")
+    wl = workload([("a", 0.0, 10, 2), ("a", 1.0, 10, 2), ("b", 1.0, 10, 2)])
+    placement = one_unit(["a", "b", "c"], max_batch=8, rates=[3.0, 2.0, 1.0])
+    res = Checked(wl, placement, make_batching("adbs"), table(), SPECS, mode="mixed", core_slices=SLICES,
+                  runner_terms=terms).run()
+    times = res.records.sort_values("request_id")[["first_token_s", "finish_s"]].to_numpy().tolist()
+    assert times == [pytest.approx([0.11, 0.13]), pytest.approx([1.1, 1.11]), pytest.approx([1.11, 1.13])]
+    assert res.stats["runner_extra_s"] == pytest.approx(0.04)
+
+
+def test_shape_terms_read_from_measurements_interpolate_between_token_counts():
+    measured = [{"model": "m", "cores": 1, "shapes": {"counts": [
+        {"tokens": 512, "extra_ms": 16.0}, {"tokens": 32, "extra_ms": 12.0}, {"tokens": 8, "extra_ms": -1.0}]}}]
+    terms = RunnerTerms.from_measured(measured, "test")
+    extra = lambda n: terms.first_step_extra("m", 1, after_other=False, idle_for=0.0, admitting=False,  # noqa: E731
+                                             new_shape=n)
+    assert extra(0) == 0.0  # a count the engine ran before
+    assert extra(8) == 0.0  # measured below zero: noise, charged as none
+    assert extra(20) == pytest.approx(0.006)
+    assert extra(272) == pytest.approx(0.014)
+    assert extra(4096) == pytest.approx(0.016)  # beyond the measured counts: the nearest one
