@@ -377,7 +377,7 @@ def runner_terms(s: Setup, profiles: list[Path], out: Path) -> RunnerTerms | Non
             with _bar(f"terms {spec.name}", len(s.cores), "core count", s.progress) as bar:
                 cached = []
                 for k in range(1, len(s.cores) + 1):
-                    cached.append(measure(spec, s.cores[:k], out / "terms", s.terms))
+                    cached.append(measure(spec, s.cores[:k], out / "terms", s.terms, others=s.cores[k:]))
                     bar.update(1)
             tmp = side.with_suffix(".tmp")
             tmp.write_text(json.dumps(cached, indent=1))
@@ -667,13 +667,14 @@ def terms_table(terms: RunnerTerms | None) -> dict[str, dict[str, Any]]:
     """The runner's terms per "model on k core(s)", in ms, for the report."""
     if terms is None:
         return {}
-    keys = sorted({*terms.turn_s, *terms.idle_s, *terms.dispatch_s, *terms.shape_s})
+    keys = sorted({*terms.turn_s, *terms.idle_s, *terms.dispatch_s, *terms.shape_s, *terms.beside})
     return {f"{m} on {k} core{'s' if k > 1 else ''}": {
         "turn_ms": 1e3 * terms.turn_s.get((m, k), math.nan),
         "idle_ms": {f"{g:g} s": 1e3 * x for g, x in terms.idle_s.get((m, k), ())},
         "dispatch_ms": 1e3 * terms.dispatch_s.get((m, k), math.nan),
         "admit_ms": 1e3 * terms.admit_s.get((m, k), math.nan),
-        "new_shape_ms": {f"{n} tokens": 1e3 * x for n, x in terms.shape_s.get((m, k), ())}} for m, k in keys}
+        "new_shape_ms": {f"{n} tokens": 1e3 * x for n, x in terms.shape_s.get((m, k), ())},
+        "beside_factor": {f"{n} tokens": f for n, f in terms.beside.get((m, k), ())}} for m, k in keys}
 
 
 def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift: dict[str, Any] | None,
@@ -698,6 +699,7 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
                       f"{name}: turn {t['turn_ms']:+.2f}, idle " + ", ".join(f"{g} {x:+.2f}" for g, x in t["idle_ms"].items())
                       + f", dispatch {t['dispatch_ms']:.2f}, admit {t['admit_ms']:+.2f}, new step shape "
                       + ", ".join(f"{n} {x:+.2f}" for n, x in t["new_shape_ms"].items())
+                      + "".join(f", beside another engine ×{f:.2f} at {n}" for n, f in t["beside_factor"].items())
                       for name, t in terms_table(terms).items()) + ".", ""]
     else:
         lines += ["No runner terms charged (profile.terms=[]).", ""]

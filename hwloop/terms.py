@@ -4,7 +4,8 @@
     python -m hwloop.terms idle --cores 0           # a step after the engine sat idle, by idle time
     python -m hwloop.terms dispatch --cores 0       # from the runner's send to the engine's step, by launch kind
     python -m hwloop.terms shapes --cores 0         # a step whose token count the engine never ran before
-    python -m hwloop.terms all --json terms.json    # all four (what experiments.validate stores with a profile)
+    python -m hwloop.terms beside --cores 0         # a step while another engine works on the other cores
+    python -m hwloop.terms all --json terms.json    # all five (what experiments.validate stores with a profile)
 
 The profiler (`hwloop.profiler`) times steps of one engine back to back. The runner does more:
 - **turns**: engines whose core sets overlap take turns, so a step often follows another engine's
@@ -21,6 +22,12 @@ The profiler (`hwloop.profiler`) times steps of one engine back to back. The run
   (oneDNN's primitives for bf16). The profiler warms every cell up, so its times are the cached ones;
   a served trace keeps meeting new counts (each mixed step's prompts plus decodes). Measured as a
   prefill of a never-run token count against the same prefill repeated, at a few counts.
+
+- **beside**: engines on *other* cores share the memory bandwidth and the last-level cache, so a
+  step runs slower while one of them works. Measured as the engine's decode steps at a few batches
+  and prefills at a few token counts, alone, then while a second engine of the model decodes a
+  batch of 32 non-stop on the remaining cores, then alone again: a slowdown factor (beside ÷ alone)
+  per step size in tokens. Needs cores outside the measured ones (none: no term).
 
 Each extra is the median of paired differences (with their interquartile range): other processes'
 load drifts over seconds, and a pair a few milliseconds apart sees nearly the same load.
@@ -43,6 +50,7 @@ import argparse
 import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -59,7 +67,10 @@ from policies.specs import ModelSpec
 
 IDLE_GAPS_S = (0.002, 0.02, 0.2)  # the idle times `idle` measures at
 SHAPE_TOKENS = (8, 32, 128, 512, 1536)  # the token counts `shapes` measures near (capped by the engine's budget)
-TERMS = ("turns", "idle", "dispatch", "shapes")
+BESIDE_BATCHES = (1, 8, 32, 96)  # the decode batches `beside` measures at (step tokens = batch)
+BESIDE_PROMPT_TOKENS = (256, 1024)  # and the prefills (more tokens than any decode batch above)
+BESIDE_LOAD_BATCH = 32  # the decode batch the neighbouring engine runs
+TERMS = ("turns", "idle", "dispatch", "shapes", "beside")
 
 
 class Pair:
@@ -68,7 +79,7 @@ class Pair:
     def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
                  budget: int, env: dict[str, str] | None = None) -> None:
         self.prefill_tokens = 2048
-        cfg = engine_config(spec, write_model_dir(spec, work / "models"), max_batch=max(16, batch),
+        cfg = engine_config(spec, write_model_dir(spec, work / "models"), max_batch=max(16, batch, *BESIDE_BATCHES),
                             pool_blocks=10**6, chunk_blocks=blocks_per_chunk(spec), prefill_tokens=self.prefill_tokens)
         self.max_context = spec.max_context
         self.cores, self.batch, self.context, self.budget = tuple(cores), batch, context, budget
@@ -93,12 +104,16 @@ class Pair:
         self._left[i] -= 1
         return self._send(i, StepCmd(self._admits(admit)))
 
-    def prefill(self, i: int, lengths: Sequence[int]) -> float:
-        """One step of worker `i`, its batch drained first, prefilling prompts of `lengths` that
-        finish in that step; the step's seconds."""
+    def drain(self, i: int) -> None:
+        """Let worker `i`'s batch finish (its next `step` admits a fresh one of `batch`)."""
         while self._left[i] > 0:
             self._left[i] -= 1
             self._send(i, StepCmd(()))
+
+    def prefill(self, i: int, lengths: Sequence[int]) -> float:
+        """One step of worker `i`, its batch drained first, prefilling prompts of `lengths` that
+        finish in that step; the step's seconds."""
+        self.drain(i)
         admits = []
         for n in lengths:
             self._next_id += 1
@@ -209,15 +224,74 @@ def measure_shapes(pair: Pair, steps: int, near: Sequence[int] = SHAPE_TOKENS) -
     return {"counts": rows, "steps": steps}
 
 
+class Neighbour:
+    """A second engine decoding non-stop on other cores, in a thread, while `on`."""
+
+    def __init__(self, pair: Pair) -> None:
+        self.pair, self.on, self._stop = pair, threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._work, daemon=True)
+
+    def _work(self) -> None:
+        while not self._stop.is_set():
+            if self.on.wait(0.01):
+                self.pair.step(0)
+
+    def __enter__(self) -> Neighbour:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure_beside(pair: Pair, neighbour: Neighbour, steps: int, batches: Sequence[int] = BESIDE_BATCHES,
+                   prompt_tokens: Sequence[int] = BESIDE_PROMPT_TOKENS) -> dict[str, Any]:
+    """Per step size: `steps` steps alone, as many beside the busy neighbour, as many alone again;
+    the factor is the median beside over the median of both alone stretches (which bracket it, so
+    a slow drift of other load hits both)."""
+    rows, batch = [], pair.batch
+    sizes = [("decode", b) for b in batches] + [("prefill", n) for n in prompt_tokens]
+    for kind, size in sizes:
+        if kind == "decode":
+            pair.batch = size
+            pair.drain(0)
+            step = lambda: _step_s(pair, 0)  # noqa: E731
+        else:
+            lengths = prompt_lengths(size, pair.max_context - 2)
+            step = lambda lengths=lengths: pair.prefill(0, lengths)  # noqa: E731
+        step()  # warm: this size's shapes built
+        alone = [step() for _ in range(steps)]
+        neighbour.on.set()
+        time.sleep(0.05)
+        beside = [step() for _ in range(steps)]
+        neighbour.on.clear()
+        time.sleep(0.05)
+        alone += [step() for _ in range(steps)]
+        rows.append({"kind": kind, "tokens": size, "alone_ms": _ms(alone), "beside_ms": _ms(beside),
+                     "factor": float(np.median(beside) / np.median(alone))})
+    pair.batch = batch
+    pair.drain(0)
+    return {"sizes": rows, "steps": steps, "neighbour_batch": neighbour.pair.batch}
+
+
 def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[str] = TERMS, steps: int = 60,
-            batch: int = 4, context: int = 64) -> dict[str, Any]:
-    """The chosen terms for `spec` on `cores`, with how they were measured."""
+            batch: int = 4, context: int = 64, others: Sequence[int] = ()) -> dict[str, Any]:
+    """The chosen terms for `spec` on `cores`, with how they were measured; `beside` needs `others`
+    (cores for the neighbouring engine) and is None without them."""
     budget = min(4 * steps, spec.max_context - context - 2)
     out: dict[str, Any] = {"model": spec.name, "cores": len(tuple(cores)), "batch": batch, "context": context,
                            "loadavg_before": os.getloadavg()[0]}
     with Pair(spec, cores, work, batch, context, budget) as pair:
         pair.step(0), pair.step(1)  # both batches admitted and warm
         for term in which:
+            if term == "beside":
+                out[term] = None  # no cores outside `cores`: no engine can work beside it
+                if others:
+                    with Pair(spec, others, work / "beside", BESIDE_LOAD_BATCH, context, budget) as other, \
+                            Neighbour(other) as neighbour:
+                        out[term] = measure_beside(pair, neighbour, steps // 3)
+                continue
             how = {"turns": measure_turns, "idle": measure_idle, "dispatch": measure_dispatch,
                    "shapes": measure_shapes}[term]
             out[term] = how(pair, steps // 2 if term == "idle" else steps // 6 if term == "shapes" else steps)
@@ -229,14 +303,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("term", choices=[*TERMS, "all"])
     ap.add_argument("--cores", type=int, nargs="*", help="cores both engines are pinned to (default: all)")
+    ap.add_argument("--beside-cores", type=int, nargs="*",
+                    help="cores of the neighbouring engine for `beside` (default: the others this process may use)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     spec = ModelSpec("tiny-l4-h512", 4, 512, 8, 8, 1376, 1024, max_context=512)
     cores = tuple(args.cores or available_cores())
+    others = tuple(args.beside_cores if args.beside_cores is not None else
+                   (c for c in available_cores() if c not in cores))
     with tempfile.TemporaryDirectory(prefix="muxsim-terms-") as tmp:
-        result = measure(spec, cores, Path(tmp), TERMS if args.term == "all" else (args.term,), args.steps, args.batch)
+        result = measure(spec, cores, Path(tmp), TERMS if args.term == "all" else (args.term,), args.steps, args.batch,
+                         others=others)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

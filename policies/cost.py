@@ -643,7 +643,11 @@ class RunnerTerms:
     - `admit_s`: more of it when the launch admits requests (the engine adding them);
     - `shape_s`: ((tokens, extra), …) by increasing tokens: the step's token count is one its
       engine never ran before (its kernels are built for that shape first); interpolated between
-      the measured counts, the nearest measured one beyond them.
+      the measured counts, the nearest measured one beyond them;
+    - `beside`: ((tokens, factor), …) by increasing step tokens: the slowdown of a step that starts
+      while an engine works on other cores (shared memory bandwidth and last-level cache), by the
+      tokens of the step (a decode's batch, a prefill's prompts), interpolated likewise. This one
+      multiplies the step's time; the others add to it.
 
     A (model, cores) pair that was not measured adds nothing. None of these is fitted to a
     validation run: `experiments.validate` stores them with the profile they were measured beside.
@@ -654,7 +658,13 @@ class RunnerTerms:
     dispatch_s: Mapping[tuple[str, int], float] = field(default_factory=dict)
     admit_s: Mapping[tuple[str, int], float] = field(default_factory=dict)
     shape_s: Mapping[tuple[str, int], tuple[tuple[int, float], ...]] = field(default_factory=dict)
+    beside: Mapping[tuple[str, int], tuple[tuple[int, float], ...]] = field(default_factory=dict)
     label: str = "none"
+
+    def beside_factor(self, model: str, cores: int, tokens: int) -> float:
+        """How much slower a step of `tokens` runs while an engine works on other cores (1: not measured)."""
+        curve = self.beside.get((model, cores))
+        return float(np.interp(tokens, [t for t, _ in curve], [f for _, f in curve])) if curve else 1.0
 
     def first_step_extra(self, model: str, cores: int, *, after_other: bool, idle_for: float,
                          admitting: bool, new_shape: int = 0) -> float:
@@ -676,7 +686,7 @@ class RunnerTerms:
         """From `hwloop.terms.measure` results (one per model and core count; figures in ms). Each is
         a cost, so a median difference below zero (noise: nothing measurable) is charged as zero; the
         stored figures keep the measured value."""
-        turn, idle, dispatch, admit, shape = {}, {}, {}, {}, {}
+        turn, idle, dispatch, admit, shape, beside = {}, {}, {}, {}, {}, {}
         for m in measured:
             key = (str(m["model"]), int(m["cores"]))
             if "turns" in m:
@@ -690,4 +700,7 @@ class RunnerTerms:
             if "shapes" in m:
                 shape[key] = tuple((int(c["tokens"]), max(0.0, c["extra_ms"] / 1e3))
                                    for c in sorted(m["shapes"]["counts"], key=lambda c: c["tokens"]))
-        return cls(turn, idle, dispatch, admit, shape, label)
+            if m.get("beside"):  # None: no cores were left to measure it with; a factor below 1 is noise
+                beside[key] = tuple((int(r["tokens"]), max(1.0, r["factor"]))
+                                    for r in sorted(m["beside"]["sizes"], key=lambda r: r["tokens"]))
+        return cls(turn, idle, dispatch, admit, shape, beside, label)

@@ -80,7 +80,8 @@ class Simulator:
 
         `runner_terms` (with `core_slices`) adds the CPU runner's measured costs to each job's first
         step: a turn after another engine on its cores, an idle engine's cold start, the dispatch of
-        the launch (`_runner_extra`)."""
+        the launch, a token count new to its engine (`_runner_extra`); and slows a job that starts
+        while an engine works on other cores (`_beside_factor`)."""
         self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
         self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
         self.env = simpy.Environment()
@@ -114,7 +115,7 @@ class Simulator:
         self._last_end: dict[str, float] = {}  # worker → when its last job ended
         self._shapes_run: dict[str, set[int]] = {}  # worker → the step token counts it has run
         if runner_terms is not None:
-            self.stats.update(runner_terms=runner_terms.label, runner_extra_s=0.0, turn_starts=0)
+            self.stats.update(runner_terms=runner_terms.label, runner_extra_s=0.0, turn_starts=0, beside_starts=0)
         self._on_cores: dict[int, Job] = {}  # started jobs, by id, while core_slices is set
         # Launches waiting for their cores, oldest first, with their durations.
         self._deferred: deque[tuple[SimUnit, Job, float]] = deque()
@@ -261,11 +262,6 @@ class Simulator:
         for job in jobs:
             if not self._must_wait(job):
                 self._on_cores[job.job_id] = job
-                extra = self._runner_extra(job)
-                if job.steps is None:
-                    job.end += extra
-                else:  # a decode: `plan` adds it to the run's first step
-                    job.first_extra_s = extra
                 now.append(job)
                 continue
             if job.steps is not None:  # a decode: _start left its timing to _plan_runs
@@ -274,6 +270,12 @@ class Simulator:
             job.end = math.inf
             unit.jobs[job.job_id] = job
             self.stats["deferred_launches"] += 1
+        for job in now:  # after all of them hold their cores: jobs starting together run beside each other
+            extra, job.factor = self._runner_extra(job), self._beside_factor(job)
+            if job.steps is None:
+                job.end = self.env.now + job.alone_s * job.factor + extra
+            else:  # a decode: `plan` adds it to the run's first step, and times its steps at the factor
+                job.first_extra_s = extra
         return now
 
     def _must_wait(self, job: Job) -> bool:
@@ -310,6 +312,17 @@ class Simulator:
         self.stats["turn_starts"] += after_other
         return extra
 
+    def _beside_factor(self, job: Job) -> float:
+        """`job` starts now: its steps' slowdown if an engine works on other cores at this moment
+        (`RunnerTerms.beside_factor`), kept for the whole job (not rescaled as neighbours come and go)."""
+        if self.runner_terms is None:
+            return 1.0
+        cores = set(self._cores(job))
+        if not any(cores.isdisjoint(self._cores(o)) for o in self._on_cores.values() if o is not job):
+            return 1.0
+        self.stats["beside_starts"] += 1
+        return self.runner_terms.beside_factor(job.batch.llm.spec.name, len(cores), job.batch.step_tokens)
+
     def _cores(self, job: Job) -> tuple[int, ...]:
         """The cores `job`'s worker is pinned to: "<LLM>/<phase>" in split mode (a process per phase,
         hwloop.split_runner), else the LLM's one worker."""
@@ -325,7 +338,7 @@ class Simulator:
             if self._must_wait(waiting):
                 self._deferred.append((unit, waiting, duration))
             else:
-                waiting.end = self.env.now + duration + self._runner_extra(waiting)
+                waiting.end = self.env.now + duration * self._beside_factor(waiting) + self._runner_extra(waiting)
                 self._on_cores[waiting.job_id] = waiting
                 self._run(unit, waiting)
 

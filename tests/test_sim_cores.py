@@ -135,3 +135,28 @@ def test_shape_terms_read_from_measurements_interpolate_between_token_counts():
     assert extra(20) == pytest.approx(0.006)
     assert extra(272) == pytest.approx(0.014)
     assert extra(4096) == pytest.approx(0.016)  # beyond the measured counts: the nearest one
+
+
+def test_a_job_starting_while_an_engine_works_on_other_cores_runs_at_the_beside_factor():
+    """`beside` (hwloop.terms beside) at a flat 2×: a and b (cores 0 and 1) start together, so each
+    runs beside the other: prefill 0.2, decode 0.02. a's second request, with b idle, runs alone."""
+    terms = RunnerTerms(beside={("llama-7b", 1): ((1, 2.0), (100, 2.0))}, label="test")
+    wl = workload([("a", 0.0, 10, 2), ("b", 0.0, 10, 2), ("a", 1.0, 10, 2)])
+    placement = one_unit(["a", "b", "c"], max_batch=8, rates=[3.0, 2.0, 1.0])
+    res = Checked(wl, placement, make_batching("adbs"), table(), SPECS, mode="mixed", core_slices=SLICES,
+                  runner_terms=terms).run()
+    times = res.records.sort_values("request_id")[["first_token_s", "finish_s"]].to_numpy().tolist()
+    assert times == [pytest.approx([0.2, 0.22]), pytest.approx([0.2, 0.22]), pytest.approx([1.1, 1.11])]
+    assert res.stats["beside_starts"] == 4
+
+
+def test_beside_factors_read_from_measurements_interpolate_and_never_speed_up():
+    measured = [{"model": "m", "cores": 1, "beside": {"sizes": [
+        {"kind": "prefill", "tokens": 256, "factor": 1.2}, {"kind": "decode", "tokens": 1, "factor": 0.97},
+        {"kind": "decode", "tokens": 32, "factor": 1.6}]}}]
+    terms = RunnerTerms.from_measured(measured, "test")
+    assert terms.beside_factor("m", 1, 1) == 1.0  # measured below 1: noise, charged as none
+    assert terms.beside_factor("m", 1, 32) == pytest.approx(1.6)
+    assert terms.beside_factor("m", 1, 144) == pytest.approx(1.4)
+    assert terms.beside_factor("m", 1, 4096) == pytest.approx(1.2)
+    assert terms.beside_factor("m", 2, 32) == 1.0  # not measured
