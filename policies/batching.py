@@ -79,7 +79,9 @@ def decode_launch(llm: LLMView, view: UnitView, units: int, taken: int = 0) -> L
     batch, preempted = decode_batch(llm, kv_slack(llm, view) - taken)
     if not batch:
         return None
-    return Launch(llm.name, "decode", ids(batch), units, ids(preempted))
+    if preempted or llm.decode_busy:
+        return Launch(llm.name, "decode", ids(batch), units, ids(preempted))
+    return Launch(llm.name, "decode", tuple(llm.running_ids[: len(batch)]), units)  # the first running requests
 
 
 def mixed_launch(llm: LLMView, view: UnitView, units: int, max_tokens: int) -> Launch | None:

@@ -131,13 +131,11 @@ class LLMState:
     running_busy: int = 0  # how many of `running` are inside a job
 
     def __post_init__(self) -> None:
+        self.name = self.placement.name  # an attribute, not a property: read at every launch
         # Views wrap the same containers every time: they are only ever changed in place.
         self._waiting_view = ReadOnlyQueue(self.waiting)
         self._running_view = ReadOnlyQueue(self.running)
-
-    @property
-    def name(self) -> str:
-        return self.placement.name
+        self._running_ids_view = ReadOnlyQueue(self.running_ids)
 
 
 @dataclass(eq=False, slots=True)
@@ -190,8 +188,9 @@ class UnitLedger:
 
     def view(self, now: float) -> UnitView:
         used = self.pool.used
-        llms = tuple([LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x.prefill_busy,
-                              x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since, x.decode_idle_since)
+        llms = tuple([LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x._running_ids_view,
+                              x.prefill_busy, x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since,
+                              x.decode_idle_since)
                       for name, x in self.llms.items()])
         return UnitView(self.unit.unit_id, now, self.mode, self.unit.sm_units, self.sm_free,
                         self.unit.kv_blocks, self.pool.free, llms)
