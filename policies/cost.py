@@ -168,6 +168,7 @@ class TableCostModel:
 
     def __post_init__(self) -> None:
         self._curve = lru_cache(maxsize=65536)(self._curve_uncached)
+        self._step_time = lru_cache(maxsize=65536)(self._step_time_uncached)
         self._models = {m for m, _ in self.grids}
 
     # ---- construction -------------------------------------------------------------------------
@@ -283,8 +284,12 @@ class TableCostModel:
         return curve.at_many(ctx)
 
     def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
-        key = self.key(model)
-        curve = self._curve(key, tp, int(sm_pct), int(batch), "decode")
+        return self._step_time(self.key(model), tp, int(sm_pct), int(batch))
+
+    def _step_time_uncached(self, key: str, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
+        """`decode_curve`'s function, made once per (model, TP, SM share, batch): a decode run asks for
+        one per stretch of its batch, and most ask for one already made."""
+        curve = self._curve(key, tp, sm_pct, batch, "decode")
         lo, hi = curve.xp[0], curve.xp[-1]
         counted, noted = self.extrapolated, (key, tp, "seq_len")
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import bisect
 import heapq
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,8 +57,9 @@ class Job:
     first_extra_s: float = 0.0  # decode runs: the runner's extra for the first step (Simulator._runner_extra)
     version: int = 0  # bumped when interference moves `end`
     steps: int | None = None  # decode runs only: number of steps in this run
-    boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
-    _left: list[int] = field(default_factory=list)  # multi-step runs: tokens each request had to go at launch
+    # Set by `plan` for a run of several steps; empty tuples until then, which cost no allocation per job.
+    boundaries: Sequence[float] = ()  # decode runs: when each planned step ends
+    _left: Sequence[int] = ()  # multi-step runs: tokens each request had to go at launch
 
     def plan(self, cost: CostModel, now: float, slack: int, horizon: float, through_finishes: bool = False) -> None:
         """Choose how many steps this decode run covers and when each ends.
