@@ -164,12 +164,23 @@ class TableCostModel:
     extrapolation: Extrapolation = "linear"
     aliases: dict[str, str] = field(default_factory=dict)
     kind: str = "measured"
-    extrapolated: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self._curve = lru_cache(maxsize=65536)(self._curve_uncached)
         self._step_time = lru_cache(maxsize=65536)(self._step_time_uncached)
         self._models = {m for m, _ in self.grids}
+        # Lookups outside the measured range, per (model, TP, axis), each count in a one-element list:
+        # a decode step past the table's longest context counts one, and `Counter[key] += 1` took
+        # about 0.4 µs of a 0.8 µs step lookup (BENCHMARKS.md, "extrapolation counts").
+        self._extrapolations: dict[tuple[str, int, str], list[int]] = {}
+
+    @property
+    def extrapolated(self) -> Counter[tuple[str, int, str]]:
+        """How many lookups fell outside the measured range, per (model, TP, axis)."""
+        return Counter({key: count[0] for key, count in self._extrapolations.items() if count[0]})
+
+    def _extrapolation_count(self, model: str, tp: int, axis: str) -> list[int]:
+        return self._extrapolations.setdefault((model, tp, axis), [0])
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -291,12 +302,12 @@ class TableCostModel:
         one per stretch of its batch, and most ask for one already made."""
         curve = self._curve(key, tp, sm_pct, batch, "decode")
         lo, hi = curve.xp[0], curve.xp[-1]
-        counted, noted = self.extrapolated, (key, tp, "seq_len")
+        counted = self._extrapolation_count(key, tp, "seq_len")
 
         def step_time(ctx_len: float) -> float:
             if not lo <= ctx_len <= hi:
-                if counted[noted]:  # warned already (and allowed): only count, at every step of a run
-                    counted[noted] += 1
+                if counted[0]:  # warned already (and allowed): only count, at every step of a run
+                    counted[0] += 1
                 else:
                     self._note(key, tp, "seq_len", float(ctx_len))
             return curve.at(float(ctx_len))
@@ -314,10 +325,11 @@ class TableCostModel:
         if self.extrapolation == "error":
             raise CostModelError(f"{self.label}: {model} tp={tp}: {axis}={value:g} is outside the measured range "
                                  "(set extrapolation=linear to allow a logged linear extrapolation)")
-        if not self.extrapolated[(model, tp, axis)]:
+        counted = self._extrapolation_count(model, tp, axis)
+        if not counted[0]:
             log.warning("%s: %s tp=%d: extrapolating linearly beyond measured %s (first value %g)",
                         self.label, model, tp, axis, value)
-        self.extrapolated[(model, tp, axis)] += n
+        counted[0] += n
 
     def _curve_uncached(self, model: str, tp: int, sm_pct: int, batch: int, phase: PhaseName) -> Curve:
         """Latency along the length axis at one (sm, batch): the unit every lookup interpolates from."""
