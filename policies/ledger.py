@@ -284,7 +284,7 @@ class UnitLedger:
             ids = set(named)
             admitted = self._take_waiting(llm, ids)
         decoding: list[Request] = []
-        pool, chunk, block = self.pool, llm.chunk_blocks, BLOCK_TOKENS
+        pool, chunk, block, up = self.pool, llm.chunk_blocks, BLOCK_TOKENS, BLOCK_TOKENS - 1
         admitted_context = decoding_context = 0
         min_left = 1 << 62
         for r in admitted:
@@ -313,8 +313,8 @@ class UnitLedger:
                 generated = r.generated
                 context = r.prompt_tokens + generated
                 decoding_context += context
-                # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
-                blocks = -(-context // block) * chunk
+                # blocks_for_tokens, inlined, rounding up by adding (BENCHMARKS.md, "inlined block counts")
+                blocks = (context + up) // block * chunk
                 if blocks != r.blocks:  # most decode steps cross no block boundary
                     pool.resize(r, blocks)
                 if r.output_tokens - generated < min_left:
@@ -376,10 +376,11 @@ class UnitLedger:
         anything else on the unit looks."""
         if steps <= 1:
             return
-        pool, chunk, block, last = self.pool, batch.llm.chunk_blocks, BLOCK_TOKENS, steps - 1
+        pool, chunk, block = self.pool, batch.llm.chunk_blocks, BLOCK_TOKENS
+        up = steps - 1 + BLOCK_TOKENS - 1  # the last step's context, rounded up to whole blocks
         for r in batch.requests:
-            # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
-            blocks = -(-(r.prompt_tokens + r.generated + last) // block) * chunk
+            # blocks_for_tokens, inlined, rounding up by adding (BENCHMARKS.md, "inlined block counts")
+            blocks = (r.prompt_tokens + r.generated + up) // block * chunk
             if blocks != r.blocks:
                 pool.resize(r, blocks)
 
