@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,13 +154,13 @@ class Simulator:
 
     def _start_arrivals(self) -> None:
         """Arrivals as a chain of timeouts, each applying the arrivals of its instant and setting the
-        next: a SimPy process would resume a generator at each (BENCHMARKS.md, "arrivals without a
-        process"). The chain starts from an event scheduled where `env.process` would schedule its
-        first resumption, so every event keeps its place in SimPy's order."""
+        next: a SimPy process would resume a generator at each (BENCHMARKS.md, "arrivals"). The chain
+        starts from an event scheduled where `env.process` would schedule its first resumption, so
+        every event keeps its place in SimPy's order."""
         df = self.workload.df
         columns = [df[c].to_numpy() for c in ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens")]
-        self._arrival_times = columns[2]
-        self._arrival_rows = enumerate(zip(*columns, strict=True))  # read as they arrive: no copy of the trace
+        self._arrival_count = len(df)
+        self._arrival_rows = enumerate(_rows(columns))
         self._next_row = next(self._arrival_rows, None)
         start = simpy.Event(self.env)
         start.callbacks.append(self._arrive)
@@ -170,25 +170,26 @@ class Simulator:
 
     def _arrive(self, _event: simpy.Event) -> None:
         """Apply every arrival at this instant, then wait for the next one's."""
-        times, now, row = self._arrival_times, self.env.now, self._next_row
-        every = max(1, len(times) // 200)
+        now, row = self.env.now, self._next_row
+        every = max(1, self._arrival_count // 200)
         while row is not None:
             i, (rid, name, t, prompt, output) = row
             if t > now:
                 self._next_row = row
                 timeout_at(self.env, float(t)).callbacks.append(self._arrive)
                 return
+            following = next(self._arrival_rows, None)
             unit = self.units[self._unit_of[name]]
             unit.next_arrival += 1
             ledger = unit.ledger
             r = Request(int(rid), str(name), float(t), int(prompt), int(output))
             queued = ledger.arrive(r, ledger.llms[r.llm].spec.max_context)
             if queued and not (self.policy.exclusive and unit.jobs):  # an exclusive policy waits for the job's end
-                last = i + 1 == len(times) or times[i + 1] > t  # the last arrival of this instant
+                last = following is None or following[1][2] > t  # the last arrival of this instant
                 self._decide_now_or_later(unit, last)
             if self.progress and i % every == 0:
                 self.progress(now)
-            row = next(self._arrival_rows, None)
+            row = following
         self._next_row = None
 
     def _ticker(self, unit: SimUnit) -> Generator[simpy.Event, None, None]:
@@ -439,6 +440,14 @@ class Simulator:
                 request = Request(int(row.request_id), str(row.model), float(row.arrival_s),
                                   int(row.prompt_tokens), int(row.output_tokens))
                 self.units[self._unit_of[request.llm]].ledger.fail(request, not_arrived(why))
+
+
+def _rows(columns: list[Any], chunk: int = 1024) -> Iterator[tuple[Any, ...]]:
+    """The rows of a trace's columns (numpy arrays) as Python values, converted `chunk` rows at a
+    time: an element of a numpy array costs a scalar object per read, and converting the whole
+    trace at once would keep a copy of it as Python objects (tests/test_sim.py, memory)."""
+    for start in range(0, len(columns[0]), chunk):
+        yield from zip(*(c[start:start + chunk].tolist() for c in columns), strict=True)
 
 
 def timeout_at(env: simpy.Environment, t: float) -> simpy.Timeout:
