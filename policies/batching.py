@@ -38,12 +38,13 @@ def admit_fcfs(llm: LLMView, slack: int, max_tokens: int, max_requests: int) -> 
     batch: list[Request] = []
     tokens = 0
     for r in llm.waiting:
-        need = blocks_for_tokens(r.context_tokens, llm.chunk_blocks)
-        if len(batch) >= max_requests or need > slack or (batch and tokens + r.context_tokens > max_tokens):
+        context = r.context_tokens
+        need = blocks_for_tokens(context, llm.chunk_blocks)
+        if len(batch) >= max_requests or need > slack or (batch and tokens + context > max_tokens):
             break
         batch.append(r)
         slack -= need
-        tokens += r.context_tokens
+        tokens += context
     return batch
 
 
