@@ -59,7 +59,9 @@ class Job:
     steps: int | None = None  # decode runs only: number of steps in this run
     # Set by `plan` for a run of several steps; empty tuples until then, which cost no allocation per job.
     boundaries: Sequence[float] = ()  # decode runs: when each planned step ends
-    _left: Sequence[int] = ()  # multi-step runs: tokens each request had to go at launch
+    # Runs past their first finish: (tokens to go at launch, index in the batch) of the requests met
+    # in `_segments`, in the order they finish; every request that finishes before the last step is here.
+    _finishing: Sequence[tuple[int, int]] = ()
 
     def plan(self, cost: CostModel, now: float, slack: int, horizon: float, through_finishes: bool = False) -> None:
         """Choose how many steps this decode run covers and when each ends.
@@ -69,7 +71,7 @@ class Job:
         finishes. With `through_finishes`, until the last one does instead: the batch shrinks at each
         finish, as the decode relaunched after it would (the caller knows nothing else could start).
 
-        The per-request lists are only built when the run goes past its first finish or its KV
+        The per-request list is only built when the run goes past its first finish or its KV
         growth has to be counted: most runs end at the next event before either.
         """
         batch = self.batch
@@ -88,12 +90,12 @@ class Job:
         boundaries = [self.end]  # step 0, timed above
         # Steps 1..min_left-1: the whole batch, until its first finish.
         t = self._time_steps(cost, step_time, n, total, min_left, boundaries, horizon)
-        contexts: list[int] = []
-        left: list[int] = []
+        requests: list[tuple[int, int, int]] = []  # (tokens to go, index in the batch, context) of each
         if len(boundaries) == min_left and t < horizon and through_finishes:  # on past the first finish
-            contexts = [r.prompt_tokens + r.generated for r in batch.requests]
-            left = [r.output_tokens - r.generated for r in batch.requests]
-            for alive, alive_ctx, stop in _segments(contexts, left, max(left)):
+            requests = _left_index_context(batch.requests)
+            finishing: list[tuple[int, int]] = []
+            self._finishing = finishing
+            for alive, alive_ctx, stop in _segments(requests, n, total, finishing):
                 if stop <= min_left:
                     continue  # the first stretch, timed above
                 step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, alive)
@@ -105,11 +107,8 @@ class Job:
         steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
         chunks = slack // llm.chunk_blocks
         if steps > 1 and not grows_within(n, steps, chunks):
-            if not left:
-                contexts = [r.prompt_tokens + r.generated for r in batch.requests]
-                left = [r.output_tokens - r.generated for r in batch.requests]
-            steps = steps_within_kv(contexts, left, steps, chunks)
-        self._left = left
+            requests = requests or _left_index_context(batch.requests)
+            steps = steps_within_kv([c for _, _, c in requests], [k for k, _, _ in requests], steps, chunks)
         self._set_steps(steps)
 
     def _time_steps(self, cost: CostModel, step_time: Callable[[float], float], alive: int, alive_ctx: int,
@@ -165,28 +164,32 @@ class Job:
         first (batch order within a step, as step by step). Call once, after the last `truncate`."""
         if self.steps is None or self.steps <= self.batch.min_left:
             return []  # nobody finishes before the last step
-        early = [(left, r) for left, r in zip(self._left, self.batch.requests, strict=True) if left < self.steps]
-        early.sort(key=lambda x: x[0])
-        return [(self.boundaries[left - 1], r) for left, r in early]
+        requests, steps, boundaries = self.batch.requests, self.steps, self.boundaries
+        return [(boundaries[left - 1], requests[i]) for left, i in self._finishing if left < steps]
 
 
-def _segments(contexts: list[int], left: list[int], max_steps: int) -> Iterator[tuple[int, int, int]]:
+def _left_index_context(requests: list[Request]) -> list[tuple[int, int, int]]:
+    """(tokens to go, index, context) of each request of a batch, in batch order."""
+    return [(r.output_tokens - r.generated, i, r.prompt_tokens + r.generated) for i, r in enumerate(requests)]
+
+
+def _segments(requests: list[tuple[int, int, int]], n: int, total: int,
+              finishing: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
     """Stretches of a decode run over which its batch stays the same, in order, covering steps
-    0..max_steps-1: (requests, their summed context at step 0, the step the stretch ends before;
-    each starts where the previous one ended). A request with `left` tokens to go takes part in
-    steps 0..left-1."""
-    n, total, start = len(left), sum(contexts), 0
-    if min(left) >= max_steps:
-        yield n, total, max_steps
-        return
-    ending = list(zip(left, contexts, strict=True))
+    0..(most tokens to go)-1: (requests, their summed context at step 0, the step the stretch ends
+    before; each starts where the previous one ended). `requests` holds (tokens to go, index,
+    context) of the batch's `n` requests, whose contexts sum to `total`; a request with `left` tokens
+    to go takes part in steps 0..left-1. Each request met is appended to `finishing` as (left, index):
+    earliest finish first, batch order within a step.
+    """
+    start = 0
+    ending = list(requests)
     heapq.heapify(ending)  # popped lazily: a run usually stops at the next event after a few finishes
     while ending:
-        request_left, ctx = heapq.heappop(ending)
+        request_left, index, ctx = heapq.heappop(ending)
+        finishing.append((request_left, index))
         if request_left > start:
-            yield n, total, min(request_left, max_steps)
+            yield n, total, request_left
             start = request_left
-            if start >= max_steps:
-                return
         n -= 1
         total -= ctx
