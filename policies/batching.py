@@ -124,6 +124,8 @@ def ids(requests: Iterable[Request]) -> tuple[int, ...]:
 
 
 def has_idle_running(llm: LLMView) -> bool:
+    if not llm.decode_busy:  # none is busy (`LLMView.running`): no pass over them
+        return len(llm.running) > 0
     return any(not r.busy for r in llm.running)
 
 
