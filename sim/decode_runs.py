@@ -80,7 +80,8 @@ class Job:
         step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, n)
         # Integer sums, then one division: the same mean context step-by-step execution computes.
         d = step_time(total / n) * self.factor + self.first_extra_s
-        self._check(d, cost)
+        if not math.isfinite(d):
+            self._unmeasured(cost)
         self.steps, self.end = 1, now + d
         if self.end >= horizon:
             return  # the first step already reaches the next event: the common case under load
@@ -102,7 +103,8 @@ class Job:
                 t = self._time_steps(cost, step_time, alive, alive_ctx, stop, boundaries, horizon)
                 if len(boundaries) < stop or t >= horizon:
                     break  # stopped at `horizon`, or where the arrays were capped
-        self._check(t, cost)  # an unmeasured cell makes its step, and so every later boundary, infinite
+        if not math.isfinite(t):  # an unmeasured cell makes its step, and so every later boundary, infinite
+            self._unmeasured(cost)
         self.boundaries = boundaries
         steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
         chunks = slack // llm.chunk_blocks
@@ -140,11 +142,10 @@ class Job:
         boundaries += np.add.accumulate(np.concatenate(([t], durations)))[1:].tolist()
         return boundaries[-1]
 
-    def _check(self, duration: float, cost: CostModel) -> None:
-        if not math.isfinite(duration):
-            llm = self.batch.llm
-            raise SimulationError(f"{cost.label}: no decode latency for {llm.name} ({llm.spec.name}) batch "
-                                 f"{len(self.batch.requests)} at {self.sm_pct}% SM (unmeasured cell)")
+    def _unmeasured(self, cost: CostModel) -> None:
+        llm = self.batch.llm
+        raise SimulationError(f"{cost.label}: no decode latency for {llm.name} ({llm.spec.name}) batch "
+                              f"{len(self.batch.requests)} at {self.sm_pct}% SM (unmeasured cell)")
 
     def _steps_to(self, t: float) -> int:
         """Steps up to and including the first boundary at or after `t`."""
