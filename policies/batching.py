@@ -284,10 +284,17 @@ class FCFS(_Exclusive):
     name: str = "fcfs"
 
     def order(self, view: UnitView) -> Iterator[tuple[LLMView, str]]:
-        # A generator: the decodes are only sorted when no prefill could be launched.
-        for x in sorted((x for x in view.llms if x.waiting), key=lambda x: age(x.waiting[0])):
+        # A generator: the decodes are only sorted when no prefill could be launched. A lone
+        # candidate is not sorted: a key is read even for one (this runs at every decision).
+        waiting = [x for x in view.llms if x.waiting]
+        if len(waiting) > 1:
+            waiting.sort(key=lambda x: age(x.waiting[0]))
+        for x in waiting:
             yield x, "prefill"
-        for x in sorted((x for x in view.llms if has_idle_running(x)), key=lambda x: age(x.running[0])):
+        decoding = [x for x in view.llms if has_idle_running(x)]
+        if len(decoding) > 1:
+            decoding.sort(key=lambda x: age(x.running[0]))
+        for x in decoding:
             yield x, "decode"
 
 
