@@ -422,7 +422,9 @@ class UnitLedger:
             for r in batch.requests[: batch.admitted]:
                 if math.isnan(r.first_token_s):  # not set yet: first admission, not a recompute
                     r.first_token_s = first_token_s
-                at = bisect.bisect_right(running, age(r), key=age)  # oldest first, whatever order jobs ended in
+                key = age(r)
+                # Oldest first, whatever order jobs ended in; usually the youngest, so it goes last.
+                at = len(running) if not running or age(running[-1]) <= key else bisect.bisect_right(running, key, key=age)
                 running.insert(at, r)
                 running_ids.insert(at, r.request_id)
         for r in done:
