@@ -130,8 +130,9 @@ class Job:
             if step > 0:
                 cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
         if cap - start <= SHORT_RUN:  # few steps to the horizon: numpy's per-call costs would dominate
+            factor = self.factor
             for s in range(start, stop):
-                t += step_time((alive_ctx + alive * s) / alive) * self.factor
+                t += step_time((alive_ctx + alive * s) / alive) * factor
                 boundaries.append(t)
                 if t >= horizon:
                     break
