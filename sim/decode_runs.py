@@ -24,7 +24,6 @@ tests/test_sim_cores.py check that skipping gives the records of step-by-step ex
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -91,12 +90,12 @@ class Job:
         boundaries = [self.end]  # step 0, timed above
         # Steps 1..min_left-1: the whole batch, until its first finish.
         t = self._time_steps(cost, step_time, n, total, min_left, boundaries, horizon)
-        requests: list[tuple[int, int, int]] = []  # (tokens to go, index in the batch, context) of each
+        left: list[int] = []  # tokens each request of the batch has to go, once needed
         if len(boundaries) == min_left and t < horizon and through_finishes:  # on past the first finish
-            requests = _left_index_context(batch.requests)
+            left = [r.output_tokens - r.generated for r in batch.requests]
             finishing: list[tuple[int, int]] = []
             self._finishing = finishing
-            for alive, alive_ctx, stop in _segments(requests, n, total, finishing):
+            for alive, alive_ctx, stop in _segments(batch.requests, left, total, finishing):
                 if stop <= min_left:
                     continue  # the first stretch, timed above
                 step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, alive)
@@ -109,8 +108,9 @@ class Job:
         steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
         chunks = slack // llm.chunk_blocks
         if steps > 1 and not grows_within(n, steps, chunks):
-            requests = requests or _left_index_context(batch.requests)
-            steps = steps_within_kv([c for _, _, c in requests], [k for k, _, _ in requests], steps, chunks)
+            contexts = [r.prompt_tokens + r.generated for r in batch.requests]
+            left = left or [r.output_tokens - r.generated for r in batch.requests]
+            steps = steps_within_kv(contexts, left, steps, chunks)
         self._set_steps(steps)
 
     def _time_steps(self, cost: CostModel, step_time: Callable[[float], float], alive: int, alive_ctx: int,
@@ -170,28 +170,24 @@ class Job:
         return [(boundaries[left - 1], requests[i]) for left, i in self._finishing if left < steps]
 
 
-def _left_index_context(requests: list[Request]) -> list[tuple[int, int, int]]:
-    """(tokens to go, index, context) of each request of a batch, in batch order."""
-    return [(r.output_tokens - r.generated, i, r.prompt_tokens + r.generated) for i, r in enumerate(requests)]
-
-
-def _segments(requests: list[tuple[int, int, int]], n: int, total: int,
+def _segments(requests: list[Request], left: list[int], total: int,
               finishing: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
     """Stretches of a decode run over which its batch stays the same, in order, covering steps
-    0..(most tokens to go)-1: (requests, their summed context at step 0, the step the stretch ends
-    before; each starts where the previous one ended). `requests` holds (tokens to go, index,
-    context) of the batch's `n` requests, whose contexts sum to `total`; a request with `left` tokens
-    to go takes part in steps 0..left-1. Each request met is appended to `finishing` as (left, index):
-    earliest finish first, batch order within a step.
+    0..max(left)-1: (requests, their summed context at step 0, the step the stretch ends before;
+    each starts where the previous one ended). `left[i]` is how many tokens `requests[i]` has to
+    go: it takes part in steps 0..left[i]-1. The contexts sum to `total`. Each request met is
+    appended to `finishing` as (left, index): earliest finish first, batch order within a step.
+
+    The batch's indices are sorted by `left` at once, in C (a stable sort: batch order within a
+    step); a request's context is only read when the run goes past its finish.
     """
-    start = 0
-    ending = list(requests)
-    heapq.heapify(ending)  # popped lazily: a run usually stops at the next event after a few finishes
-    while ending:
-        request_left, index, ctx = heapq.heappop(ending)
+    n, start = len(requests), 0
+    for index in sorted(range(n), key=left.__getitem__):
+        request_left = left[index]
         finishing.append((request_left, index))
         if request_left > start:
             yield n, total, request_left
             start = request_left
+        r = requests[index]
         n -= 1
-        total -= ctx
+        total -= r.prompt_tokens + r.generated
