@@ -167,7 +167,7 @@ class TableCostModel:
 
     def __post_init__(self) -> None:
         self._curve = lru_cache(maxsize=65536)(self._curve_uncached)
-        self._step_time = lru_cache(maxsize=65536)(self._step_time_uncached)
+        self._length_fn = lru_cache(maxsize=65536)(self._length_fn_uncached)
         self._models = {m for m, _ in self.grids}
         # Lookups outside the measured range, per (model, TP, axis), each count in a one-element list:
         # a decode step past the table's longest context counts one, and `Counter[key] += 1` took
@@ -180,7 +180,11 @@ class TableCostModel:
         return Counter({key: count[0] for key, count in self._extrapolations.items() if count[0]})
 
     def _extrapolation_count(self, model: str, tp: int, axis: str) -> list[int]:
-        return self._extrapolations.setdefault((model, tp, axis), [0])
+        key = (model, tp, axis)
+        count = self._extrapolations.get(key)
+        if count is None:
+            count = self._extrapolations[key] = [0]
+        return count
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -295,31 +299,29 @@ class TableCostModel:
         return curve.at_many(ctx)
 
     def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
-        return self._step_time(self.key(model), tp, int(sm_pct), int(batch))
+        return self._length_fn(self.key(model), tp, int(sm_pct), int(batch), "decode")
 
-    def _step_time_uncached(self, key: str, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
-        """`decode_curve`'s function, made once per (model, TP, SM share, batch): a decode run asks for
-        one per stretch of its batch, and most ask for one already made."""
-        curve = self._curve(key, tp, sm_pct, batch, "decode")
+    def _length_fn_uncached(self, key: str, tp: int, sm_pct: int, batch: int,
+                            phase: PhaseName) -> Callable[[float], float]:
+        """Latency as a function of length at one (model, TP, SM share, batch, phase), counting
+        lookups past the measured lengths: made once, since a decode run asks for one per stretch of
+        its batch and every prefill asks again, nearly always for one already made."""
+        curve = self._curve(key, tp, sm_pct, batch, phase)
         lo, hi = curve.xp[0], curve.xp[-1]
         counted = self._extrapolation_count(key, tp, "seq_len")
 
-        def step_time(ctx_len: float) -> float:
-            if not lo <= ctx_len <= hi:
+        def latency(length: float) -> float:
+            if not lo <= length <= hi:
                 if counted[0]:  # warned already (and allowed): only count, at every step of a run
                     counted[0] += 1
                 else:
-                    self._note(key, tp, "seq_len", float(ctx_len))
-            return curve.at(float(ctx_len))
+                    self._note(key, tp, "seq_len", float(length))
+            return curve.at(float(length))
 
-        return step_time
+        return latency
 
     def _lookup(self, phase: PhaseName, model: ModelSpec, tp: int, sm_pct: int, batch: int, length: float) -> float:
-        key = self.key(model)
-        curve = self._curve(key, tp, int(sm_pct), int(batch), phase)
-        if not curve.xp[0] <= length <= curve.xp[-1]:  # the simulator's hottest call: no properties
-            self._note(key, tp, "seq_len", float(length))
-        return curve.at(float(length))
+        return self._length_fn(self.key(model), tp, int(sm_pct), int(batch), phase)(length)
 
     def _note(self, model: str, tp: int, axis: str, value: float, n: int = 1) -> None:
         if self.extrapolation == "error":
