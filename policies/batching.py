@@ -38,12 +38,13 @@ def admit_fcfs(llm: LLMView, slack: int, max_tokens: int, max_requests: int) -> 
     batch: list[Request] = []
     tokens = 0
     for r in llm.waiting:
-        need = blocks_for_tokens(r.context_tokens, llm.chunk_blocks)
-        if len(batch) >= max_requests or need > slack or (batch and tokens + r.context_tokens > max_tokens):
+        context = r.context_tokens
+        need = blocks_for_tokens(context, llm.chunk_blocks)
+        if len(batch) >= max_requests or need > slack or (batch and tokens + context > max_tokens):
             break
         batch.append(r)
         slack -= need
-        tokens += r.context_tokens
+        tokens += context
     return batch
 
 
@@ -79,7 +80,9 @@ def decode_launch(llm: LLMView, view: UnitView, units: int, taken: int = 0) -> L
     batch, preempted = decode_batch(llm, kv_slack(llm, view) - taken)
     if not batch:
         return None
-    return Launch(llm.name, "decode", ids(batch), units, ids(preempted))
+    if preempted or llm.decode_busy:
+        return Launch(llm.name, "decode", ids(batch), units, ids(preempted))
+    return Launch(llm.name, "decode", tuple(llm.running_ids[: len(batch)]), units)  # the first running requests
 
 
 def mixed_launch(llm: LLMView, view: UnitView, units: int, max_tokens: int) -> Launch | None:
@@ -121,6 +124,8 @@ def ids(requests: Iterable[Request]) -> tuple[int, ...]:
 
 
 def has_idle_running(llm: LLMView) -> bool:
+    if not llm.decode_busy:  # none is busy (`LLMView.running`): no pass over them
+        return len(llm.running) > 0
     return any(not r.busy for r in llm.running)
 
 
@@ -279,10 +284,17 @@ class FCFS(_Exclusive):
     name: str = "fcfs"
 
     def order(self, view: UnitView) -> Iterator[tuple[LLMView, str]]:
-        # A generator: the decodes are only sorted when no prefill could be launched.
-        for x in sorted((x for x in view.llms if x.waiting), key=lambda x: age(x.waiting[0])):
+        # A generator: the decodes are only sorted when no prefill could be launched. A lone
+        # candidate is not sorted: a key is read even for one (this runs at every decision).
+        waiting = [x for x in view.llms if x.waiting]
+        if len(waiting) > 1:
+            waiting.sort(key=lambda x: age(x.waiting[0]))
+        for x in waiting:
             yield x, "prefill"
-        for x in sorted((x for x in view.llms if has_idle_running(x)), key=lambda x: age(x.running[0])):
+        decoding = [x for x in view.llms if has_idle_running(x)]
+        if len(decoding) > 1:
+            decoding.sort(key=lambda x: age(x.running[0]))
+        for x in decoding:
             yield x, "decode"
 
 

@@ -164,11 +164,27 @@ class TableCostModel:
     extrapolation: Extrapolation = "linear"
     aliases: dict[str, str] = field(default_factory=dict)
     kind: str = "measured"
-    extrapolated: Counter = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self._curve = lru_cache(maxsize=65536)(self._curve_uncached)
+        self._length_fn = lru_cache(maxsize=65536)(self._length_fn_uncached)
         self._models = {m for m, _ in self.grids}
+        # Lookups outside the measured range, per (model, TP, axis), each count in a one-element list:
+        # a decode step past the table's longest context counts one, and `Counter[key] += 1` took
+        # about 0.4 µs of a 0.8 µs step lookup (BENCHMARKS.md, "extrapolation counts").
+        self._extrapolations: dict[tuple[str, int, str], list[int]] = {}
+
+    @property
+    def extrapolated(self) -> Counter[tuple[str, int, str]]:
+        """How many lookups fell outside the measured range, per (model, TP, axis)."""
+        return Counter({key: count[0] for key, count in self._extrapolations.items() if count[0]})
+
+    def _extrapolation_count(self, model: str, tp: int, axis: str) -> list[int]:
+        key = (model, tp, axis)
+        count = self._extrapolations.get(key)
+        if count is None:
+            count = self._extrapolations[key] = [0]
+        return count
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -283,36 +299,39 @@ class TableCostModel:
         return curve.at_many(ctx)
 
     def decode_curve(self, model: ModelSpec, tp: int, sm_pct: int, batch: int) -> Callable[[float], float]:
-        key = self.key(model)
-        curve = self._curve(key, tp, int(sm_pct), int(batch), "decode")
+        return self._length_fn(self.key(model), tp, int(sm_pct), int(batch), "decode")
+
+    def _length_fn_uncached(self, key: str, tp: int, sm_pct: int, batch: int,
+                            phase: PhaseName) -> Callable[[float], float]:
+        """Latency as a function of length at one (model, TP, SM share, batch, phase), counting
+        lookups past the measured lengths: made once, since a decode run asks for one per stretch of
+        its batch and every prefill asks again, nearly always for one already made."""
+        curve = self._curve(key, tp, sm_pct, batch, phase)
         lo, hi = curve.xp[0], curve.xp[-1]
-        counted, noted = self.extrapolated, (key, tp, "seq_len")
+        counted = self._extrapolation_count(key, tp, "seq_len")
 
-        def step_time(ctx_len: float) -> float:
-            if not lo <= ctx_len <= hi:
-                if counted[noted]:  # warned already (and allowed): only count, at every step of a run
-                    counted[noted] += 1
+        def latency(length: float) -> float:
+            if not lo <= length <= hi:
+                if counted[0]:  # warned already (and allowed): only count, at every step of a run
+                    counted[0] += 1
                 else:
-                    self._note(key, tp, "seq_len", float(ctx_len))
-            return curve.at(float(ctx_len))
+                    self._note(key, tp, "seq_len", float(length))
+            return curve.at(float(length))
 
-        return step_time
+        return latency
 
     def _lookup(self, phase: PhaseName, model: ModelSpec, tp: int, sm_pct: int, batch: int, length: float) -> float:
-        key = self.key(model)
-        curve = self._curve(key, tp, int(sm_pct), int(batch), phase)
-        if not curve.xp[0] <= length <= curve.xp[-1]:  # the simulator's hottest call: no properties
-            self._note(key, tp, "seq_len", float(length))
-        return curve.at(float(length))
+        return self._length_fn(self.key(model), tp, int(sm_pct), int(batch), phase)(length)
 
     def _note(self, model: str, tp: int, axis: str, value: float, n: int = 1) -> None:
         if self.extrapolation == "error":
             raise CostModelError(f"{self.label}: {model} tp={tp}: {axis}={value:g} is outside the measured range "
                                  "(set extrapolation=linear to allow a logged linear extrapolation)")
-        if not self.extrapolated[(model, tp, axis)]:
+        counted = self._extrapolation_count(model, tp, axis)
+        if not counted[0]:
             log.warning("%s: %s tp=%d: extrapolating linearly beyond measured %s (first value %g)",
                         self.label, model, tp, axis, value)
-        self.extrapolated[(model, tp, axis)] += n
+        counted[0] += n
 
     def _curve_uncached(self, model: str, tp: int, sm_pct: int, batch: int, phase: PhaseName) -> Curve:
         """Latency along the length axis at one (sm, batch): the unit every lookup interpolates from."""

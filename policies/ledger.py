@@ -131,13 +131,11 @@ class LLMState:
     running_busy: int = 0  # how many of `running` are inside a job
 
     def __post_init__(self) -> None:
+        self.name = self.placement.name  # an attribute, not a property: read at every launch
         # Views wrap the same containers every time: they are only ever changed in place.
         self._waiting_view = ReadOnlyQueue(self.waiting)
         self._running_view = ReadOnlyQueue(self.running)
-
-    @property
-    def name(self) -> str:
-        return self.placement.name
+        self._running_ids_view = ReadOnlyQueue(self.running_ids)
 
 
 @dataclass(eq=False, slots=True)
@@ -190,8 +188,9 @@ class UnitLedger:
 
     def view(self, now: float) -> UnitView:
         used = self.pool.used
-        llms = tuple([LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x.prefill_busy,
-                              x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since, x.decode_idle_since)
+        llms = tuple([LLMView(x.placement, x.chunk_blocks, x._waiting_view, x._running_view, x._running_ids_view,
+                              x.prefill_busy, x.decode_busy, used[name], x.kv_quota, x.prefill_idle_since,
+                              x.decode_idle_since)
                       for name, x in self.llms.items()])
         return UnitView(self.unit.unit_id, now, self.mode, self.unit.sm_units, self.sm_free,
                         self.unit.kv_blocks, self.pool.free, llms)
@@ -285,7 +284,7 @@ class UnitLedger:
             ids = set(named)
             admitted = self._take_waiting(llm, ids)
         decoding: list[Request] = []
-        pool, chunk, block = self.pool, llm.chunk_blocks, BLOCK_TOKENS
+        pool, chunk, block, up = self.pool, llm.chunk_blocks, BLOCK_TOKENS, BLOCK_TOKENS - 1
         admitted_context = decoding_context = 0
         min_left = 1 << 62
         for r in admitted:
@@ -314,8 +313,8 @@ class UnitLedger:
                 generated = r.generated
                 context = r.prompt_tokens + generated
                 decoding_context += context
-                # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
-                blocks = -(-context // block) * chunk
+                # blocks_for_tokens, inlined, rounding up by adding (BENCHMARKS.md, "inlined block counts")
+                blocks = (context + up) // block * chunk
                 if blocks != r.blocks:  # most decode steps cross no block boundary
                     pool.resize(r, blocks)
                 if r.output_tokens - generated < min_left:
@@ -377,10 +376,11 @@ class UnitLedger:
         anything else on the unit looks."""
         if steps <= 1:
             return
-        pool, chunk, block, last = self.pool, batch.llm.chunk_blocks, BLOCK_TOKENS, steps - 1
+        pool, chunk, block = self.pool, batch.llm.chunk_blocks, BLOCK_TOKENS
+        up = steps - 1 + BLOCK_TOKENS - 1  # the last step's context, rounded up to whole blocks
         for r in batch.requests:
-            # blocks_for_tokens, inlined (BENCHMARKS.md, "inlined block counts")
-            blocks = -(-(r.prompt_tokens + r.generated + last) // block) * chunk
+            # blocks_for_tokens, inlined, rounding up by adding (BENCHMARKS.md, "inlined block counts")
+            blocks = (r.prompt_tokens + r.generated + up) // block * chunk
             if blocks != r.blocks:
                 pool.resize(r, blocks)
 
@@ -422,7 +422,9 @@ class UnitLedger:
             for r in batch.requests[: batch.admitted]:
                 if math.isnan(r.first_token_s):  # not set yet: first admission, not a recompute
                     r.first_token_s = first_token_s
-                at = bisect.bisect_right(running, age(r), key=age)  # oldest first, whatever order jobs ended in
+                key = age(r)
+                # Oldest first, whatever order jobs ended in; usually the youngest, so it goes last.
+                at = len(running) if not running or age(running[-1]) <= key else bisect.bisect_right(running, key, key=age)
                 running.insert(at, r)
                 running_ids.insert(at, r.request_id)
         for r in done:

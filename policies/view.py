@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, get_args
+from typing import Literal, NamedTuple, Protocol, TypeVar, get_args
 
 from policies.placement import LLMPlacement
 
@@ -62,12 +62,15 @@ def kv_slack(kv_quota: int, kv_used: int, pool_free: int) -> int:
     return min(kv_quota - kv_used, pool_free)
 
 
-class ReadOnlyQueue(Sequence[Request]):
+T = TypeVar("T")
+
+
+class ReadOnlyQueue(Sequence[T]):
     """A read-only window on an executor's queue, made in O(1) however long the queue is."""
 
     __slots__ = ("_items",)
 
-    def __init__(self, items: Sequence[Request]) -> None:
+    def __init__(self, items: Sequence[T]) -> None:
         self._items = items
 
     def __len__(self) -> int:
@@ -76,7 +79,7 @@ class ReadOnlyQueue(Sequence[Request]):
     def __getitem__(self, i):  # type: ignore[no-untyped-def]
         return self._items[i]
 
-    def __iter__(self) -> Iterator[Request]:
+    def __iter__(self) -> Iterator[T]:
         return iter(self._items)
 
 
@@ -92,6 +95,7 @@ class LLMView(NamedTuple):
     # Admitted, not finished, oldest first (`age`). Some may be in a job (`busy`), but only while
     # the decode process is (`decode_busy`): only decode and mixed jobs take running requests.
     running: Sequence[Request]
+    running_ids: Sequence[int]  # their ids, in the same order: a batch of the first ones is named by a slice
     prefill_busy: bool
     decode_busy: bool
     kv_used: int

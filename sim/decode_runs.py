@@ -24,10 +24,9 @@ tests/test_sim_cores.py check that skipping gives the records of step-by-step ex
 from __future__ import annotations
 
 import bisect
-import heapq
 import math
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -57,8 +56,11 @@ class Job:
     first_extra_s: float = 0.0  # decode runs: the runner's extra for the first step (Simulator._runner_extra)
     version: int = 0  # bumped when interference moves `end`
     steps: int | None = None  # decode runs only: number of steps in this run
-    boundaries: list[float] = field(default_factory=list)  # decode runs: when each planned step ends
-    _left: list[int] = field(default_factory=list)  # multi-step runs: tokens each request had to go at launch
+    # Set by `plan` for a run of several steps; empty tuples until then, which cost no allocation per job.
+    boundaries: Sequence[float] = ()  # decode runs: when each planned step ends
+    # Runs past their first finish: (tokens to go at launch, index in the batch) of the requests met
+    # in `_segments`, in the order they finish; every request that finishes before the last step is here.
+    _finishing: Sequence[tuple[int, int]] = ()
 
     def plan(self, cost: CostModel, now: float, slack: int, horizon: float, through_finishes: bool = False) -> None:
         """Choose how many steps this decode run covers and when each ends.
@@ -68,7 +70,7 @@ class Job:
         finishes. With `through_finishes`, until the last one does instead: the batch shrinks at each
         finish, as the decode relaunched after it would (the caller knows nothing else could start).
 
-        The per-request lists are only built when the run goes past its first finish or its KV
+        The per-request list is only built when the run goes past its first finish or its KV
         growth has to be counted: most runs end at the next event before either.
         """
         batch = self.batch
@@ -77,7 +79,8 @@ class Job:
         step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, n)
         # Integer sums, then one division: the same mean context step-by-step execution computes.
         d = step_time(total / n) * self.factor + self.first_extra_s
-        self._check(d, cost)
+        if not math.isfinite(d):
+            self._unmeasured(cost)
         self.steps, self.end = 1, now + d
         if self.end >= horizon:
             return  # the first step already reaches the next event: the common case under load
@@ -87,28 +90,27 @@ class Job:
         boundaries = [self.end]  # step 0, timed above
         # Steps 1..min_left-1: the whole batch, until its first finish.
         t = self._time_steps(cost, step_time, n, total, min_left, boundaries, horizon)
-        contexts: list[int] = []
-        left: list[int] = []
+        left: list[int] = []  # tokens each request of the batch has to go, once needed
         if len(boundaries) == min_left and t < horizon and through_finishes:  # on past the first finish
-            contexts = [r.prompt_tokens + r.generated for r in batch.requests]
             left = [r.output_tokens - r.generated for r in batch.requests]
-            for alive, alive_ctx, stop in _segments(contexts, left, max(left)):
+            finishing: list[tuple[int, int]] = []
+            self._finishing = finishing
+            for alive, alive_ctx, stop in _segments(batch.requests, left, total, finishing):
                 if stop <= min_left:
                     continue  # the first stretch, timed above
                 step_time = cost.decode_curve(llm.spec, llm.placement.tp, self.sm_pct, alive)
                 t = self._time_steps(cost, step_time, alive, alive_ctx, stop, boundaries, horizon)
                 if len(boundaries) < stop or t >= horizon:
                     break  # stopped at `horizon`, or where the arrays were capped
-        self._check(t, cost)  # an unmeasured cell makes its step, and so every later boundary, infinite
+        if not math.isfinite(t):  # an unmeasured cell makes its step, and so every later boundary, infinite
+            self._unmeasured(cost)
         self.boundaries = boundaries
         steps = min(self._steps_to(horizon), len(boundaries))  # timed first: the KV check stops there
         chunks = slack // llm.chunk_blocks
         if steps > 1 and not grows_within(n, steps, chunks):
-            if not left:
-                contexts = [r.prompt_tokens + r.generated for r in batch.requests]
-                left = [r.output_tokens - r.generated for r in batch.requests]
+            contexts = [r.prompt_tokens + r.generated for r in batch.requests]
+            left = left or [r.output_tokens - r.generated for r in batch.requests]
             steps = steps_within_kv(contexts, left, steps, chunks)
-        self._left = left
         self._set_steps(steps)
 
     def _time_steps(self, cost: CostModel, step_time: Callable[[float], float], alive: int, alive_ctx: int,
@@ -128,8 +130,9 @@ class Job:
             if step > 0:
                 cap = min(stop, start + math.ceil((horizon - t) / step) + 1)
         if cap - start <= SHORT_RUN:  # few steps to the horizon: numpy's per-call costs would dominate
+            factor = self.factor
             for s in range(start, stop):
-                t += step_time((alive_ctx + alive * s) / alive) * self.factor
+                t += step_time((alive_ctx + alive * s) / alive) * factor
                 boundaries.append(t)
                 if t >= horizon:
                     break
@@ -140,11 +143,10 @@ class Job:
         boundaries += np.add.accumulate(np.concatenate(([t], durations)))[1:].tolist()
         return boundaries[-1]
 
-    def _check(self, duration: float, cost: CostModel) -> None:
-        if not math.isfinite(duration):
-            llm = self.batch.llm
-            raise SimulationError(f"{cost.label}: no decode latency for {llm.name} ({llm.spec.name}) batch "
-                                 f"{len(self.batch.requests)} at {self.sm_pct}% SM (unmeasured cell)")
+    def _unmeasured(self, cost: CostModel) -> None:
+        llm = self.batch.llm
+        raise SimulationError(f"{cost.label}: no decode latency for {llm.name} ({llm.spec.name}) batch "
+                              f"{len(self.batch.requests)} at {self.sm_pct}% SM (unmeasured cell)")
 
     def _steps_to(self, t: float) -> int:
         """Steps up to and including the first boundary at or after `t`."""
@@ -164,28 +166,28 @@ class Job:
         first (batch order within a step, as step by step). Call once, after the last `truncate`."""
         if self.steps is None or self.steps <= self.batch.min_left:
             return []  # nobody finishes before the last step
-        early = [(left, r) for left, r in zip(self._left, self.batch.requests, strict=True) if left < self.steps]
-        early.sort(key=lambda x: x[0])
-        return [(self.boundaries[left - 1], r) for left, r in early]
+        requests, steps, boundaries = self.batch.requests, self.steps, self.boundaries
+        return [(boundaries[left - 1], requests[i]) for left, i in self._finishing if left < steps]
 
 
-def _segments(contexts: list[int], left: list[int], max_steps: int) -> Iterator[tuple[int, int, int]]:
+def _segments(requests: list[Request], left: list[int], total: int,
+              finishing: list[tuple[int, int]]) -> Iterator[tuple[int, int, int]]:
     """Stretches of a decode run over which its batch stays the same, in order, covering steps
-    0..max_steps-1: (requests, their summed context at step 0, the step the stretch ends before;
-    each starts where the previous one ended). A request with `left` tokens to go takes part in
-    steps 0..left-1."""
-    n, total, start = len(left), sum(contexts), 0
-    if min(left) >= max_steps:
-        yield n, total, max_steps
-        return
-    ending = list(zip(left, contexts, strict=True))
-    heapq.heapify(ending)  # popped lazily: a run usually stops at the next event after a few finishes
-    while ending:
-        request_left, ctx = heapq.heappop(ending)
+    0..max(left)-1: (requests, their summed context at step 0, the step the stretch ends before;
+    each starts where the previous one ended). `left[i]` is how many tokens `requests[i]` has to
+    go: it takes part in steps 0..left[i]-1. The contexts sum to `total`. Each request met is
+    appended to `finishing` as (left, index): earliest finish first, batch order within a step.
+
+    The batch's indices are sorted by `left` at once, in C (a stable sort: batch order within a
+    step); a request's context is only read when the run goes past its finish.
+    """
+    n, start = len(requests), 0
+    for index in sorted(range(n), key=left.__getitem__):
+        request_left = left[index]
+        finishing.append((request_left, index))
         if request_left > start:
-            yield n, total, min(request_left, max_steps)
+            yield n, total, request_left
             start = request_left
-            if start >= max_steps:
-                return
+        r = requests[index]
         n -= 1
-        total -= ctx
+        total -= r.prompt_tokens + r.generated

@@ -20,12 +20,11 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import simpy
 
 from policies.cost import CostModel, InterferenceModel, RunnerTerms, mixed_step_time
@@ -47,7 +46,7 @@ class SimUnit:
     """A unit in simulated time: its ledger, and what is ahead of it (arrivals, ticks, job ends)."""
 
     ledger: UnitLedger
-    arrivals: np.ndarray  # arrival times of this unit's requests, sorted
+    arrivals: list[float]  # arrival times of this unit's requests, sorted (a list: read one at a time)
     next_arrival: int = 0  # index into `arrivals` of the first not yet arrived
     next_tick: float = math.inf
     jobs: dict[int, Job] = field(default_factory=dict)  # started jobs by id, and those waiting for cores
@@ -98,7 +97,7 @@ class Simulator:
             names = {x.name for x in unit.llms}
             arrivals = df["arrival_s"].to_numpy()[df["model"].isin(names).to_numpy()]
             ledger = UnitLedger(unit, specs, chunks, mode, policy.exclusive, self.writer)
-            self.units[unit.unit_id] = SimUnit(ledger, arrivals)
+            self.units[unit.unit_id] = SimUnit(ledger, arrivals.astype(float).tolist())
         self._unit_of = placement.unit_of()
         self.core_slices = core_slices
         self.interference = interference if interference is not None and interference.coef else None
@@ -141,7 +140,7 @@ class Simulator:
                     self._set_quotas(unit)
                     if self.policy.quota_period_s > 0:
                         self.env.process(self._ticker(unit))
-                self.env.process(self._arrivals())
+                self._start_arrivals()
                 self.env.run(until=self.horizon_s)
             except LedgerError as e:
                 raise SimulationError(str(e)) from e
@@ -154,24 +153,45 @@ class Simulator:
         self.stats["preemptions"] = sum(u.ledger.preemptions for u in self.units.values())
         return SimResult(records, self.records_path, self.stats)
 
-    def _arrivals(self) -> Generator[simpy.Event, None, None]:
+    def _start_arrivals(self) -> None:
+        """Arrivals as a chain of timeouts, each applying the arrivals of its instant and setting the
+        next: a SimPy process would resume a generator at each (BENCHMARKS.md, "arrivals"). The chain
+        starts from an event scheduled where `env.process` would schedule its first resumption, so
+        every event keeps its place in SimPy's order."""
         df = self.workload.df
         columns = [df[c].to_numpy() for c in ("request_id", "model", "arrival_s", "prompt_tokens", "output_tokens")]
-        every = max(1, len(df) // 200)
-        times = columns[2]
-        for i, (rid, name, t, prompt, output) in enumerate(zip(*columns, strict=True)):
-            if t > self.env.now:
-                yield timeout_at(self.env, float(t))
+        self._arrival_count = len(df)
+        self._arrival_rows = enumerate(_rows(columns))
+        self._next_row = next(self._arrival_rows, None)
+        start = simpy.Event(self.env)
+        start.callbacks.append(self._arrive)
+        start._ok = True
+        start._value = None
+        self.env.schedule(start, priority=simpy.core.URGENT)
+
+    def _arrive(self, _event: simpy.Event) -> None:
+        """Apply every arrival at this instant, then wait for the next one's."""
+        now, row = self.env.now, self._next_row
+        every = max(1, self._arrival_count // 200)
+        while row is not None:
+            i, (rid, name, t, prompt, output) = row
+            if t > now:
+                self._next_row = row
+                timeout_at(self.env, float(t)).callbacks.append(self._arrive)
+                return
+            following = next(self._arrival_rows, None)
             unit = self.units[self._unit_of[name]]
             unit.next_arrival += 1
             ledger = unit.ledger
             r = Request(int(rid), str(name), float(t), int(prompt), int(output))
             queued = ledger.arrive(r, ledger.llms[r.llm].spec.max_context)
             if queued and not (self.policy.exclusive and unit.jobs):  # an exclusive policy waits for the job's end
-                last = i + 1 == len(times) or times[i + 1] > t  # the last arrival of this instant
+                last = following is None or following[1][2] > t  # the last arrival of this instant
                 self._decide_now_or_later(unit, last)
             if self.progress and i % every == 0:
-                self.progress(self.env.now)
+                self.progress(now)
+            row = following
+        self._next_row = None
 
     def _ticker(self, unit: SimUnit) -> Generator[simpy.Event, None, None]:
         period = self.policy.quota_period_s
@@ -391,11 +411,11 @@ class Simulator:
             ledger.hold_for_steps(job.batch, job.steps)
 
     def _next_event(self, unit: SimUnit) -> float:
-        if any(deferred is unit for deferred, _, _ in self._deferred):
+        if self._deferred and any(deferred is unit for deferred, _, _ in self._deferred):
             return -math.inf  # a launch waits for cores here: runs end after one step, as on hardware
-        t = min((job.end for job in unit.jobs.values()), default=math.inf)
+        t = min([job.end for job in unit.jobs.values()]) if unit.jobs else math.inf
         if unit.next_arrival < len(unit.arrivals):
-            t = min(t, float(unit.arrivals[unit.next_arrival]))
+            t = min(t, unit.arrivals[unit.next_arrival])
         t = min(t, unit.next_tick)
         return t if self.horizon_s is None else min(t, self.horizon_s)
 
@@ -433,6 +453,14 @@ class Simulator:
                 request = Request(int(row.request_id), str(row.model), float(row.arrival_s),
                                   int(row.prompt_tokens), int(row.output_tokens))
                 self.units[self._unit_of[request.llm]].ledger.fail(request, not_arrived(why))
+
+
+def _rows(columns: list[Any], chunk: int = 1024) -> Iterator[tuple[Any, ...]]:
+    """The rows of a trace's columns (numpy arrays) as Python values, converted `chunk` rows at a
+    time: an element of a numpy array costs a scalar object per read, and converting the whole
+    trace at once would keep a copy of it as Python objects (tests/test_sim.py, memory)."""
+    for start in range(0, len(columns[0]), chunk):
+        yield from zip(*(c[start:start + chunk].tolist() for c in columns), strict=True)
 
 
 def timeout_at(env: simpy.Environment, t: float) -> simpy.Timeout:

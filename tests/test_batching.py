@@ -37,14 +37,16 @@ def unit_views(draw):
         place = LLMPlacement(f"m{i}", "llama-7b", 1, 80, draw(st.sampled_from([30, 40, 50])),
                              draw(st.integers(1, 8)), rate=draw(st.floats(0.1, 5)))
         busy = draw(st.booleans())
-        llms.append(LLMView(place, CHUNK, ReadOnlyQueue(waiting), ReadOnlyQueue(running), busy and mode == "split",
+        llms.append(LLMView(place, CHUNK, ReadOnlyQueue(waiting), ReadOnlyQueue(running),
+                            ReadOnlyQueue([r.request_id for r in running]), busy and mode == "split",
                             False, sum(r.blocks for r in running), 0))
     free_units = draw(st.integers(0, 12))
     return UnitView(0, 0.0, mode, 12, free_units, pool, pool - used_total, tuple(llms))
 
 
 def with_quotas(view: UnitView, quotas: dict[str, int]) -> UnitView:
-    llms = tuple(LLMView(x.placement, x.chunk_blocks, x.waiting, x.running, x.prefill_busy, x.decode_busy,
+    llms = tuple(LLMView(x.placement, x.chunk_blocks, x.waiting, x.running, x.running_ids, x.prefill_busy,
+                         x.decode_busy,
                          x.kv_used, max(quotas[x.name], x.kv_used)) for x in view.llms)
     return UnitView(view.unit_id, view.now, view.mode, view.sm_units_total, view.sm_units_free,
                     view.kv_blocks_total, view.kv_blocks_free, llms)
@@ -107,7 +109,7 @@ def test_adbs_prefill_leaves_the_running_requests_their_next_block(quota_chunks,
     running = Request(0, "m0", 0.0, 32, 10, generated=1)  # context 33: grows to 2 chunks
     running.blocks = CHUNK
     place = LLMPlacement("m0", "llama-7b", 1, 50, 50, 8, rate=1.0)
-    llm = LLMView(place, CHUNK, ReadOnlyQueue(waiting), ReadOnlyQueue([running]), False, False,
+    llm = LLMView(place, CHUNK, ReadOnlyQueue(waiting), ReadOnlyQueue([running]), ReadOnlyQueue([0]), False, False,
                   CHUNK, quota_chunks * CHUNK)
     view = UnitView(0, 0.0, "split", 12, 12, 10 * CHUNK, 9 * CHUNK, (llm,))
     launches = make_batching("adbs").decide(view)
