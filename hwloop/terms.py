@@ -294,7 +294,7 @@ def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[s
                 continue
             how = {"turns": measure_turns, "idle": measure_idle, "dispatch": measure_dispatch,
                    "shapes": measure_shapes}[term]
-            out[term] = how(pair, steps // 2 if term == "idle" else steps // 6 if term == "shapes" else steps)
+            out[term] = how(pair, steps // 2 if term == "idle" else steps // 3 if term == "shapes" else steps)
     out["loadavg_after"] = os.getloadavg()[0]
     return out
 
