@@ -109,17 +109,21 @@ def test_runner_terms_read_from_measurements_take_the_largest_idle_gap_not_above
     assert RunnerTerms.from_measured(measured, "test").turn_s[("m", 1)] == 0.0
 
 
+def first_tokens_and_finishes(terms: RunnerTerms, rows: list[tuple[str, float, int, int]]):
+    """[first token, finish] per request in id order, and the result, on SLICES with `terms`."""
+    placement = one_unit(["a", "b", "c"], max_batch=8, rates=[3.0, 2.0, 1.0])
+    res = Checked(workload(rows), placement, make_batching("adbs"), table(), SPECS, mode="mixed",
+                  core_slices=SLICES, runner_terms=terms).run()
+    return res.records.sort_values("request_id")[["first_token_s", "finish_s"]].to_numpy().tolist(), res
+
+
 def test_a_step_shape_new_to_its_engine_is_charged_once_per_engine():
     """`shape_s` (hwloop.terms shapes) charges a step whose token count its worker never ran: a's
     first request prefills 10 tokens (new: 0.1 + 0.01) and decodes 1 (new: 0.01 + 0.01), ending at
     0.13; its second request, alike and after a's idle second, runs both counts again (no extra):
     1.0 → 1.1 → 1.11. b's first steps are new to b's own worker: its 10-token prefill is charged."""
     terms = RunnerTerms(shape_s={("llama-7b", 1): ((1, 0.01), (100, 0.01))}, label="test")
-    wl = workload([("a", 0.0, 10, 2), ("a", 1.0, 10, 2), ("b", 1.0, 10, 2)])
-    placement = one_unit(["a", "b", "c"], max_batch=8, rates=[3.0, 2.0, 1.0])
-    res = Checked(wl, placement, make_batching("adbs"), table(), SPECS, mode="mixed", core_slices=SLICES,
-                  runner_terms=terms).run()
-    times = res.records.sort_values("request_id")[["first_token_s", "finish_s"]].to_numpy().tolist()
+    times, res = first_tokens_and_finishes(terms, [("a", 0.0, 10, 2), ("a", 1.0, 10, 2), ("b", 1.0, 10, 2)])
     assert times == [pytest.approx([0.11, 0.13]), pytest.approx([1.1, 1.11]), pytest.approx([1.11, 1.13])]
     assert res.stats["runner_extra_s"] == pytest.approx(0.04)
 
@@ -141,11 +145,7 @@ def test_a_job_starting_while_an_engine_works_on_other_cores_runs_at_the_beside_
     """`beside` (hwloop.terms beside) at a flat 2×: a and b (cores 0 and 1) start together, so each
     runs beside the other: prefill 0.2, decode 0.02. a's second request, with b idle, runs alone."""
     terms = RunnerTerms(beside={("llama-7b", 1): ((1, 2.0), (100, 2.0))}, label="test")
-    wl = workload([("a", 0.0, 10, 2), ("b", 0.0, 10, 2), ("a", 1.0, 10, 2)])
-    placement = one_unit(["a", "b", "c"], max_batch=8, rates=[3.0, 2.0, 1.0])
-    res = Checked(wl, placement, make_batching("adbs"), table(), SPECS, mode="mixed", core_slices=SLICES,
-                  runner_terms=terms).run()
-    times = res.records.sort_values("request_id")[["first_token_s", "finish_s"]].to_numpy().tolist()
+    times, res = first_tokens_and_finishes(terms, [("a", 0.0, 10, 2), ("b", 0.0, 10, 2), ("a", 1.0, 10, 2)])
     assert times == [pytest.approx([0.2, 0.22]), pytest.approx([0.2, 0.22]), pytest.approx([1.1, 1.11])]
     assert res.stats["beside_starts"] == 4
 
