@@ -102,7 +102,7 @@ class Pair:
         if self._left[i] <= 1:
             self._refill(i)
         self._left[i] -= 1
-        return self._send(i, StepCmd(self._admits(admit)))
+        return self._send(i, StepCmd(self._admits([self.context] * admit, 2)))
 
     def drain(self, i: int) -> None:
         """Let worker `i`'s batch finish (its next `step` admits a fresh one of `batch`)."""
@@ -114,27 +114,18 @@ class Pair:
         """One step of worker `i`, its batch drained first, prefilling prompts of `lengths` that
         finish in that step; the step's seconds."""
         self.drain(i)
-        admits = []
-        for n in lengths:
-            self._next_id += 1
-            admits.append(Admit(self._next_id, n, n, 1))
-        done, *_ = self._send(i, StepCmd(tuple(admits)))
+        done, *_ = self._send(i, StepCmd(self._admits(lengths, 1)))
         return done.t_end - done.t_start
 
-    def _admits(self, n: int) -> tuple[Admit, ...]:
-        out = []
-        for _ in range(n):
-            self._next_id += 1
-            out.append(Admit(self._next_id, self.context, self.context, 2))
-        return tuple(out)
+    def _admits(self, lengths: Sequence[int], max_new: int) -> tuple[Admit, ...]:
+        """New requests with prompts of `lengths`, each to generate `max_new` tokens."""
+        first = self._next_id + 1
+        self._next_id += len(lengths)
+        return tuple(Admit(first + k, n, n, max_new) for k, n in enumerate(lengths))
 
     def _refill(self, i: int) -> None:
-        while self._left[i] > 0:  # let the old batch finish
-            self._left[i] -= 1
-            self._send(i, StepCmd(()))
-        self._send(i, StepCmd(tuple(Admit(self._next_id + k + 1, self.context, self.context, self.budget)
-                                    for k in range(self.batch))))
-        self._next_id += self.batch
+        self.drain(i)
+        self._send(i, StepCmd(self._admits([self.context] * self.batch, self.budget)))
         self._left[i] = self.budget - 1
 
     def _send(self, i: int, cmd: StepCmd) -> tuple[StepDone, float, float]:

@@ -650,6 +650,11 @@ def _nonnegative_lstsq(x: np.ndarray, y: np.ndarray) -> tuple[float, ...]:
     return tuple(float(v) for v in best)
 
 
+def along(points: tuple[tuple[int, float], ...], x: float) -> float:
+    """The value at `x` of ((x, value), …) sorted by x: linear between points, the nearest end's beyond."""
+    return float(np.interp(x, [p for p, _ in points], [v for _, v in points]))
+
+
 @dataclass(frozen=True)
 class RunnerTerms:
     """What a CPU runner adds to a job's first step beyond the profile of one engine alone, each term
@@ -683,7 +688,7 @@ class RunnerTerms:
     def beside_factor(self, model: str, cores: int, tokens: int) -> float:
         """How much slower a step of `tokens` runs while an engine works on other cores (1: not measured)."""
         curve = self.beside.get((model, cores))
-        return float(np.interp(tokens, [t for t, _ in curve], [f for _, f in curve])) if curve else 1.0
+        return along(curve, tokens) if curve else 1.0
 
     def first_step_extra(self, model: str, cores: int, *, after_other: bool, idle_for: float,
                          admitting: bool, new_shape: int = 0) -> float:
@@ -694,7 +699,7 @@ class RunnerTerms:
         extra = self.dispatch_s.get(key, 0.0) + (self.admit_s.get(key, 0.0) if admitting else 0.0)
         shapes = self.shape_s.get(key)
         if new_shape and shapes:
-            extra += float(np.interp(new_shape, [t for t, _ in shapes], [x for _, x in shapes]))
+            extra += along(shapes, new_shape)
         if after_other:
             return extra + self.turn_s.get(key, 0.0)
         idle = [x for gap, x in self.idle_s.get(key, ()) if gap <= idle_for]
