@@ -80,7 +80,7 @@ class Simulator:
         `runner_terms` (with `core_slices`) adds the CPU runner's measured costs to each job's first
         step: a turn after another engine on its cores, an idle engine's cold start, the dispatch of
         the launch, a token count new to its engine (`_runner_extra`); and slows a job that starts
-        while an engine works on other cores (`_beside_factor`)."""
+        while an engine works on other cores, rescaled as those engines start and stop (`_rebeside`)."""
         self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
         self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
         self.env = simpy.Environment()
@@ -110,11 +110,13 @@ class Simulator:
         if runner_terms is not None and core_slices is None:
             raise SimulationError("runner_terms (a CPU runner's costs) need core_slices (its workers' cores)")
         self.runner_terms = runner_terms
+        self._beside_terms = runner_terms is not None and bool(runner_terms.beside)
         self._last_on_core: dict[int, str] = {}  # core → the worker whose job started there last
         self._last_end: dict[str, float] = {}  # worker → when its last job ended
         self._shapes_run: dict[str, set[int]] = {}  # worker → the step token counts it has run
         if runner_terms is not None:
-            self.stats.update(runner_terms=runner_terms.label, runner_extra_s=0.0, turn_starts=0, beside_starts=0)
+            self.stats.update(runner_terms=runner_terms.label, runner_extra_s=0.0, turn_starts=0, beside_starts=0,
+                              beside_rescales=0)
         self._on_cores: dict[int, Job] = {}  # started jobs, by id, while core_slices is set
         # Launches waiting for their cores, oldest first, with their durations.
         self._deferred: deque[tuple[SimUnit, Job, float]] = deque()
@@ -291,11 +293,13 @@ class Simulator:
             unit.jobs[job.job_id] = job
             self.stats["deferred_launches"] += 1
         for job in now:  # after all of them hold their cores: jobs starting together run beside each other
-            extra, job.factor = self._runner_extra(job), self._beside_factor(job)
+            extra, job.factor = self._runner_extra(job), self._starting_beside(job)
             if job.steps is None:
                 job.end = self.env.now + job.alone_s * job.factor + extra
             else:  # a decode: `plan` adds it to the run's first step, and times its steps at the factor
                 job.first_extra_s = extra
+        if now:
+            self._rebeside()
         return now
 
     def _must_wait(self, job: Job) -> bool:
@@ -333,15 +337,41 @@ class Simulator:
         return extra
 
     def _beside_factor(self, job: Job) -> float:
-        """`job` starts now: its steps' slowdown if an engine works on other cores at this moment
-        (`RunnerTerms.beside_factor`), kept for the whole job (not rescaled as neighbours come and go)."""
-        if self.runner_terms is None:
+        """`job`'s slowdown while an engine works on other cores (`RunnerTerms.beside_factor`), 1 while
+        none does. It holds until the jobs on the cores change (`_rebeside`)."""
+        if self.runner_terms is None or not self._has_neighbour(job):
             return 1.0
+        return self.runner_terms.beside_factor(job.batch.llm.spec.name, len(self._cores(job)), job.batch.step_tokens)
+
+    def _starting_beside(self, job: Job) -> float:
+        """The beside factor of `job`, which starts now (counted if an engine works beside it)."""
+        if self.runner_terms is not None and self._has_neighbour(job):
+            self.stats["beside_starts"] += 1
+        return self._beside_factor(job)
+
+    def _has_neighbour(self, job: Job) -> bool:
+        """Does a job run on cores none of which is `job`'s?"""
         cores = set(self._cores(job))
-        if not any(cores.isdisjoint(self._cores(o)) for o in self._on_cores.values() if o is not job):
-            return 1.0
-        self.stats["beside_starts"] += 1
-        return self.runner_terms.beside_factor(job.batch.llm.spec.name, len(cores), job.batch.step_tokens)
+        return any(cores.isdisjoint(self._cores(o)) for o in self._on_cores.values() if o is not job)
+
+    def _rebeside(self) -> None:
+        """The jobs on the cores changed: each running job does what is left of its work at the beside
+        factor that holds from now, as `_interfere` does for SM shares. The runner's extra for a
+        first step counts as work too. Exact for a decode run: with beside terms runs end at the
+        next event anywhere (`_next_event`), so what is left lies in their last step."""
+        if not self._beside_terms:
+            return
+        now = self.env.now
+        for job in self._on_cores.values():
+            if math.isnan(job.end):
+                continue  # a decode run not planned yet: `plan` times it at the factor it started with
+            factor = self._beside_factor(job)
+            if factor != job.factor:
+                job.end = now + (job.end - now) / job.factor * factor
+                job.factor = factor
+                job.version += 1  # the timeout already scheduled for it no longer ends it
+                self._run(self.units[self._unit_of[job.batch.llm.name]], job)
+                self.stats["beside_rescales"] += 1
 
     def _cores(self, job: Job) -> tuple[int, ...]:
         """The cores `job`'s worker is pinned to: "<LLM>/<phase>" in split mode (a process per phase,
@@ -358,9 +388,11 @@ class Simulator:
             if self._must_wait(waiting):
                 self._deferred.append((unit, waiting, duration))
             else:
-                waiting.end = self.env.now + duration * self._beside_factor(waiting) + self._runner_extra(waiting)
                 self._on_cores[waiting.job_id] = waiting
+                waiting.factor = self._starting_beside(waiting)
+                waiting.end = self.env.now + duration * waiting.factor + self._runner_extra(waiting)
                 self._run(unit, waiting)
+        self._rebeside()
 
     def _start(self, unit: SimUnit, launch: Launch) -> Job:
         """Apply a launch to the unit's ledger and time its job (a decode's timing waits for
@@ -417,6 +449,8 @@ class Simulator:
         if unit.next_arrival < len(unit.arrivals):
             t = min(t, unit.arrivals[unit.next_arrival])
         t = min(t, unit.next_tick)
+        if self._beside_terms:  # an event on another unit can change this run's speed (`_rebeside`)
+            t = min(t, self.env.peek())
         return t if self.horizon_s is None else min(t, self.horizon_s)
 
     # ---- jobs ---------------------------------------------------------------------------------

@@ -18,10 +18,10 @@ from tests.test_sim import PROPERTY, Checked, requests
 SLICES = {"a": (0,), "b": (1,), "c": (0,)}
 
 
-def simulate(wl, slices=SLICES, skip=True, policy="adbs", kv_blocks=10**6, cost=None):
+def simulate(wl, slices=SLICES, skip=True, policy="adbs", kv_blocks=10**6, cost=None, terms=None):
     placement = one_unit(["a", "b", "c"], kv_blocks=kv_blocks, max_batch=8, rates=[3.0, 2.0, 1.0])
     sim = Checked(wl, placement, make_batching(policy), cost or table(), SPECS, mode="mixed", skip_steps=skip,
-                  core_slices=slices)
+                  core_slices=slices, runner_terms=terms)
     res = sim.run()
     return res.records.sort_values("request_id").reset_index(drop=True), res.stats
 
@@ -45,13 +45,19 @@ def test_disjoint_slices_change_nothing():
     pd.testing.assert_frame_equal(apart, plain)
 
 
+# Beside another engine, steps slow by 1.5× at one token to 1.1× at 100 and more.
+BESIDE = RunnerTerms(beside={("llama-7b", 1): ((1, 1.5), (100, 1.1))}, label="test")
+
+
 @PROPERTY
-@given(rows=requests, policy=st.sampled_from(["adbs", "fcfs"]), tight=st.booleans())
-def test_turn_taking_skips_decode_steps_exactly_and_reports_every_request(rows, policy, tight):
+@given(rows=requests, policy=st.sampled_from(["adbs", "fcfs"]), tight=st.booleans(), beside=st.booleans())
+def test_turn_taking_skips_decode_steps_exactly_and_reports_every_request(rows, policy, tight, beside):
+    """Also with the beside factor rescaled as engines start and stop (`Simulator._rebeside`)."""
     kv = blocks_for_tokens(2048, blocks_per_chunk(SPECS["llama-7b"])) * (3 if tight else 300)
     wl = workload(rows)
-    fast, _ = simulate(wl, skip=True, policy=policy, kv_blocks=kv, cost=table(per_token=1e-4))
-    slow, _ = simulate(wl, skip=False, policy=policy, kv_blocks=kv, cost=table(per_token=1e-4))
+    terms = BESIDE if beside else None
+    fast, _ = simulate(wl, skip=True, policy=policy, kv_blocks=kv, cost=table(per_token=1e-4), terms=terms)
+    slow, _ = simulate(wl, skip=False, policy=policy, kv_blocks=kv, cost=table(per_token=1e-4), terms=terms)
     pd.testing.assert_frame_equal(fast, slow)
     assert sorted(fast.request_id) == sorted(wl.df.request_id)
 
@@ -160,3 +166,13 @@ def test_beside_factors_read_from_measurements_interpolate_and_never_speed_up():
     assert terms.beside_factor("m", 1, 144) == pytest.approx(1.4)
     assert terms.beside_factor("m", 1, 4096) == pytest.approx(1.2)
     assert terms.beside_factor("m", 2, 32) == 1.0  # not measured
+
+
+def test_a_running_job_is_rescaled_when_an_engine_starts_or_stops_beside_it():
+    """Flat 2× beside. a prefills alone from 0 (0.1 s of work); b starts on the other core at 0.05, so
+    a's second half takes 0.1: first token 0.15, then its decode beside b, 0.02: done at 0.17. b did
+    0.06 of its 0.1 by then and finishes the rest alone: 0.21, then decodes alone: 0.22."""
+    terms = RunnerTerms(beside={("llama-7b", 1): ((1, 2.0), (100, 2.0))}, label="test")
+    times, res = first_tokens_and_finishes(terms, [("a", 0.0, 10, 2), ("b", 0.05, 10, 2)])
+    assert times == [pytest.approx([0.15, 0.17]), pytest.approx([0.21, 0.22])]
+    assert res.stats["beside_rescales"] >= 2  # a when b started, b when a stopped
