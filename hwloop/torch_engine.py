@@ -32,6 +32,7 @@ Only the last position of each row goes through the LM head, as in vLLM.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -172,14 +173,50 @@ class PagedKV:
             self.pool[at[fresh].flatten(), :, 1:] = 0
         self.pool[at, 0, offset] = self._slices(k)[:, 0]
         self.pool[at, 1, offset] = self._slices(v)[:, 0]
-        n_keys = step.n_keys
-        chunks = ids[:, : -(-n_keys // BLOCK_TOKENS)]
-        blocks = self.pool.index_select(0, chunks.flatten())  # [B·chunks·slices, 2, BLOCK_TOKENS, width]
-        kv = self._heads_major(blocks, *chunks.shape[:2], k.shape[1], k.shape[3])[..., :n_keys, :]
-        keys, values = kv[0], kv[1]
-        # Keys past a row's length are masked; they are finite (the row's own padding, zeros, or its
-        # own first chunk: `_paged`), so no leftover NaN survives the mask as 0 × NaN.
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
+        return self._decode_attention(q, ids, pos, k.shape[1])
+
+    def _decode_attention(self, q: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """Row b's query over its own keys 0..pos[b], a chunk at a time (split-K, as flash-decoding):
+        the chunks the rows have written are gathered one after another, none padded to the longest
+        row, so a step costs the batch's summed context (what a paged-attention kernel reads, and
+        what the simulator charges), not batch × longest. Padded to the longest, a batch of 32 with
+        contexts 8–503 took 4.5× one at their mean (/work/notes/mixed_ctx.py, once). Each chunk's
+        attention comes with its log-sum-exp; a row's output is its chunks' outputs weighted by
+        exp(lse − the row's largest lse), the exact softmax over all its keys.
+
+        Keys past pos[b] in its last chunk are masked out; they are finite anyway (zeros, or the
+        row's own earlier bytes), so no leftover NaN reaches the sums as 0 × NaN."""
+        b, heads, _, hd = q.shape
+        device = q.device
+        live = pos // BLOCK_TOKENS + 1  # chunks row b reads
+        row = torch.repeat_interleave(torch.arange(b, device=device), live)  # the row of each chunk read
+        chunk = torch.arange(row.numel(), device=device) - (torch.cumsum(live, 0) - live)[row]  # its index in the row
+        blocks = self.pool.index_select(0, ids[row, chunk].flatten())  # [chunks·slices, 2, BLOCK_TOKENS, width]
+        keys, values = self._heads_major(blocks, row.numel(), 1, kv_heads, hd)  # each [chunks, kv_heads, BLOCK_TOKENS, hd]
+        if kv_heads != heads:  # query head h reads KV head h // (heads / kv_heads)
+            keys, values = (x.repeat_interleave(heads // kv_heads, dim=1) for x in (keys, values))
+        position = chunk[:, None] * BLOCK_TOKENS + torch.arange(BLOCK_TOKENS, device=device)
+        mask = torch.zeros(position.shape, dtype=q.dtype, device=device)
+        mask.masked_fill_(position > pos[row, None], -math.inf)
+        out, lse = _attention_with_lse(q[row], keys, values, mask[:, None, None, :])  # [chunks, heads, 1, hd], [chunks, heads, 1]
+        top = torch.full((b, heads, 1), -math.inf, device=device).scatter_reduce_(
+            0, row[:, None, None].expand_as(lse), lse, "amax")
+        weight = torch.exp(lse - top[row])
+        total = torch.zeros(b, heads, 1, device=device).index_add_(0, row, weight)
+        summed = torch.zeros(b, heads, 1, hd, device=device).index_add_(0, row, out.float() * weight[..., None])
+        return (summed / total[..., None]).to(q.dtype)
+
+
+def _attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q over k, v under an additive mask, and each query's log-sum-exp of its scores
+    (float32). On CPU, the flash kernel `scaled_dot_product_attention` itself runs, which returns both;
+    elsewhere the same in plain float32 operations."""
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
+        return out, lse
+    scores = q.float() @ k.float().transpose(-1, -2) * q.shape[-1] ** -0.5 + mask.float()
+    return (torch.softmax(scores, dim=-1) @ v.float()).to(q.dtype), torch.logsumexp(scores, dim=-1)
 
 
 class Rotary(nn.Module):
