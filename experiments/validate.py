@@ -225,20 +225,16 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, targets, bool(cfg.report.progress), mode, _pool_blocks(cfg), _sweep(cfg),
-                 recheck=bool(p.get("recheck", True)), terms=_terms(p, mode), trace=trace)
+                 recheck=bool(p.get("recheck", True)), terms=_terms(p), trace=trace)
 
 
-def _terms(p: DictConfig, mode: str) -> tuple[str, ...]:
-    """The runner terms to charge: null means all of them in mixed mode and none in split mode (they
-    are measured on the mixed-mode worker)."""
+def _terms(p: DictConfig) -> tuple[str, ...]:
+    """The runner terms to charge (null: all of them), measured on the workers of the run's mode."""
     if p.get("terms") is None:
-        return TERMS if mode == "mixed" else ()
+        return TERMS
     terms = tuple(str(t) for t in p.terms)
     if set(terms) - set(TERMS):
         raise ConfigError(f"profile.terms must list some of {', '.join(TERMS)} (got {list(terms)})")
-    if mode == "split" and terms:
-        raise ConfigError("profile.terms: the runner's terms are measured on the mixed-mode (vLLM) worker; "
-                          "leave profile.terms null or [] in split mode")
     return terms
 
 
@@ -377,7 +373,8 @@ def runner_terms(s: Setup, profiles: list[Path], out: Path) -> RunnerTerms | Non
             with _bar(f"terms {spec.name}", len(s.cores), "core count", s.progress) as bar:
                 cached = []
                 for k in range(1, len(s.cores) + 1):
-                    cached.append(measure(spec, s.cores[:k], out / "terms", s.terms, others=s.cores[k:]))
+                    cached.append(measure(spec, s.cores[:k], out / "terms", s.terms, others=s.cores[k:],
+                                          split=s.mode == "split"))
                     bar.update(1)
             tmp = side.with_suffix(".tmp")
             tmp.write_text(json.dumps(cached, indent=1))

@@ -57,6 +57,7 @@ from hwloop.replay import (
     summary,
 )
 from hwloop.split_worker import (
+    DTYPE_OF_BYTES,
     DecodeCmd,
     DecodeItem,
     PhaseDone,
@@ -70,8 +71,6 @@ from policies.placement import BLOCK_BYTES, Placement, blocks_for_tokens, blocks
 from policies.specs import ModelSpec
 from policies.view import BatchingPolicy, Launch, Request
 from traces.schema import Workload
-
-DTYPE_OF_BYTES = {2: "bfloat16", 4: "float32"}
 
 
 class SplitRunner(ReplayRunner):

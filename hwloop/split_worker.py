@@ -31,6 +31,7 @@ from hwloop.process import Answer, Ready, WorkerProcess, pinned_cores, worker_ma
 from policies.specs import ModelSpec
 
 Phase = Literal["prefill", "decode"]
+DTYPE_OF_BYTES = {2: "bfloat16", 4: "float32"}  # a spec's bytes per value → the engine's dtype
 
 
 @dataclass(frozen=True)

@@ -53,16 +53,28 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hwloop.engine import engine_config, write_model_dir
+from hwloop.engine import FIRST_TOKEN_ID, engine_config, synthetic_prompt, write_model_dir
+from hwloop.kv_pool import BlockAllocator, KVPool
 from hwloop.partition import available_cores, cpu_env
 from hwloop.process import start_workers
+from hwloop.split_worker import (
+    DTYPE_OF_BYTES,
+    DecodeCmd,
+    DecodeItem,
+    PhaseDone,
+    PrefillCmd,
+    PrefillItem,
+    SplitWorkerHandle,
+    SplitWorkerSpec,
+)
 from hwloop.worker import Admit, StepCmd, StepDone, WorkerHandle, WorkerSpec
-from policies.placement import blocks_per_chunk
+from policies.placement import blocks_for_tokens, blocks_per_chunk
 from policies.specs import ModelSpec
 
 IDLE_GAPS_S = (0.002, 0.02, 0.2)  # the idle times `idle` measures at
@@ -136,16 +148,105 @@ class Pair:
         return done, t_send, time.monotonic()
 
 
+class SplitPair:
+    """Pair's counterpart for split mode (`hwloop.split_runner`): two LLMs of one model, each a prefill
+    and a decode worker (`hwloop.split_worker`), all four pinned to the same cores and mapping one KV
+    pool; each decode worker holds a batch. A launch that admits requests is a prefill here, as in
+    the split runner. The blocks hold zeros rather than prefilled KV: a step's time does not depend
+    on the values."""
+
+    def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
+                 budget: int, env: dict[str, str] | None = None) -> None:
+        self.prefill_tokens = 2048
+        self.max_context = spec.max_context
+        self.spec, self.cores, self.batch, self.context, self.budget = spec, tuple(cores), batch, context, budget
+        self.chunk_blocks = blocks_per_chunk(spec)
+        largest = 2 * max(batch, BESIDE_LOAD_BATCH, *BESIDE_BATCHES) * self._blocks(context + budget)
+        self.pool = KVPool(largest + self._blocks(self.prefill_tokens) + self.chunk_blocks * 64)
+        self.blocks = BlockAllocator(self.pool.num_blocks)
+        worker_env = {**cpu_env(self.cores), **(env or {})}
+        self.handles = {
+            (i, phase): SplitWorkerHandle(SplitWorkerSpec(f"terms-{i}/{phase}", f"terms-{i}", phase, spec,  # type: ignore[arg-type]
+                                                          self.pool.handle(), dtype=DTYPE_OF_BYTES[spec.dtype_bytes],
+                                                          cores=self.cores, env=worker_env),
+                                          work / "logs" / f"terms-{i}-{phase}.log")
+            for i in range(2) for phase in ("prefill", "decode")}
+        self._next_id = 0
+        self._batches: list[list[DecodeItem]] = [[], []]  # each decode worker's batch, as its next step reads it
+
+    def _blocks(self, tokens: int) -> int:
+        return blocks_for_tokens(tokens, self.chunk_blocks)
+
+    def __enter__(self) -> SplitPair:
+        start_workers(list(self.handles.values()), timeout_s=600)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for h in self.handles.values():
+            h.stop()
+        self.pool.close()
+
+    def step(self, i: int, admit: int = 0) -> tuple[PhaseDone, float, float]:
+        """One decode step of worker `i`'s batch (a fresh batch once it ran out of tokens), or with
+        `admit`, a prefill launch of that many prompts of the batch's context."""
+        if admit:
+            return self._prefill(i, [self.context] * admit)
+        if not self._batches[i] or self._batches[i][0].remaining <= 1:
+            self.drain(i)
+            self._batches[i] = [DecodeItem(self._new_id(), FIRST_TOKEN_ID, self.context,
+                                           tuple(self.blocks.allocate(self._blocks(self.context + self.budget))),
+                                           self.budget) for _ in range(self.batch)]
+        done, t_send, t_recv = self._send(self.handles[i, "decode"], DecodeCmd(tuple(self._batches[i])))
+        self._batches[i] = [replace(it, token=done.new_tokens[it.request_id][-1], held=it.held + 1,
+                                    remaining=it.remaining - 1) for it in self._batches[i]]
+        return done, t_send, t_recv
+
+    def drain(self, i: int) -> None:
+        """Drop worker `i`'s batch (its next `step` decodes a fresh one of `batch`)."""
+        for it in self._batches[i]:
+            self.blocks.deallocate(it.blocks)
+        self._batches[i] = []
+
+    def prefill(self, i: int, lengths: Sequence[int]) -> float:
+        """One prefill by LLM `i`'s prefill worker of prompts of `lengths`; the step's seconds."""
+        done, *_ = self._prefill(i, lengths)
+        return done.t_end - done.t_start
+
+    def _prefill(self, i: int, lengths: Sequence[int]) -> tuple[PhaseDone, float, float]:
+        items = tuple(PrefillItem(rid, tuple(synthetic_prompt(rid, n, self.spec.vocab_size)),
+                                  tuple(self.blocks.allocate(self._blocks(n))))
+                      for rid, n in ((self._new_id(), n) for n in lengths))
+        try:
+            return self._send(self.handles[i, "prefill"], PrefillCmd(items))
+        finally:
+            for it in items:
+                self.blocks.deallocate(it.blocks)
+
+    def _new_id(self) -> int:
+        self._next_id += 1
+        return self._next_id
+
+    @staticmethod
+    def _send(h: SplitWorkerHandle, cmd: PrefillCmd | DecodeCmd) -> tuple[PhaseDone, float, float]:
+        t_send = time.monotonic()
+        h.send(cmd)
+        done: PhaseDone = h.recv(60)
+        return done, t_send, time.monotonic()
+
+
+Workers = Pair | SplitPair  # what the measurements below drive
+
+
 def _ms(values: Sequence[float]) -> float:
     return 1e3 * float(np.median(values))
 
 
-def _step_s(pair: Pair, i: int) -> float:
+def _step_s(pair: Workers, i: int) -> float:
     done, *_ = pair.step(i)
     return done.t_end - done.t_start
 
 
-def measure_turns(pair: Pair, steps: int) -> dict[str, float]:
+def measure_turns(pair: Workers, steps: int) -> dict[str, float]:
     """Paired samples, so that load from other processes, which drifts, hits both alike: worker 0
     steps twice (the second step follows its own: alone), then worker 1 once and worker 0 once (that
     step follows worker 1's: in turns). The extra is the median of the pairs' differences."""
@@ -160,7 +261,7 @@ def measure_turns(pair: Pair, steps: int) -> dict[str, float]:
             "extra_iqr_ms": 1e3 * float(np.subtract(*np.percentile(diff, [75, 25]))), "steps": steps}
 
 
-def measure_idle(pair: Pair, steps: int, gaps_s: Sequence[float] = IDLE_GAPS_S) -> dict[str, Any]:
+def measure_idle(pair: Workers, steps: int, gaps_s: Sequence[float] = IDLE_GAPS_S) -> dict[str, Any]:
     """Paired samples per gap: a step right after the engine's previous one (back to back), then a
     step after sleeping `gap`; the extra is the median of the pairs' differences."""
     rows = []
@@ -177,7 +278,7 @@ def measure_idle(pair: Pair, steps: int, gaps_s: Sequence[float] = IDLE_GAPS_S) 
     return {"gaps": rows, "steps": steps}
 
 
-def measure_dispatch(pair: Pair, steps: int) -> dict[str, float]:
+def measure_dispatch(pair: Workers, steps: int) -> dict[str, float]:
     """Median send-to-step-start and step-end-to-reply of decode launches (`decode_ms`: their sum),
     and the excess send-to-step-start of launches admitting one request (`admit_ms`)."""
     send, reply, admitting = [], [], []
@@ -197,7 +298,7 @@ def prompt_lengths(tokens: int, longest: int) -> list[int]:
     return [tokens // n + (k < tokens % n) for k in range(n)]
 
 
-def measure_shapes(pair: Pair, steps: int, near: Sequence[int] = SHAPE_TOKENS) -> dict[str, Any]:
+def measure_shapes(pair: Workers, steps: int, near: Sequence[int] = SHAPE_TOKENS) -> dict[str, Any]:
     """Paired samples per token count: a prefill of a count the engine never ran, then the same
     prompts again (now cached); the extra is the median of the pairs' differences. Each sample uses
     its own count just above `near`, so every first step really is the engine's first at that count."""
@@ -218,7 +319,7 @@ def measure_shapes(pair: Pair, steps: int, near: Sequence[int] = SHAPE_TOKENS) -
 class Neighbour:
     """A second engine decoding non-stop on other cores, in a thread, while `on`."""
 
-    def __init__(self, pair: Pair) -> None:
+    def __init__(self, pair: Workers) -> None:
         self.pair, self.on, self._stop = pair, threading.Event(), threading.Event()
         self._thread = threading.Thread(target=self._work, daemon=True)
 
@@ -236,7 +337,7 @@ class Neighbour:
         self._thread.join()
 
 
-def measure_beside(pair: Pair, neighbour: Neighbour, steps: int, batches: Sequence[int] = BESIDE_BATCHES,
+def measure_beside(pair: Workers, neighbour: Neighbour, steps: int, batches: Sequence[int] = BESIDE_BATCHES,
                    prompt_tokens: Sequence[int] = BESIDE_PROMPT_TOKENS) -> dict[str, Any]:
     """Per step size: `steps` steps alone, as many beside the busy neighbour, as many alone again;
     the factor is the median beside over the median of both alone stretches (which bracket it, so
@@ -267,19 +368,21 @@ def measure_beside(pair: Pair, neighbour: Neighbour, steps: int, batches: Sequen
 
 
 def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[str] = TERMS, steps: int = 60,
-            batch: int = 4, context: int = 64, others: Sequence[int] = ()) -> dict[str, Any]:
-    """The chosen terms for `spec` on `cores`, with how they were measured; `beside` needs `others`
-    (cores for the neighbouring engine) and is None without them."""
+            batch: int = 4, context: int = 64, others: Sequence[int] = (), split: bool = False) -> dict[str, Any]:
+    """The chosen terms for `spec` on `cores`, with how they were measured, on the mixed-mode worker
+    or with `split` on the split-mode workers; `beside` needs `others` (cores for the neighbouring
+    engine) and is None without them."""
     budget = min(4 * steps, spec.max_context - context - 2)
     out: dict[str, Any] = {"model": spec.name, "cores": len(tuple(cores)), "batch": batch, "context": context,
-                           "loadavg_before": os.getloadavg()[0]}
-    with Pair(spec, cores, work, batch, context, budget) as pair:
+                           "workers": "split" if split else "mixed", "loadavg_before": os.getloadavg()[0]}
+    pair_type = SplitPair if split else Pair
+    with pair_type(spec, cores, work, batch, context, budget) as pair:
         pair.step(0), pair.step(1)  # both batches admitted and warm
         for term in which:
             if term == "beside":
                 out[term] = None  # no cores outside `cores`: no engine can work beside it
                 if others:
-                    with Pair(spec, others, work / "beside", BESIDE_LOAD_BATCH, context, budget) as other, \
+                    with pair_type(spec, others, work / "beside", BESIDE_LOAD_BATCH, context, budget) as other, \
                             Neighbour(other) as neighbour:
                         out[term] = measure_beside(pair, neighbour, steps // 3)
                 continue
@@ -298,6 +401,7 @@ def main() -> None:
                     help="cores of the neighbouring engine for `beside` (default: the others this process may use)")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--split", action="store_true", help="on the split-mode workers (default: the mixed-mode vLLM one)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
     spec = ModelSpec("tiny-l4-h512", 4, 512, 8, 8, 1376, 1024, max_context=512)
@@ -306,7 +410,7 @@ def main() -> None:
                    (c for c in available_cores() if c not in cores))
     with tempfile.TemporaryDirectory(prefix="muxsim-terms-") as tmp:
         result = measure(spec, cores, Path(tmp), TERMS if args.term == "all" else (args.term,), args.steps, args.batch,
-                         others=others)
+                         others=others, split=args.split)
     print(json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -254,8 +254,9 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
     """`python -m experiments.validate mode=split`, short: one LLM on two cores (its prefill and its
     decode process one core each), a profile of the paged engine at one and two cores, MuxServe's
     placement at whole-core shares, the simulator in split mode with per-phase core slices, and the
-    same placement on split workers. Both record sets complete; accuracy is what the README
-    reports, not asserted here (timings on a shared 2-core machine vary with its load)."""
+    same placement on split workers, charged the split workers' measured turns. Both record sets
+    complete; accuracy is what the README reports, not asserted here (timings on a shared 2-core
+    machine vary with its load)."""
     from hydra import compose, initialize_config_dir
 
     from experiments.validate import CONF_DIR, incomplete, validate
@@ -266,7 +267,8 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
             "mode=split", f"cores=[{cores[0]},{cores[1]}]", "systems=[muxserve]", "workload.rates=[6.0]",
             "workload.duration_s=4", "workload.prompt_mean=32", "workload.output_mean=12", "split_pool_mib=64",
             f"profile.dir={tmp_path / 'profiles'}", "profile.batches=[1,4]", "profile.seq_lens=[8,64]",
-            "profile.warmup=1", "profile.repeats=2", "profile.recheck=false", "report.progress=false",
+            "profile.warmup=1", "profile.repeats=2", "profile.recheck=false", "profile.terms=[turns]",
+            "report.progress=false",
             "report.plot=false", "report.slo_scales=[2,5]", "load.levels=1", "load.lowest=0.5", "load.highest=0.5",
             "load.repeats=1"])
     cfg.models = cfg.models[:1]
@@ -278,5 +280,7 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
     (hw,) = c.stats["hw"]
     assert hw["mode"] == "split" and hw["anomalies"] == [] and hw["kv_free_end"] == hw["kv_total"]
     assert c.slices == {"llm-0/prefill": (cores[0],), "llm-0/decode": (cores[1],)}
+    model = cfg.models[0].name  # its turns measured on the split workers (hwloop.terms.SplitPair), at 1 and 2 cores
+    assert v.terms is not None and set(v.terms.turn_s) == {(model, 1), (model, 2)}
     assert c.placement.units[0].kv_blocks == 64 * 2**20 // 16384
     assert set(v.rows["metric"]) >= {"throughput_rps", "ttft_p50_s", "tpot_p50_s"}
