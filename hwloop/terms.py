@@ -6,6 +6,7 @@
     python -m hwloop.terms shapes --cores 0         # a step whose token count the engine never ran before
     python -m hwloop.terms beside --cores 0         # a step while another engine works on the other cores
     python -m hwloop.terms all --json terms.json    # all five (what experiments.validate stores with a profile)
+    python -m hwloop.terms all --cores 0 --split    # the same on the split-mode workers (prefill and decode processes)
 
 The profiler (`hwloop.profiler`) times steps of one engine back to back. The runner does more:
 - **turns**: engines whose core sets overlap take turns, so a step often follows another engine's
