@@ -567,10 +567,13 @@ class TorchStepEngine:
 
 class PagedStepEngine(TorchStepEngine):
     """The profiler's `StepEngine` over the split workers' paged path (`prefill_paged` /
-    `decode_paged`), on a private pool: what a split-mode run's steps cost, gathers included.
+    `decode_paged`): what a split-mode run's steps cost, gathers included.
 
     Each cell gets a pool of exactly its blocks, handed out in a shuffled order as a long-running
     pool's free list would; decode contexts are random keys and values, as in `TorchStepEngine`.
+    On CPU the pool is shared memory mapped as the split workers map the unit's (`hwloop.kv_pool`):
+    a decode step read its blocks 12–14% slower there than from private memory (batches 4 and 32,
+    /work/notes/pool_kind.py, once), so a private pool would profile steps the workers never get.
     """
 
     def _pool(self, cell: tuple[str, int, int], batch: int, tokens: int) -> tuple[torch.Tensor, list[list[int]]]:
@@ -581,7 +584,13 @@ class PagedStepEngine(TorchStepEngine):
         self.shape = cell
         per_request = blocks_for_tokens(tokens, self.engine.layout(BLOCK_BYTES).chunk_blocks)
         with self.engine.on_stream():
-            pool = torch.empty(batch * per_request, BLOCK_BYTES, dtype=torch.uint8, device=self.engine.device)
+            if self.engine.device.type == "cpu":
+                from hwloop.kv_pool import KVPool, attach
+
+                with KVPool(batch * per_request) as shared:  # the mapping outlives the descriptor
+                    pool = attach(shared.handle())
+            else:
+                pool = torch.empty(batch * per_request, BLOCK_BYTES, dtype=torch.uint8, device=self.engine.device)
             self.engine.pool_view(pool).normal_(generator=None)
         ids = torch.randperm(batch * per_request, generator=self.gen).tolist()
         return pool, [ids[i * per_request:(i + 1) * per_request] for i in range(batch)]
