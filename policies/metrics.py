@@ -9,7 +9,9 @@ Definitions (MuxServe §5, with its P99 taken globally rather than averaged per 
 - steady-state throughput = requests finished inside the arrival window after a warm-up, divided by
   that window's length, per LLM (each over its own arrivals) and summed: the served rate while
   requests keep arriving, drain excluded. Below saturation it is the offered rate; above, the
-  system's capacity; either way it does not depend on how long the trace is.
+  system's capacity; either way it does not depend on how long the trace is, once the run is long
+  enough to have settled. The warm-up is detected (MSER-5, `detect_warmup`), not fixed: a system
+  near its capacity can take minutes to settle, an idle one seconds.
 - goodput at SLO scale k: the same count restricted to requests within k × standalone latency.
 - SLO attainment at scale k = share of all requests (failed ones count as misses) whose latency is
   within k × the latency the same request would see alone on its spatial-baseline GPUs at 100% SM,
@@ -30,16 +32,134 @@ from policies.specs import ModelSpec
 
 SLO_SCALES: tuple[float, ...] = (1, 1.5, 2, 3, 4, 5, 7.5, 8, 10, 15, 20, 30, 50, 75, 100)
 PERCENTILES = (50, 90, 99)
-# Share of each LLM's arrival window left out at its start: queues and batches fill up there.
-WARMUP_FRACTION = 0.2
+# Warm-up detection by MSER-5 (White 1997; batches of 5 as Spratt 1998), on the run's served counts.
+# One count per second: finer than any warm-up worth detecting (seconds to minutes) and, at the
+# studies' rates (tens to hundreds of requests per second), many requests per count.
+SERIES_STEP_S = 1.0
+MSER_BATCH = 5  # MSER-5: the rule runs on means of 5 consecutive counts
+# MSER's statistic rests on fewer batches as the truncation nears the end (it is 0 at one batch), and
+# a minimum there is chance: truncations keep at least this many batches (50 s). Measured on flat
+# Poisson counts (tests/test_steady_state.py), keeping 5 called 6–12% of 100–200 s series unsettled,
+# keeping 10 about 2% of 200 s ones and under 1% from 300 s; the price is that a series must have
+# more than 20 batches (100 s) before the rule can vouch for it at all.
+MSER_MIN_TAIL = 10
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """MSER's answer on a series of batch means: how many batches to cut, and whether the run could
+    vouch for it (the unrestricted minimum lies in the first half of a series long enough to look
+    past its middle)."""
+
+    batches: int
+    settled: bool
+
+
+def mser_statistic(batch_means: np.ndarray) -> np.ndarray:
+    """MSER(d) = Σ_{i≥d} (Z_i − mean of Z_d…)² / (m − d)² for every d in 0…m−1 (White 1997).
+
+    The squared standard error of the kept mean, up to a constant: cutting a biased start lowers the
+    sum, cutting too much raises it through the shrinking denominator. Suffix sums make it O(m);
+    centring first keeps them from cancelling (a constant series gives exact zeros).
+    """
+    z = np.asarray(batch_means, dtype=float)
+    z = z - z.mean() if len(z) else z
+    kept = np.arange(len(z), 0, -1, dtype=float)  # m − d
+    total = np.cumsum(z[::-1])[::-1]
+    squares = np.cumsum((z * z)[::-1])[::-1]
+    return (squares - total * total / kept) / (kept * kept)
+
+
+def mser_truncation(series: np.ndarray, batch: int = MSER_BATCH, min_tail: int = MSER_MIN_TAIL) -> Truncation:
+    """MSER-m: the truncation (in batches of `batch` values, leftovers at the end dropped) that
+    minimises `mser_statistic`, searched up to half the batches as White's rule has it.
+
+    Settled when the minimum over every truncation that keeps `min_tail` batches also lies within the
+    first half. A minimum beyond the half means the series was still moving late in the run; a series
+    of at most 2 × `min_tail` batches cannot look past its half at all. Either way the run is too short
+    to say it settled: the truncation is then the best within the first half, flagged.
+    """
+    m = len(series) // batch
+    if m < min_tail:  # not even one admissible truncation
+        return Truncation(0, False)
+    means = np.asarray(series[:m * batch], dtype=float).reshape(m, batch).mean(axis=1)
+    stat = mser_statistic(means)[:m - min_tail + 1]
+    within_half = int(np.argmin(stat[:m // 2 + 1]))
+    settled = m > 2 * min_tail and int(np.argmin(stat)) <= m // 2
+    return Truncation(within_half, settled)
+
+
+@dataclass(frozen=True)
+class ArrivalWindows:
+    """Each LLM's arrival window [first, last arrival], and the run's start (its first arrival)."""
+
+    first: pd.Series  # by model
+    last: pd.Series
+
+    @classmethod
+    def of(cls, records: pd.DataFrame) -> ArrivalWindows:
+        by = records.groupby("model", sort=False)["arrival_s"]
+        return cls(by.min(), by.max())
+
+    @property
+    def start_s(self) -> float:
+        return float(self.first.min())
+
+    @property
+    def common_end_s(self) -> float:
+        """The earliest end among LLMs with a window (a one-request LLM has none): until then every
+        such LLM is still arriving, so the system's served rate has a steady target. Paper-sized runs
+        end their LLMs' arrivals at different times; past the first end the total would step down."""
+        spans = self.last > self.first
+        return float(self.last[spans].min()) if spans.any() else self.start_s
+
+
+def served_per_step(records: pd.DataFrame, windows: ArrivalWindows, step_s: float = SERIES_STEP_S) -> np.ndarray:
+    """Requests finished per `step_s`, all LLMs together, from the first arrival to the common end.
+
+    A request counts only when it finishes inside its own LLM's arrival window, as the steady-state
+    figure counts it, so the series shows the served rate the figure measures.
+    """
+    steps = int((windows.common_end_s - windows.start_s) // step_s)
+    first = records["model"].map(windows.first).to_numpy(dtype=float)
+    last = records["model"].map(windows.last).to_numpy(dtype=float)
+    finish = records["finish_s"].to_numpy(dtype=float)
+    inside = (records["status"].to_numpy() == "finished") & (finish >= first) & (finish <= last)
+    index = np.floor((finish[inside] - windows.start_s) / step_s).astype(int)
+    return np.bincount(index[index < steps], minlength=steps).astype(float)
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """The detected warm-up: it ends `length_s` after the run's first arrival."""
+
+    end_s: float
+    length_s: float
+    settled: bool
+
+
+def detect_warmup(records: pd.DataFrame, step_s: float = SERIES_STEP_S) -> Warmup:
+    """MSER-5 on the run's served counts per second (`served_per_step`).
+
+    One series for the whole system rather than one per LLM: a rarely used LLM serves a request every
+    few seconds, too few for MSER to tell a trend from noise, while the busy LLMs, whose queues take
+    longest to settle, dominate the total.
+    """
+    if records.empty:
+        return Warmup(math.nan, 0.0, False)
+    windows = ArrivalWindows.of(records)
+    cut = mser_truncation(served_per_step(records, windows, step_s))
+    length = cut.batches * MSER_BATCH * step_s
+    return Warmup(windows.start_s + length, length, cut.settled)
 
 
 @dataclass(frozen=True)
 class SteadyState:
     """Per LLM, over its steady window (arrival window after the warm-up): how many requests
-    arrived, finished and finished within the SLO, and the window's length."""
+    arrived, finished and finished within the SLO, and the window's length; and the warm-up."""
 
     per_llm: pd.DataFrame  # model, window_s, arrived, served, good
+    warmup: Warmup
 
     @property
     def offered_rps(self) -> float:
@@ -60,9 +180,8 @@ def _rate_sum(per_llm: pd.DataFrame, column: str) -> float:
     return float((per_llm.loc[ok, column] / per_llm.loc[ok, "window_s"]).sum()) if ok.any() else math.nan
 
 
-def steady_state(records: pd.DataFrame, within_slo: np.ndarray | None = None,
-                 warmup_fraction: float = WARMUP_FRACTION) -> SteadyState:
-    """Counts over each LLM's arrival window [first + warm-up, last arrival].
+def steady_counts(records: pd.DataFrame, warmup_end_s: float, within_slo: np.ndarray | None = None) -> pd.DataFrame:
+    """Counts over each LLM's window [max(first arrival, warm-up end), last arrival].
 
     Per LLM, because paper-sized runs give each LLM its own number of requests at its own rate,
     so their arrivals end at different times. `within_slo` marks the requests meeting the SLO.
@@ -73,13 +192,19 @@ def steady_state(records: pd.DataFrame, within_slo: np.ndarray | None = None,
     good = done if within_slo is None else done & within_slo
     rows = []
     for llm, idx in records.groupby("model", sort=False).indices.items():
-        first, last = float(arrival[idx].min()), float(arrival[idx].max())
-        start = first + warmup_fraction * (last - first)
+        last = float(arrival[idx].max())
+        start = min(max(float(arrival[idx].min()), warmup_end_s), last)
         inside = done[idx] & (finish[idx] >= start) & (finish[idx] <= last)
         rows.append({"model": llm, "window_s": last - start,
                      "arrived": int(((arrival[idx] >= start) & (arrival[idx] <= last)).sum()),
                      "served": int(inside.sum()), "good": int((inside & good[idx]).sum())})
-    return SteadyState(pd.DataFrame(rows, columns=["model", "window_s", "arrived", "served", "good"]))
+    return pd.DataFrame(rows, columns=["model", "window_s", "arrived", "served", "good"])
+
+
+def steady_state(records: pd.DataFrame, within_slo: np.ndarray | None = None) -> SteadyState:
+    """The steady-state counts after the detected warm-up (`detect_warmup`)."""
+    warmup = detect_warmup(records)
+    return SteadyState(steady_counts(records, warmup.end_s, within_slo), warmup)
 
 
 def standalone_latency(records: pd.DataFrame, model_of: dict[str, ModelSpec], tp_of: dict[str, int],
@@ -134,7 +259,7 @@ def _describe(lat: pd.DataFrame, prefix: str = "") -> dict[str, float]:
 
 @dataclass
 class Summary:
-    overall: dict[str, float]
+    overall: dict[str, float | bool]  # steady_settled is the one flag
     per_llm: pd.DataFrame
     slo: pd.Series
 
@@ -170,7 +295,7 @@ def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
     window = steady.per_llm.set_index("model")["window_s"].replace(0.0, math.nan)
     per_llm["steady_throughput_rps"] = per_llm["model"].map(steady.per_llm.set_index("model")["served"] / window)
     weights = per_llm["rate_rps"] if rates else per_llm["requests"].astype(float)
-    overall: dict[str, float] = {
+    overall: dict[str, float | bool] = {
         "requests": float(len(records)),
         "finished": float(len(finished)),
         "failed": float(len(records) - len(finished)),
@@ -182,6 +307,8 @@ def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
         "preemptions": float(records["preemptions"].sum()),
         "steady_offered_rps": steady.offered_rps,
         "steady_throughput_rps": steady.throughput_rps,
+        "steady_warmup_s": steady.warmup.length_s,
+        "steady_settled": steady.warmup.settled,
     }
     overall.update(_describe(lat))
     slo = pd.Series(dtype=float, name="slo_attainment")
