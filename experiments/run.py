@@ -312,7 +312,7 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def settled_word(settled: bool) -> str:
-    """How a log line names the steady-state figure's standing (policies.metrics.detect_warmup)."""
+    """How a log line names the steady-state figure's standing (policies.metrics.settling)."""
     return "settled" if settled else "unsettled: the run is too short to say"
 
 
@@ -330,7 +330,7 @@ def report(res: Results, cfg: DictConfig) -> None:
     console.print(f"[bold]muxsim {cfg.preset}[/]: {_count(first['n_llms'], 'LLM')} on {_count(first['cluster_gpus'], 'GPU')}, "
                   f"{first['rate_rps']:.1f} req/s offered over {first['trace_s']:.0f} s of trace")
     perf = [("paper's tpt\nreq/s", "rate_weighted_throughput_rps", ".2f"),
-            ("steady tpt\nreq/s", "steady_throughput_rps", ".2f"),
+            ("steady tpt\nreq/s", "steady_throughput_rps", ".2f"), ("± s.e.\nreq/s", "steady_throughput_se_rps", ".2f"),
             ("steady\noffered", "steady_offered_rps", ".2f"), ("throughput\ntok/s", "tokens_per_s", ".0f"),
             ("TTFT p50\ns", "ttft_p50_s", ".3f"), ("TTFT p99\ns", "ttft_p99_s", ".2f"),
             ("TPOT p50\ns/tok", "tpot_p50_s", ".3f"), ("TPOT p99\ns/tok", "tpot_p99_s", ".3f"),
@@ -342,7 +342,7 @@ def report(res: Results, cfg: DictConfig) -> None:
                            ("SLO attainment within k × standalone latency; preemptions, failures; the steady "
                             "window's detected warm-up", health)):
         table = Table(title=title)
-        table.add_column("system", style="bold")
+        table.add_column("system", style="bold", no_wrap=True, min_width=max(len(str(x)) for x in s.index))
         for name, *_ in columns:
             table.add_column(name, justify="right")
         for system, row in s.iterrows():
@@ -355,7 +355,8 @@ def report(res: Results, cfg: DictConfig) -> None:
                       + ", ".join(f"{system} {rate:.1f} req/s" for system, rate in within.items()))
     console.print("paper's tpt: MuxServe's throughput, the rate-weighted mean of per-LLM requests ÷ makespan "
                   "(drain included, so it moves with the trace length); steady tpt: requests served per "
-                  "second over the arrival window after the warm-up, drain excluded. The warm-up is detected "
+                  "second over the arrival window after the warm-up, drain excluded, ± its standard error "
+                  "(batch means). The warm-up is detected "
                   "(MSER-5 on the served counts per second); settled: no means the served rate was still "
                   "moving in the second half of the run, or the run was too short to tell, so the steady "
                   "figure is not yet the system's own: run a longer trace")
@@ -375,12 +376,19 @@ def ratio_line(s: pd.DataFrame, system: str, base: str, within: pd.Series | None
         a, b = s.loc[system].get(col, math.nan), s.loc[base].get(col, math.nan)
         return f"{a / b:.2f}×" if b and b > 0 and not math.isnan(a) else "–"
 
+    def steady_error() -> str:
+        """The ratio's standard error from both figures' (relative errors add in quadrature)."""
+        a, b = (s.loc[name] for name in (system, base))
+        rel = math.hypot(a.get("steady_throughput_se_rps", math.nan) / a["steady_throughput_rps"],
+                         b.get("steady_throughput_se_rps", math.nan) / b["steady_throughput_rps"])
+        return "" if math.isnan(rel) else f" ± {rel * a['steady_throughput_rps'] / b['steady_throughput_rps']:.2f}"
+
     p99 = s.loc[base, "latency_p99_s"] / s.loc[system, "latency_p99_s"]
     slo = f", {within[system] / within[base]:.2f}× the rate within SLO" if (
         within is not None and within[base] > 0) else ""
     unsettled = [name for name in (system, base) if not s.loc[name].get("steady_settled", True)]
     flag = f" (unsettled: {', '.join(unsettled)})" if unsettled else ""
-    return (f"{ratio('steady_throughput_rps')} steady-state throughput{flag}, "
+    return (f"{ratio('steady_throughput_rps')}{steady_error()} steady-state throughput{flag}, "
             f"{ratio('rate_weighted_throughput_rps')} paper's throughput (requests ÷ makespan), "
             f"{p99:.2f}× lower P99 latency{slo}")
 

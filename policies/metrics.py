@@ -10,7 +10,7 @@ Definitions (MuxServe §5, with its P99 taken globally rather than averaged per 
   that window's length, per LLM (each over its own arrivals) and summed: the served rate while
   requests keep arriving, drain excluded. Below saturation it is the offered rate; above, the
   system's capacity; either way it does not depend on how long the trace is, once the run is long
-  enough to have settled. The warm-up is detected (MSER-5, `detect_warmup`), not fixed: a system
+  enough to have settled. The warm-up is detected (MSER-5, `settling`), not fixed: a system
   near its capacity can take minutes to settle, an idle one seconds.
 - goodput at SLO scale k: the same count restricted to requests within k × standalone latency.
 - SLO attainment at scale k = share of all requests (failed ones count as misses) whose latency is
@@ -43,6 +43,9 @@ MSER_BATCH = 5  # MSER-5: the rule runs on means of 5 consecutive counts
 # keeping 10 about 2% of 200 s ones and under 1% from 300 s; the price is that a series must have
 # more than 20 batches (100 s) before the rule can vouch for it at all.
 MSER_MIN_TAIL = 10
+# Batch means for the steady figure's standard error: 10 batches, the fewest Schmeiser (1982) found
+# enough for a confidence interval; fewer, longer batches are the least correlated with each other.
+SE_BATCHES = 10
 
 
 @dataclass(frozen=True)
@@ -129,37 +132,57 @@ def served_per_step(records: pd.DataFrame, windows: ArrivalWindows, step_s: floa
     return np.bincount(index[index < steps], minlength=steps).astype(float)
 
 
+def batch_means_relative_se(series: np.ndarray, batches: int = SE_BATCHES) -> float:
+    """Standard error of the series' mean, relative to it, by non-overlapping batch means.
+
+    Served counts are autocorrelated (a batch of decodes finishes together, a strict FCFS mesh swings
+    for a minute), so the spread of per-second counts would understate the error; a few long batches
+    are nearly independent. NaN when the series has fewer values than batches or a zero mean.
+    """
+    size = len(series) // batches
+    if size == 0 or not np.mean(series) > 0:
+        return math.nan
+    means = np.asarray(series[len(series) - size * batches:], dtype=float).reshape(batches, size).mean(axis=1)
+    return float(means.std(ddof=1) / math.sqrt(batches) / means.mean())
+
+
 @dataclass(frozen=True)
-class Warmup:
-    """The detected warm-up: it ends `length_s` after the run's first arrival."""
+class Settling:
+    """How a run's served rate settled: its warm-up ends `warmup_s` after the first arrival (at
+    `warmup_end_s`); `settled` is MSER's verdict; `relative_se` is the served rate's standard error
+    after the warm-up, relative to the rate (`batch_means_relative_se`), measured on the detection
+    series, which ends with the earliest LLM's arrivals: where the others run on, a little pessimistic."""
 
-    end_s: float
-    length_s: float
+    warmup_end_s: float
+    warmup_s: float
     settled: bool
+    relative_se: float
 
 
-def detect_warmup(records: pd.DataFrame, step_s: float = SERIES_STEP_S) -> Warmup:
-    """MSER-5 on the run's served counts per second (`served_per_step`).
+def settling(records: pd.DataFrame, step_s: float = SERIES_STEP_S) -> Settling:
+    """MSER-5 on the run's served counts per second (`served_per_step`), then the error of what is kept.
 
     One series for the whole system rather than one per LLM: a rarely used LLM serves a request every
     few seconds, too few for MSER to tell a trend from noise, while the busy LLMs, whose queues take
     longest to settle, dominate the total.
     """
     if records.empty:
-        return Warmup(math.nan, 0.0, False)
+        return Settling(math.nan, 0.0, False, math.nan)
     windows = ArrivalWindows.of(records)
-    cut = mser_truncation(served_per_step(records, windows, step_s))
-    length = cut.batches * MSER_BATCH * step_s
-    return Warmup(windows.start_s + length, length, cut.settled)
+    series = served_per_step(records, windows, step_s)
+    cut = mser_truncation(series)
+    steps = cut.batches * MSER_BATCH
+    return Settling(windows.start_s + steps * step_s, steps * step_s, cut.settled,
+                    batch_means_relative_se(series[steps:]))
 
 
 @dataclass(frozen=True)
 class SteadyState:
     """Per LLM, over its steady window (arrival window after the warm-up): how many requests
-    arrived, finished and finished within the SLO, and the window's length; and the warm-up."""
+    arrived, finished and finished within the SLO, and the window's length; and how the run settled."""
 
     per_llm: pd.DataFrame  # model, window_s, arrived, served, good
-    warmup: Warmup
+    settling: Settling
 
     @property
     def offered_rps(self) -> float:
@@ -202,9 +225,9 @@ def steady_counts(records: pd.DataFrame, warmup_end_s: float, within_slo: np.nda
 
 
 def steady_state(records: pd.DataFrame, within_slo: np.ndarray | None = None) -> SteadyState:
-    """The steady-state counts after the detected warm-up (`detect_warmup`)."""
-    warmup = detect_warmup(records)
-    return SteadyState(steady_counts(records, warmup.end_s, within_slo), warmup)
+    """The steady-state counts after the detected warm-up (`settling`)."""
+    settled = settling(records)
+    return SteadyState(steady_counts(records, settled.warmup_end_s, within_slo), settled)
 
 
 def standalone_latency(records: pd.DataFrame, model_of: dict[str, ModelSpec], tp_of: dict[str, int],
@@ -307,8 +330,9 @@ def summarize(records: pd.DataFrame, baseline: np.ndarray | None = None,
         "preemptions": float(records["preemptions"].sum()),
         "steady_offered_rps": steady.offered_rps,
         "steady_throughput_rps": steady.throughput_rps,
-        "steady_warmup_s": steady.warmup.length_s,
-        "steady_settled": steady.warmup.settled,
+        "steady_throughput_se_rps": steady.throughput_rps * steady.settling.relative_se,
+        "steady_warmup_s": steady.settling.warmup_s,
+        "steady_settled": steady.settling.settled,
     }
     overall.update(_describe(lat))
     slo = pd.Series(dtype=float, name="slo_attainment")

@@ -23,10 +23,11 @@ from policies.metrics import (
     MSER_BATCH,
     ArrivalWindows,
     Truncation,
-    detect_warmup,
+    batch_means_relative_se,
     mser_statistic,
     mser_truncation,
     served_per_step,
+    settling,
     steady_counts,
     steady_state,
 )
@@ -109,6 +110,15 @@ def test_mser_statistic_by_hand():
     assert mser_statistic(np.array([1.0, 3.0, 3.0])) == pytest.approx([24 / 81, 0.0, 0.0])
 
 
+def test_batch_means_error_by_hand():
+    # 10 batches of 2: means 1, 3, 1, 3, … → sd 1.054 (ddof 1), error 1.054 / √10 of a mean of 2.
+    series = np.array([1.0, 1.0, 3.0, 3.0] * 5)
+    assert batch_means_relative_se(series) == pytest.approx(np.std([1, 3] * 5, ddof=1) / np.sqrt(10) / 2)
+    assert batch_means_relative_se(np.ones(21)) == 0.0  # the leftover value is dropped at the start
+    assert np.isnan(batch_means_relative_se(np.ones(9)))
+    assert np.isnan(batch_means_relative_se(np.zeros(40)))
+
+
 def test_warmup_is_detected_on_the_served_counts_inside_each_window():
     # llm a: 60 arrivals per second for 300 s; its latency grows from 0.1 to 15.1 s over the first
     # 30 s, so it serves 40 per second until 45 s and 60 after. llm b: 1 per second for 200 s.
@@ -122,10 +132,11 @@ def test_warmup_is_detected_on_the_served_counts_inside_each_window():
     windows = ArrivalWindows.of(records)
     assert windows.common_end_s == b_arrival.max()  # detection runs to the earlier window end, b's
     assert len(served_per_step(records, windows)) == int(b_arrival.max() - windows.start_s)
-    warmup = detect_warmup(records)
-    assert warmup.settled and 40 <= warmup.length_s <= 70  # MSER cuts a little past the end, by chance
+    settled = settling(records)
+    assert settled.settled and 40 <= settled.warmup_s <= 70  # MSER cuts a little past the end, by chance
     steady = steady_state(records)
-    assert steady.warmup == warmup
+    assert steady.settling == settled
+    assert 0.005 < settled.relative_se < 0.02  # ~61 × 150 counted requests, nearly Poisson: about 1%
     assert steady.throughput_rps == pytest.approx(61, rel=0.02)  # the drain after 300 s is left out
 
 
