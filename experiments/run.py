@@ -337,10 +337,11 @@ def report(res: Results, cfg: DictConfig) -> None:
             ("latency p99\ns", "latency_p99_s", ".2f")]
     health = [(f"SLO@{k:g}\n%", f"slo_attainment@{k:g}", ".1%") for k in cfg.report.slo_scales]
     health += [("preemptions", "preemptions", ".0f"), ("failed", "failed", ".0f"), ("GPUs\nused", "gpus_used", ".0f"),
-               ("steady\nwarm-up s", "steady_warmup_s", ".0f"), ("steady\nsettled", "steady_settled", "")]
+               ("steady\nwarm-up s", "steady_warmup_s", ".0f"), ("steady\ndrift t", "steady_drift_t", ".1f"),
+               ("steady\nsettled", "steady_settled", "")]
     for title, columns in (("throughput and latency", perf),
                            ("SLO attainment within k × standalone latency; preemptions, failures; the steady "
-                            "window's detected warm-up", health)):
+                            "window's detected warm-up, the drift between its halves (Student's t)", health)):
         table = Table(title=title)
         table.add_column("system", style="bold", no_wrap=True, min_width=max(len(str(x)) for x in s.index))
         for name, *_ in columns:
@@ -358,8 +359,9 @@ def report(res: Results, cfg: DictConfig) -> None:
                   "second over the arrival window after the warm-up, drain excluded, ± its standard error "
                   "(batch means). The warm-up is detected "
                   "(MSER-5 on the served counts per second); settled: no means the served rate was still "
-                  "moving in the second half of the run, or the run was too short to tell, so the steady "
-                  "figure is not yet the system's own: run a longer trace")
+                  "moving (MSER's best cut lay past half the run, or what it kept drifts between its halves) "
+                  "or the run was too short to tell, so the steady figure is not yet the system's own: run "
+                  "a longer trace")
     for base in ("spatial", "temporal"):
         if "muxserve" in s.index and base in s.index:
             console.print(f"muxserve vs {base}: {ratio_line(s, 'muxserve', base, within)}")
