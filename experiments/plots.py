@@ -65,17 +65,34 @@ def slo_long(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 def line_per_system(df: pd.DataFrame, x: str, y: str, path: str | Path, *, xlabel: str, ylabel: str,
-                    title: str, logy: bool = False, ylim: tuple[float, float] | None = None) -> Path:
-    """y against x, one line per system; repeated x (other swept values) are averaged, so say so."""
+                    title: str, logy: bool = False, ylim: tuple[float, float] | None = None,
+                    settled: str | None = None, error: str | None = None) -> Path:
+    """y against x, one line per system; repeated x (other swept values) are averaged, so say so.
+
+    `settled`: a flag column; points where it is false (for any run averaged in) get open markers.
+    `error`: a standard-error column, drawn as ± bars (averaged like y).
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     data = df.dropna(subset=[x, y])
     repeated = bool(data.duplicated(subset=["system", x]).any())
+    flagged = settled is not None and settled in data.columns
+    any_open = False
     for i, system in enumerate(_systems(data)):
-        g = data[data["system"] == system].groupby(x, as_index=False)[y].mean().sort_values(x)
-        ax.plot(g[x], g[y], marker=_MARKERS[i % len(_MARKERS)], color=_color(system, i), label=system)
+        part = data[data["system"] == system]
+        g = part.groupby(x, as_index=False)[y].mean().sort_values(x)
+        marker, color = _MARKERS[i % len(_MARKERS)], _color(system, i)
+        ax.plot(g[x], g[y], marker=marker, color=color, label=system)
+        if error is not None and error in part.columns:
+            yerr = part.groupby(x)[error].mean().reindex(g[x]).to_numpy()
+            ax.errorbar(g[x], g[y], yerr=yerr, ls="none", color=color, capsize=3)
+        if flagged:
+            ok = part.groupby(x)[settled].all().astype(bool).reindex(g[x]).to_numpy()
+            ax.plot(g[x][~ok], g[y][~ok], ls="none", marker=marker, markerfacecolor="white", color=color)
+            any_open |= bool((~ok).any())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title(title + (" (mean over other swept values)" if repeated else ""), fontsize=10)
+    ax.set_title(title + (" (mean over other swept values)" if repeated else "")
+                 + ("\nopen markers: not settled (the run is too short)" if any_open else ""), fontsize=10)
     if logy:
         ax.set_yscale("log")
         _plain_log(ax.yaxis)
@@ -94,7 +111,8 @@ def throughput_vs_alpha(summary: pd.DataFrame, path: str | Path, alpha: str = "a
     """
     if "steady_throughput_rps" in summary.columns:
         return line_per_system(summary, alpha, "steady_throughput_rps", path, xlabel="popularity skew α",
-                               ylabel="steady-state throughput (req/s)", title="Steady-state throughput vs α")
+                               ylabel="steady-state throughput (req/s, ± s.e.)", title="Steady-state throughput vs α",
+                               settled="steady_settled", error="steady_throughput_se_rps")
     return line_per_system(summary, alpha, "throughput_rps", path, xlabel="popularity skew α",
                            ylabel="throughput (req/s)", title="Throughput vs α")
 
@@ -102,7 +120,8 @@ def throughput_vs_alpha(summary: pd.DataFrame, path: str | Path, alpha: str = "a
 def throughput_vs_rate(summary: pd.DataFrame, path: str | Path, rate: str = "rate_rps") -> Path:
     """Served against offered load (MuxServe's ChatLMSYS figure): steady-state req/s per system."""
     return line_per_system(summary, rate, "steady_throughput_rps", path, xlabel="offered rate (req/s)",
-                           ylabel="steady-state throughput (req/s)", title="Steady-state throughput vs rate")
+                           ylabel="steady-state throughput (req/s, ± s.e.)", title="Steady-state throughput vs rate",
+                           settled="steady_settled", error="steady_throughput_se_rps")
 
 
 def slo_vs_rate(summary: pd.DataFrame, path: str | Path, scale: float = 8, rate: str = "rate_rps") -> Path:

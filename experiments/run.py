@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+import numpy as np
 import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -209,8 +210,8 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
                 raise type(e)(f"while running {system}: {e}") from None
             finally:
                 progress.close()
-            log.info("%s: %.1f s wall, %.2f req/s steady-state", system, time.perf_counter() - t0,
-                     sr.summary.overall["steady_throughput_rps"])
+            log.info("%s: %.1f s wall, %.2f req/s steady-state (%s)", system, time.perf_counter() - t0,
+                     sr.summary.overall["steady_throughput_rps"], settled_word(bool(sr.summary.overall["steady_settled"])))
             rows.append(summary_row(system, sr, facts))
             per_llm.append(sr.summary.per_llm.assign(system=system))
             res.records[system] = sr.records
@@ -305,7 +306,14 @@ def _count(n: int, noun: str) -> str:
 
 
 def _fmt(value: Any, spec: str) -> str:
+    if isinstance(value, bool | np.bool_):  # a flag read back from the summary table is numpy's
+        return "yes" if value else "no"
     return "–" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, spec)
+
+
+def settled_word(settled: bool) -> str:
+    """How a log line names the steady-state figure's standing (policies.metrics.settling)."""
+    return "settled" if settled else "unsettled: the run is too short to say"
 
 
 def report(res: Results, cfg: DictConfig) -> None:
@@ -322,16 +330,20 @@ def report(res: Results, cfg: DictConfig) -> None:
     console.print(f"[bold]muxsim {cfg.preset}[/]: {_count(first['n_llms'], 'LLM')} on {_count(first['cluster_gpus'], 'GPU')}, "
                   f"{first['rate_rps']:.1f} req/s offered over {first['trace_s']:.0f} s of trace")
     perf = [("paper's tpt\nreq/s", "rate_weighted_throughput_rps", ".2f"),
-            ("steady tpt\nreq/s", "steady_throughput_rps", ".2f"),
+            ("steady tpt\nreq/s", "steady_throughput_rps", ".2f"), ("± s.e.\nreq/s", "steady_throughput_se_rps", ".2f"),
             ("steady\noffered", "steady_offered_rps", ".2f"), ("throughput\ntok/s", "tokens_per_s", ".0f"),
             ("TTFT p50\ns", "ttft_p50_s", ".3f"), ("TTFT p99\ns", "ttft_p99_s", ".2f"),
             ("TPOT p50\ns/tok", "tpot_p50_s", ".3f"), ("TPOT p99\ns/tok", "tpot_p99_s", ".3f"),
             ("latency p99\ns", "latency_p99_s", ".2f")]
     health = [(f"SLO@{k:g}\n%", f"slo_attainment@{k:g}", ".1%") for k in cfg.report.slo_scales]
-    health += [("preemptions", "preemptions", ".0f"), ("failed", "failed", ".0f"), ("GPUs\nused", "gpus_used", ".0f")]
-    for title, columns in (("throughput and latency", perf), ("SLO attainment within k × standalone latency; preemptions, failures", health)):
+    health += [("preemptions", "preemptions", ".0f"), ("failed", "failed", ".0f"), ("GPUs\nused", "gpus_used", ".0f"),
+               ("steady\nwarm-up s", "steady_warmup_s", ".0f"), ("steady\ndrift t", "steady_drift_t", ".1f"),
+               ("steady\nsettled", "steady_settled", "")]
+    for title, columns in (("throughput and latency", perf),
+                           ("SLO attainment within k × standalone latency; preemptions, failures; the steady "
+                            "window's detected warm-up, the drift between its halves (Student's t)", health)):
         table = Table(title=title)
-        table.add_column("system", style="bold")
+        table.add_column("system", style="bold", no_wrap=True, min_width=max(len(str(x)) for x in s.index))
         for name, *_ in columns:
             table.add_column(name, justify="right")
         for system, row in s.iterrows():
@@ -344,7 +356,12 @@ def report(res: Results, cfg: DictConfig) -> None:
                       + ", ".join(f"{system} {rate:.1f} req/s" for system, rate in within.items()))
     console.print("paper's tpt: MuxServe's throughput, the rate-weighted mean of per-LLM requests ÷ makespan "
                   "(drain included, so it moves with the trace length); steady tpt: requests served per "
-                  "second over the arrival window after a 20% warm-up, drain excluded")
+                  "second over the arrival window after the warm-up, drain excluded, ± its standard error "
+                  "(batch means). The warm-up is detected "
+                  "(MSER-5 on the served counts per second); settled: no means the served rate was still "
+                  "moving (MSER's best cut lay past half the run, or what it kept drifts between its halves) "
+                  "or the run was too short to tell, so the steady figure is not yet the system's own: run "
+                  "a longer trace")
     for base in ("spatial", "temporal"):
         if "muxserve" in s.index and base in s.index:
             console.print(f"muxserve vs {base}: {ratio_line(s, 'muxserve', base, within)}")
@@ -361,10 +378,19 @@ def ratio_line(s: pd.DataFrame, system: str, base: str, within: pd.Series | None
         a, b = s.loc[system].get(col, math.nan), s.loc[base].get(col, math.nan)
         return f"{a / b:.2f}×" if b and b > 0 and not math.isnan(a) else "–"
 
+    def steady_error() -> str:
+        """The ratio's standard error from both figures' (relative errors add in quadrature)."""
+        a, b = (s.loc[name] for name in (system, base))
+        rel = math.hypot(a.get("steady_throughput_se_rps", math.nan) / a["steady_throughput_rps"],
+                         b.get("steady_throughput_se_rps", math.nan) / b["steady_throughput_rps"])
+        return "" if math.isnan(rel) else f" ± {rel * a['steady_throughput_rps'] / b['steady_throughput_rps']:.2f}"
+
     p99 = s.loc[base, "latency_p99_s"] / s.loc[system, "latency_p99_s"]
     slo = f", {within[system] / within[base]:.2f}× the rate within SLO" if (
         within is not None and within[base] > 0) else ""
-    return (f"{ratio('steady_throughput_rps')} steady-state throughput, "
+    unsettled = [name for name in (system, base) if not s.loc[name].get("steady_settled", True)]
+    flag = f" (unsettled: {', '.join(unsettled)})" if unsettled else ""
+    return (f"{ratio('steady_throughput_rps')}{steady_error()} steady-state throughput{flag}, "
             f"{ratio('rate_weighted_throughput_rps')} paper's throughput (requests ÷ makespan), "
             f"{p99:.2f}× lower P99 latency{slo}")
 
@@ -389,8 +415,9 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     if multirun:
         overrides = " ".join(HydraConfig.get().overrides.task)
         for row in res.summary.itertuples():
-            log.info("[%s] %s: %.2f req/s steady-state, %.2f req/s paper's, P99 latency %.2f s → %s", overrides,
-                     row.system, row.steady_throughput_rps, row.rate_weighted_throughput_rps, row.latency_p99_s, out_dir)
+            log.info("[%s] %s: %.2f req/s steady-state (%s), %.2f req/s paper's, P99 latency %.2f s → %s",
+                     overrides, row.system, row.steady_throughput_rps, settled_word(bool(row.steady_settled)),
+                     row.rate_weighted_throughput_rps, row.latency_p99_s, out_dir)
     else:
         report(res, cfg)
     if res.interrupted:
