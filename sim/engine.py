@@ -357,8 +357,10 @@ class Simulator:
     def _rebeside(self) -> None:
         """The jobs on the cores changed: each running job does what is left of its work at the beside
         factor that holds from now, as `_interfere` does for SM shares. The runner's extra for a
-        first step counts as work too. Exact for a decode run: with beside terms runs end at the
-        next event anywhere (`_next_event`), so what is left lies in their last step."""
+        first step counts as work too. A decode run's steps all ran at the factor it is leaving, so
+        scaling what is left of the run scales each step left, as step by step would; runs are not
+        cut at other units' events, since the runner does not cut them there either (each cut would
+        charge another first step's extras)."""
         if not self._beside_terms:
             return
         now = self.env.now
@@ -449,8 +451,6 @@ class Simulator:
         if unit.next_arrival < len(unit.arrivals):
             t = min(t, unit.arrivals[unit.next_arrival])
         t = min(t, unit.next_tick)
-        if self._beside_terms:  # an event on another unit can change this run's speed (`_rebeside`)
-            t = min(t, self.env.peek())
         return t if self.horizon_s is None else min(t, self.horizon_s)
 
     # ---- jobs ---------------------------------------------------------------------------------

@@ -62,3 +62,20 @@ def test_max_rate_within_slo_finds_the_knee():
     found = max_rate_within_slo(lambda r: 1.0 if r <= knee else 0.5, lo=0.5, hi=8.0, tolerance=0.01)
     assert knee - 0.1 <= found <= knee
     assert max_rate_within_slo(lambda r: 0.0, lo=0.5, hi=8.0) == 0.0
+
+
+def test_goodput_counts_requests_within_the_slo_over_the_makespan_and_the_steady_window():
+    """a arrives at 0, 1 and 2 (its window; too short a run for a warm-up to be cut). Latencies 0.5,
+    0.8 and 3 against standalone 0.5, 0.3 and 0.5: within 2× only the first. Over the makespan (5 s)
+    goodput@2 is 1/5; over the window [0, 2], where two finish (0.5 and 1.8), steady throughput is
+    2/2 and steady goodput 1/2."""
+    recs = records([
+        (0, "a", 0, 0.0, 0.2, 0.5, 10, 2, 0, "finished", ""),
+        (1, "a", 0, 1.0, 1.2, 1.8, 10, 2, 0, "finished", ""),
+        (2, "a", 0, 2.0, 4.0, 5.0, 10, 2, 0, "finished", ""),
+    ])
+    o = summarize(recs, baseline=np.array([0.5, 0.3, 0.5]), slo_scales=(2,), goodput_scale=2).overall
+    assert o["steady_warmup_s"] == 0.0
+    assert o["goodput_rps@2"] == pytest.approx(1 / 5)
+    assert o["steady_throughput_rps"] == pytest.approx(1.0)
+    assert o["steady_goodput_rps@2"] == pytest.approx(0.5)

@@ -350,6 +350,15 @@ def test_fit_cluster_stops_when_a_bigger_mesh_does_not_help() -> None:
     assert p.meta["idle_gpus"] == 3
 
 
+def test_fit_cluster_gives_a_spare_gpu_to_the_highest_load_per_gpu_first() -> None:
+    """One spare GPU after every LLM has its one: it goes to the busier LLM (40 req/s), whichever
+    comes first in the list, not to the 20 req/s one, though both would serve more on two."""
+    seven = MODEL_PRESETS["llama-7b"]
+    ds = [Demand("b", seven, 20.0, 161, 338), Demand("a", seven, 40.0, 161, 338), Demand("c", seven, 0.1, 161, 338)]
+    p = make_placement("spatial", ds, ClusterSpec(1, 4), roofline(), spatial_rule="fit-cluster")
+    assert {x.name: x.tp for u in p.units for x in u.llms} == {"a": 2, "b": 1, "c": 1}
+
+
 def test_spatial_gpus_set_counts_outright() -> None:
     ds = [Demand("busy", MODEL_PRESETS["llama-7b"], 60.0, 161, 338), Demand("quiet", MODEL_PRESETS["llama-7b"], 0.1, 161, 338)]
     for rule in ("paper", "fit", "fit-cluster"):

@@ -62,6 +62,16 @@ def test_fcfs_runs_one_job_at_a_time_across_llms():
     assert rec.loc["a", "finish_s"] == pytest.approx(0.21)
 
 
+def test_fcfs_decodes_the_oldest_request_first_where_round_robin_alternates():
+    """MuxServe's temporal baseline is strict FCFS: once both have prefilled (0.1, 0.2), a's two
+    decode steps go first because a arrived first (0.21, 0.22), then b's (0.23, 0.24). Round robin
+    alternates the LLMs instead: a, b, a, b."""
+    wl = workload([("a", 0.0, 10, 3), ("b", 0.05, 10, 3)])
+    for policy, finishes in (("fcfs", [0.22, 0.24]), ("round_robin", [0.23, 0.24])):
+        rec = simulate(wl, one_unit(["a", "b"]), policy=policy).records.set_index("model")
+        assert rec.loc[["a", "b"], "finish_s"].tolist() == pytest.approx(finishes), policy
+
+
 def test_adbs_overlaps_prefill_of_one_llm_with_decode_of_another():
     # a decodes (40% SM) while b's prefill (80%) runs beside it: a is not delayed by b's prefill.
     res = simulate(workload([("a", 0.0, 10, 20), ("b", 0.15, 10, 2)]), one_unit(["a", "b"]), policy="adbs")
