@@ -279,7 +279,10 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
         assert (records["status"] == "finished").all()
     (hw,) = c.stats["hw"]
     assert hw["mode"] == "split" and hw["anomalies"] == [] and hw["kv_free_end"] == hw["kv_total"]
-    assert c.slices == {"llm-0/prefill": (cores[0],), "llm-0/decode": (cores[1],)}
+    # Per-phase core slices: prefill on the first core; decode on the second, or on both where the
+    # measured profile made a whole-unit decode share the better placement (it depends on the timings).
+    assert c.slices["llm-0/prefill"] == (cores[0],) and set(c.slices) == {"llm-0/prefill", "llm-0/decode"}
+    assert c.slices["llm-0/decode"][0] == cores[1] and set(c.slices["llm-0/decode"]) <= set(cores)
     model = cfg.models[0].name  # its turns measured on the split workers (hwloop.terms.SplitPair), at 1 and 2 cores
     assert v.terms is not None and set(v.terms.turn_s) == {(model, 1), (model, 2)}
     assert c.placement.units[0].kv_blocks == 64 * 2**20 // 16384
