@@ -21,7 +21,8 @@ Steps:
   packing). Causal attention alone makes the padding harmless: a real token at position i attends
   to keys ≤ i, all real; padded queries are computed and discarded, and padded keys land past the
   row's length, where its decode steps overwrite them. Padding costs the padded tokens' compute and
-  nothing else; the profiler's cells have equal lengths, so no padding is ever timed.
+  nothing else; the profiler's cells have equal lengths, so no padding is ever timed. The paged
+  prefill of the split workers (`prefill_paged`) packs instead: their batches do mix lengths.
 - decode: one token per row, appended at that row's own length. Equal lengths (every profiler
   cell) need no attention mask; unequal ones mask the keys past each row's length.
 Only the last position of each row goes through the LM head, as in vLLM.
@@ -107,6 +108,7 @@ class Step:
     write_at: int | torch.Tensor | None = None
     n_keys: int = 0  # decode: keys to attend over (the longest row after this step)
     mask: torch.Tensor | None = None  # decode with unequal lengths: [B, 1, 1, n_keys]
+    packed: tuple[int, ...] = ()  # packed prefill: the prompts' lengths, laid one after another in a single row
 
 
 class KVStore(Protocol):
@@ -157,13 +159,17 @@ class PagedKV:
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step) -> torch.Tensor:
         gqa = k.shape[1] != q.shape[1]
         ids = self.tables[:, :, layer]  # [B, chunks, slices]
-        if step.write_at is None:  # prefill into empty blocks: write, then attend over the new keys
-            for which, x in ((0, k), (1, v)):
-                cut = self._slices(x)
-                for b, n in enumerate(self.chunks):
-                    rows = F.pad(cut[b], (0, 0, 0, 0, 0, n * BLOCK_TOKENS - cut.shape[1]))[: n * BLOCK_TOKENS]
-                    self.pool[ids[b, :n], which] = rows.view(n, BLOCK_TOKENS, *rows.shape[1:]).transpose(1, 2)
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        if step.write_at is None:  # packed prefill into empty blocks: each prompt writes its own, then attends over them
+            out, start = [], 0
+            for b, (n, chunks) in enumerate(zip(step.packed, self.chunks, strict=True)):
+                part = slice(start, start + n)
+                for which, x in ((0, k[:, :, part]), (1, v[:, :, part])):
+                    rows = F.pad(self._slices(x)[0], (0, 0, 0, 0, 0, chunks * BLOCK_TOKENS - n))
+                    self.pool[ids[b, :chunks], which] = rows.view(chunks, BLOCK_TOKENS, *rows.shape[1:]).transpose(1, 2)
+                out.append(F.scaled_dot_product_attention(q[:, :, part], k[:, :, part], v[:, :, part], is_causal=True,
+                                                          enable_gqa=gqa))
+                start += n
+            return torch.cat(out, dim=2)
         pos = step.positions
         batch = torch.arange(k.shape[0], device=k.device)
         at = ids[batch, pos // BLOCK_TOKENS]  # [B, slices]: the blocks this step's token goes to
@@ -284,11 +290,12 @@ class TorchLlama(nn.Module):
         self.requires_grad_(False)
 
     def forward(self, tokens: torch.Tensor, cache: KVStore, step: Step, last: torch.Tensor | None) -> torch.Tensor:
-        """Logits [B, vocab] at each row's last real position (`last`; None: the final column)."""
+        """Logits at the positions `last` indexes in the flattened [rows × columns] tokens (a prompt's
+        last real token; None: each row's final column)."""
         x = F.embedding(tokens, self.embed)
         for i, layer in enumerate(self.layers):
             x = layer(x, self.rope, cache, i, step)
-        x = x[:, -1] if last is None else x[torch.arange(x.shape[0], device=x.device), last]
+        x = x[:, -1] if last is None else x.flatten(0, 1)[last]
         x = F.rms_norm(x, (x.shape[-1],), self.norm, RMS_EPS)
         return F.linear(x, self.embed if self.lm_head is None else self.lm_head)
 
@@ -399,7 +406,8 @@ class TorchEngine:
                 for i, p in enumerate(prompts):
                     tokens[i, : len(p)] = torch.as_tensor(p)
                 tokens = tokens.to(self.device)
-                last = torch.as_tensor(lengths, device=self.device) - 1
+                last = torch.arange(len(lengths), device=self.device) * tokens.shape[1] + torch.as_tensor(
+                    lengths, device=self.device) - 1
             rows = self._rows(cache, start, len(lengths))
             if any(cache.lengths[rows]):
                 raise TorchEngineError(f"prefill into rows {start}..{rows.stop - 1}, which already hold tokens")
@@ -461,6 +469,9 @@ class TorchEngine:
         """Prompts into the pool blocks of their block tables; logits [B, vocab] at each last token.
 
         Row b's table must hold its prompt: ⌈len / BLOCK_TOKENS⌉ chunks of `layout().chunk_blocks`.
+        The prompts are packed, not padded: their tokens go through the projections and the MLP as one
+        sequence, and each attends causally over its own keys, as vLLM's varlen prefill does. So a
+        step costs the batch's tokens, which is what the simulator charges (batch × mean length).
         """
         lengths = [len(p) for p in prompts]
         per_chunk = self.layout(pool.shape[1]).chunk_blocks
@@ -469,13 +480,11 @@ class TorchEngine:
                 raise TorchEngineError(f"a prompt of {n} tokens needs {-(-n // BLOCK_TOKENS)} chunks, its table "
                                        f"has {len(t)} blocks")
         with self.on_stream():
-            tokens = torch.zeros(len(prompts), max(lengths), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                tokens[i, : len(p)] = torch.as_tensor(p)
-            last = torch.as_tensor(lengths, device=self.device) - 1
-            kv = self._paged(pool, tables, [0] * len(prompts))
-            step = Step(slice(0, len(prompts)), torch.arange(max(lengths), device=self.device))
-            return self.model(tokens.to(self.device), kv, step, last)
+            tokens = torch.as_tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)[None]
+            positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+            last = torch.cumsum(torch.as_tensor(lengths, device=self.device), 0) - 1
+            step = Step(slice(0, 1), positions, packed=tuple(lengths))
+            return self.model(tokens, self._paged(pool, tables, [0] * len(prompts)), step, last)
 
     @torch.inference_mode()
     def decode_paged(self, pool: torch.Tensor, tables: Sequence[Sequence[int]], held: Sequence[int],
