@@ -153,3 +153,14 @@ def test_block_id_pool_gives_each_block_to_one_request(ops: list[tuple[int, int]
     for r in requests:
         pool.release(r)
     assert pool.free == 40 and not pool.tables
+
+
+def test_paged_bench_times_mixed_batches_against_uniform_ones_at_their_mean() -> None:
+    """`python -m hwloop.bench_paged` runs the mixed-length steps the split workers serve (a padded or
+    crashing kernel shows up here) and pairs each with a uniform batch of the same size at its mean."""
+    from hwloop.bench_paged import MODEL, bench
+
+    table = bench(TorchEngine(MODEL, max_len=MODEL.max_context), repeats=1)
+    assert set(table.phase) == {"prefill", "decode"}
+    assert (table.longest > table["mean"]).all() and (table.mixed_ms > 0).all() and (table.uniform_ms > 0).all()
+    assert (table.ratio - table.mixed_ms / table.uniform_ms).abs().max() < 1e-9
