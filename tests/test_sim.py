@@ -265,3 +265,21 @@ def test_skipping_equals_step_by_step_on_the_measured_table_and_the_paper_worklo
     pd.testing.assert_frame_equal(fast, slow)
     assert (fast.status == "finished").all() and runs[0].stats["decisions"] < runs[1].stats["decisions"]
     assert (runs[0].stats.get("rescaled_jobs", 0) > 0) == interfere
+
+
+def test_mixed_step_pays_the_step_fixed_cost_once() -> None:
+    """A mixed step is one forward pass: prefill + decode − a one-request decode, never below either part."""
+    from policies.cost import mixed_step_time
+
+    class Linear:  # a step's fixed 5 ms plus 1 ms per decoded request or 0.1 ms per prompt token
+        def prefill_time(self, model: object, tp: int, sm_pct: int, batch: int, seq_len: float) -> float:
+            return 5.0 + 0.1 * batch * seq_len
+
+        def decode_time(self, model: object, tp: int, sm_pct: int, batch: int, ctx: float) -> float:
+            return 5.0 + batch
+
+    cost, spec = Linear(), object()
+    assert mixed_step_time(cost, spec, 1, 100, 2, 50.0, 4, 64.0) == 5.0 + 10.0 + 4.0 - 1.0  # fixed cost once
+    assert mixed_step_time(cost, spec, 1, 100, 2, 50.0, 0, 0.0) == 15.0  # a prefill alone
+    assert mixed_step_time(cost, spec, 1, 100, 0, 0.0, 4, 64.0) == 9.0  # a decode alone
+    assert mixed_step_time(cost, spec, 1, 100, 1, 50.0, 1, 64.0) == 10.0  # one decode adds nothing to a prefill
