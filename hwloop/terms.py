@@ -7,6 +7,7 @@
     python -m hwloop.terms beside --cores 0         # a step while another engine works on the other cores
     python -m hwloop.terms all --json terms.json    # all five (what experiments.validate stores with a profile)
     python -m hwloop.terms all --cores 0 --split    # the same on the split-mode workers (prefill and decode processes)
+    python -m hwloop.terms mixed --cores 0          # a step admitting a prompt beside its decodes, against its parts
 
 The profiler (`hwloop.profiler`) times steps of one engine back to back. The runner does more:
 - **turns**: engines whose core sets overlap take turns, so a step often follows another engine's
@@ -43,6 +44,14 @@ Each is an extra time charged to a job's first step by the simulator (`policies.
 `sim.engine.Simulator(runner_terms=…)`), never fitted to a validation run: these numbers come from
 these commands alone. The policy's own decision time is not among them (it is the same code in
 both executors, and the simulator charges no time for it).
+
+`mixed` is no term (not in `all`): it checks the cost formula of a step that prefills and decodes
+at once, `policies.cost.mixed_step_time` (the parts' sum less the fixed cost of a step, paid once).
+On one worker, per decode batch and prompt length, it times a decode step of the batch and right
+after it the same step admitting one prompt, then, the batch finished, that prompt's prefill alone
+and a decode of one request alone at the batch's context; all of them within a fraction of a second
+of each other, every step shape warmed up first (so that `shapes` is not in it), and reports the
+medians and the medians of each cycle's `plain sum / mixed` and `formula / mixed`.
 """
 
 from __future__ import annotations
@@ -83,23 +92,26 @@ SHAPE_TOKENS = (8, 32, 128, 512, 1536)  # the token counts `shapes` measures nea
 BESIDE_BATCHES = (1, 8, 32, 96)  # the decode batches `beside` measures at (step tokens = batch)
 BESIDE_PROMPT_TOKENS = (256, 1024)  # and the prefills (more tokens than any decode batch above)
 BESIDE_LOAD_BATCH = 32  # the decode batch the neighbouring engine runs
+MIXED_BATCHES = (1, 4, 32)  # the decode batches `mixed` measures at
+MIXED_PROMPT_TOKENS = (16, 64, 256)  # and the prompt a step of each admits
+MIXED_WARMUP = 2  # untimed cycles per batch first, so that every step shape a cycle runs is built
 TERMS = ("turns", "idle", "dispatch", "shapes", "beside")
 
 
 class Pair:
-    """Two workers of one model pinned to the same cores, each holding a decode batch."""
+    """Workers (two unless told) of one model pinned to the same cores, each holding a decode batch."""
 
     def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
-                 budget: int, env: dict[str, str] | None = None) -> None:
+                 budget: int, env: dict[str, str] | None = None, workers: int = 2) -> None:
         self.prefill_tokens = 2048
         cfg = engine_config(spec, write_model_dir(spec, work / "models"), max_batch=max(16, batch, *BESIDE_BATCHES),
                             pool_blocks=10**6, chunk_blocks=blocks_per_chunk(spec), prefill_tokens=self.prefill_tokens)
         self.max_context = spec.max_context
         self.cores, self.batch, self.context, self.budget = tuple(cores), batch, context, budget
         self.handles = [WorkerHandle(WorkerSpec(f"terms-{i}", cfg, self.cores, {**cpu_env(self.cores), **(env or {})}),
-                                     work / "logs" / f"terms-{i}.log") for i in range(2)]
+                                     work / "logs" / f"terms-{i}.log") for i in range(workers)]
         self._next_id = 0
-        self._left = [0, 0]  # decode steps each worker's batch has left
+        self._left = [0] * workers  # decode steps each worker's batch has left
 
     def __enter__(self) -> Pair:
         start_workers(self.handles, timeout_s=600)
@@ -112,10 +124,26 @@ class Pair:
     def step(self, i: int, admit: int = 0) -> tuple[StepDone, float, float]:
         """One step of worker `i` (admitting `admit` new requests): its StepDone, the send and receive times.
         A batch that ran out of tokens is replaced by a fresh one first (its prefill not timed)."""
-        if self._left[i] <= 1:
-            self._refill(i)
-        self._left[i] -= 1
-        return self._send(i, StepCmd(self._admits([self.context] * admit, 2)))
+        return self._step(i, self._admits([self.context] * admit, 2))
+
+    def mixed(self, i: int, lengths: Sequence[int]) -> float:
+        """One step of worker `i` decoding its batch (as `step`) and prefilling prompts of `lengths`
+        that finish in it, so the batch stays as it was; the step's seconds. Raises unless vLLM ran
+        them all in that one step (the worker's anomalies: a prompt chunked or left waiting)."""
+        done, *_ = self._step(i, self._admits(lengths, 1))
+        if done.anomalies:
+            raise RuntimeError(f"worker {i}: not one mixed step: {'; '.join(done.anomalies)}")
+        return done.t_end - done.t_start
+
+    def decode_one(self, i: int) -> float:
+        """One decode step of worker `i` holding a single request of the batch's context, its batch
+        drained first; the step's seconds (the request's prefill and finishing step not timed, as
+        `step` times neither for a batch)."""
+        self.drain(i)
+        self._send(i, StepCmd(self._admits([self.context], 3)))
+        done, *_ = self._send(i, StepCmd(()))
+        self._send(i, StepCmd(()))
+        return done.t_end - done.t_start
 
     def drain(self, i: int) -> None:
         """Let worker `i`'s batch finish (its next `step` admits a fresh one of `batch`)."""
@@ -135,6 +163,12 @@ class Pair:
         first = self._next_id + 1
         self._next_id += len(lengths)
         return tuple(Admit(first + k, n, n, max_new) for k, n in enumerate(lengths))
+
+    def _step(self, i: int, admits: tuple[Admit, ...]) -> tuple[StepDone, float, float]:
+        if self._left[i] <= 1:
+            self._refill(i)
+        self._left[i] -= 1
+        return self._send(i, StepCmd(admits))
 
     def _refill(self, i: int) -> None:
         self.drain(i)
@@ -368,6 +402,70 @@ def measure_beside(pair: Workers, neighbour: Neighbour, steps: int, batches: Seq
     return {"sizes": rows, "steps": steps, "neighbour_batch": neighbour.pair.batch}
 
 
+MixedSample = tuple[float, float, float, float]  # seconds of a mixed step, its prefill, its decode, a decode of one
+
+
+def _mixed_cycle(pair: Pair, prompt_tokens: Sequence[int]) -> dict[int, MixedSample]:
+    """Per prompt length, a decode step of worker 0's batch (a fresh one) and right after it the
+    same step admitting one prompt; then, the batch finished, each prompt prefilled alone and one
+    request decoded alone. The pair's budget must last the cycle (2 steps per length, plus 2)."""
+    decode, mixed = {}, {}
+    for n in prompt_tokens:
+        decode[n] = _step_s(pair, 0)
+        mixed[n] = pair.mixed(0, [n])
+    prefill = {n: pair.prefill(0, [n]) for n in prompt_tokens}
+    one = pair.decode_one(0)
+    return {n: (mixed[n], prefill[n], decode[n], one) for n in prompt_tokens}
+
+
+def _mixed_row(batch: int, tokens: int, samples: Sequence[MixedSample]) -> dict[str, float]:
+    """The parts' medians, and the medians of each cycle's ratios (its parts timed within a
+    fraction of a second of its mixed step, so under nearly the same load)."""
+    mixed, prefill, decode, one = (np.array(x) for x in zip(*samples, strict=True))
+    formula = np.maximum.reduce([prefill, decode, prefill + decode - one])  # policies.cost.mixed_step_time
+    return {"batch": batch, "prompt_tokens": tokens, "mixed_ms": _ms(mixed), "prefill_ms": _ms(prefill),
+            "decode_ms": _ms(decode), "decode1_ms": _ms(one), "sum_over_mixed": float(np.median((prefill + decode) / mixed)),
+            "formula_over_mixed": float(np.median(formula / mixed))}
+
+
+def measure_mixed(pair: Pair, cycles: int, batches: Sequence[int] = MIXED_BATCHES,
+                  prompt_tokens: Sequence[int] = MIXED_PROMPT_TOKENS, warmup: int = MIXED_WARMUP) -> dict[str, Any]:
+    """Per decode batch, `warmup` cycles untimed (every token count a cycle runs then has its kernels
+    built), then `cycles` timed ones; a row per batch and prompt length (`_mixed_row`)."""
+    rows, batch, budget = [], pair.batch, pair.budget
+    pair.budget = 2 * len(prompt_tokens) + 2
+    for b in batches:
+        pair.batch = b
+        for _ in range(warmup):
+            _mixed_cycle(pair, prompt_tokens)
+        samples = [_mixed_cycle(pair, prompt_tokens) for _ in range(cycles)]
+        rows += [_mixed_row(b, n, [s[n] for s in samples]) for n in prompt_tokens]
+    pair.batch, pair.budget = batch, budget
+    return {"rows": rows, "cycles": cycles, "warmup": warmup, "context": pair.context}
+
+
+def mixed_table(mixed: dict[str, Any]) -> str:
+    """`measure_mixed`'s rows, to read."""
+    head = ("batch", "prompt", "mixed ms", "prefill ms", "decode ms", "decode1 ms", "sum/mixed", "formula/mixed")
+    keys = ("mixed_ms", "prefill_ms", "decode_ms", "decode1_ms", "sum_over_mixed", "formula_over_mixed")
+    lines = ["  ".join(f"{h:>{len(h)}}" for h in head)]
+    for r in mixed["rows"]:
+        cells = [r["batch"], r["prompt_tokens"], *(f"{r[k]:.2f}" for k in keys)]
+        lines.append("  ".join(f"{c:>{len(h)}}" for c, h in zip(cells, head, strict=True)))
+    return "\n".join(lines)
+
+
+def measure_mixed_step(spec: ModelSpec, cores: Sequence[int], work: Path, cycles: int,
+                       context: int = 64) -> dict[str, Any]:
+    """`measure_mixed` on one mixed-mode worker of `spec` on `cores`, with how it was measured."""
+    out: dict[str, Any] = {"model": spec.name, "cores": len(tuple(cores)), "context": context, "workers": "mixed",
+                           "loadavg_before": os.getloadavg()[0]}
+    with Pair(spec, cores, work, MIXED_BATCHES[0], context, budget=0, workers=1) as pair:  # measure_mixed sets the budget
+        out["mixed"] = measure_mixed(pair, cycles)
+    out["loadavg_after"] = os.getloadavg()[0]
+    return out
+
+
 def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[str] = TERMS, steps: int = 60,
             batch: int = 4, context: int = 64, others: Sequence[int] = (), split: bool = False) -> dict[str, Any]:
     """The chosen terms for `spec` on `cores`, with how they were measured, on the mixed-mode worker
@@ -396,23 +494,28 @@ def measure(spec: ModelSpec, cores: Sequence[int], work: Path, which: Sequence[s
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("term", choices=[*TERMS, "all"])
+    ap.add_argument("term", choices=[*TERMS, "all", "mixed"])
     ap.add_argument("--cores", type=int, nargs="*", help="cores both engines are pinned to (default: all)")
     ap.add_argument("--beside-cores", type=int, nargs="*",
                     help="cores of the neighbouring engine for `beside` (default: the others this process may use)")
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=60, help="samples per term (`mixed`: cycles = steps // 3)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--split", action="store_true", help="on the split-mode workers (default: the mixed-mode vLLM one)")
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
+    if args.term == "mixed" and args.split:
+        ap.error("mixed: the split-mode workers never run a step that prefills and decodes at once")
     spec = ModelSpec("tiny-l4-h512", 4, 512, 8, 8, 1376, 1024, max_context=512)
     cores = tuple(args.cores or available_cores())
     others = tuple(args.beside_cores if args.beside_cores is not None else
                    (c for c in available_cores() if c not in cores))
     with tempfile.TemporaryDirectory(prefix="muxsim-terms-") as tmp:
-        result = measure(spec, cores, Path(tmp), TERMS if args.term == "all" else (args.term,), args.steps, args.batch,
-                         others=others, split=args.split)
-    print(json.dumps(result, indent=1))
+        if args.term == "mixed":
+            result = measure_mixed_step(spec, cores, Path(tmp), args.steps // 3)
+        else:
+            result = measure(spec, cores, Path(tmp), TERMS if args.term == "all" else (args.term,), args.steps,
+                             args.batch, others=others, split=args.split)
+    print(mixed_table(result["mixed"]) if args.term == "mixed" else json.dumps(result, indent=1))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
 
