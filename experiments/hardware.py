@@ -49,10 +49,11 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
                progress: Callable[[float], None] | None = None, placement: Placement | None = None,
                batching: str | None = None, device: Device = "cpu",
                gpu_cores: dict[int, tuple[int, ...]] | None = None,
-               work_dir: str | Path | None = None) -> SystemRun:
+               work_dir: str | Path | None = None, log_jobs: bool = False) -> SystemRun:
     """Place (unless given), replay on real engines, summarise; the cost model only places and sets SLOs.
 
     `gpu_cores` (CPU): the cores standing for each GPU index; None splits this process's cores.
+    `log_jobs`: keep a row per job in `SystemRun.jobs`.
     """
     if mode not in ("mixed", "split"):
         raise ConfigError(f"runner=hwloop: sim.mode must be mixed (vLLM engines) or split (torch engines over "
@@ -66,7 +67,8 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
     if mode == "mixed":
         check_memory(placement, specs, int(getattr(policy, "max_prefill_tokens", 0)))
     config = RunnerConfig(records_path=records_path, work_dir=work_dir, device=device, gpu_cores=gpu_cores,
-                          horizon_s=horizon_s, progress=progress, decode_runs=skip_steps)
+                          horizon_s=horizon_s, progress=progress, decode_runs=skip_steps,
+                          log_jobs=log_jobs)
     try:  # the split runner checks its pool and shares itself, before any process starts
         runner = (SplitRunner if mode == "split" else Runner)(workload, placement, policy, specs, config)
     except RunnerError as e:  # a placement this hardware cannot run: a config problem, said in one line
@@ -76,7 +78,7 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
     summary = summarize(records, baseline_latency(records, workload, cluster, cost, extra_specs),
                         rates=workload.rates())
     stats = {**result.stats, "placement_s": t_place, "estimated_throughput_rps": placement.estimated_throughput}
-    return SystemRun(system, placement, summary, records, stats)
+    return SystemRun(system, placement, summary, records, stats, result.jobs)
 
 
 def check_memory(placement: Placement, specs: dict[str, ModelSpec], prefill_tokens: int) -> None:

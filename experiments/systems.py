@@ -44,6 +44,7 @@ class SystemRun:
     summary: Summary
     records: pd.DataFrame
     stats: dict[str, Any] = field(default_factory=dict)
+    jobs: pd.DataFrame | None = None  # one row per job, with `log_jobs` (policies.ledger.JOB_COLUMNS)
 
 
 def specs_of(workload: Workload, extra: dict[str, ModelSpec] | None = None) -> dict[str, ModelSpec]:
@@ -93,12 +94,13 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
                progress: Callable[[float], None] | None = None, placement: Placement | None = None,
                batching: str | None = None, core_slices: dict[str, tuple[int, ...]] | None = None,
                interference: InterferenceModel | None = None,
-               runner_terms: RunnerTerms | None = None) -> SystemRun:
+               runner_terms: RunnerTerms | None = None, log_jobs: bool = False) -> SystemRun:
     """Place, simulate and summarise one system on one workload; `batching` swaps its batcher (ablations).
 
     `core_slices`: the CPU cores each LLM's worker would be pinned to (hwloop.mirror), to model the
     CPU runner's turn-taking. `interference`: the slowdown of jobs sharing a unit's SMs.
     `runner_terms`: the CPU runner's measured extras per job (`policies.cost.RunnerTerms`).
+    `log_jobs`: keep a row per job in `SystemRun.jobs`.
     """
     batcher = batching or SYSTEMS[system][1]
     t0 = time.perf_counter()
@@ -108,7 +110,7 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
     sim = Simulator(workload, placement, make_batching(batcher, **(batching_opts or {})), cost,
                     type_specs(workload, extra_specs), mode=mode, skip_steps=skip_steps, horizon_s=horizon_s,
                     records_path=records_path, progress=progress, core_slices=core_slices,
-                    interference=interference, runner_terms=runner_terms)
+                    interference=interference, runner_terms=runner_terms, log_jobs=log_jobs)
     t1, c1 = time.perf_counter(), time.process_time()
     result = sim.run()
     t_sim, c_sim = time.perf_counter() - t1, time.process_time() - c1
@@ -117,7 +119,7 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
                         rates=workload.rates())
     stats = {**result.stats, "placement_s": t_place, "simulate_s": t_sim, "simulate_cpu_s": c_sim,
              "estimated_throughput_rps": placement.estimated_throughput}
-    return SystemRun(system, placement, summary, records, stats)
+    return SystemRun(system, placement, summary, records, stats, result.jobs)
 
 
 def sorted_records(result: Any) -> pd.DataFrame:

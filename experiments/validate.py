@@ -84,7 +84,7 @@ from hwloop.profiler import (
 )
 from hwloop.terms import TERMS, measure
 from policies.batching import BATCHING_POLICIES, FIXED_FIELDS
-from policies.cost import CostModelError, RunnerTerms, TableCostModel
+from policies.cost import CostModel, CostModelError, RunnerTerms, TableCostModel, profiled_job_time
 from policies.metrics import standalone_latency, summarize
 from policies.placement import BLOCK_BYTES, SM_UNIT_PCT, Placement, PlacementError
 from policies.placement_algos.estimate import PlacerOptions
@@ -103,7 +103,9 @@ EXECUTORS = ("sim", "hw")
 METRICS = (("throughput_rps", "throughput", "req/s", "throughput"), ("tokens_per_s", "throughput", "tok/s", None),
            ("ttft_p50_s", "TTFT P50", "s", "p50"), ("ttft_p99_s", "TTFT P99", "s", "p99"),
            ("tpot_p50_s", "TPOT P50", "s/tok", "p50"), ("tpot_p99_s", "TPOT P99", "s/tok", "p99"),
-           ("latency_p50_s", "latency P50", "s", None), ("latency_p99_s", "latency P99", "s", None))
+           ("latency_p50_s", "latency P50", "s", None), ("latency_p99_s", "latency P99", "s", None),
+           ("decode_vs_profile", "decode steps ÷ profile", "×", None),
+           ("prefill_vs_profile", "prefill steps ÷ profile", "×", None))
 RANK_BY = "throughput_rps"  # systems are ranked by throughput at each level (higher is better)
 README_BEGIN, README_END = "<!-- validate:begin -->", "<!-- validate:end -->"
 
@@ -459,6 +461,7 @@ class Comparison:
     stats: dict[str, Any]  # "sim" → stats, "hw" → a list of stats
     placement: Placement
     slices: dict[str, tuple[int, ...]]
+    steps: dict[str, Any]  # "sim" → `steps_vs_profile`, "hw" → a list of them, one per repeat
     overall: dict[str, Any] = field(default_factory=dict)  # "sim" → metrics, "hw" → a list of metrics
 
 
@@ -523,21 +526,54 @@ def compare(system: str, level: int, workload: Workload, s: Setup, table: TableC
     with _bar(f"L{level} {system:>9} sim", end, "s", s.progress) as bar, \
             records_file(out / f"records_{tag}_sim.parquet") as records:
         sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms,
-                         progress=_to(bar), records_path=records, **p.common)
-    hw_records, hw_stats = [], []
+                         progress=_to(bar), records_path=records, log_jobs=True, **p.common)
+    write_jobs(sim.jobs, out / f"jobs_{tag}_sim.parquet")
+    hw_records, hw_stats, hw_steps = [], [], []
     for r in range(s.sweep.repeats):
         load = os.getloadavg()[0]
         with _bar(f"L{level} {system:>9} hw {r + 1}/{s.sweep.repeats}", end, "s", s.progress) as bar, \
                 records_file(out / f"records_{tag}_hw{r}.parquet") as records:
             hw = hardware.run_system(system, workload, p.cluster, p.cost, gpu_cores=p.gpu_cores, progress=_to(bar),
-                                     records_path=records,
+                                     records_path=records, log_jobs=True,
                                      work_dir=out / "hw" / f"{tag}_{r}", **p.common)
         hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
+        write_jobs(hw.jobs, out / f"jobs_{tag}_hw{r}.parquet")
         hw_records.append(hw.records)
         hw_stats.append(hw.stats)
+        hw_steps.append(steps_vs_profile(hw.jobs, p.cost, s.specs))
     offered = sum(workload.rates().values())
     return Comparison(system, level, offered, workload, sim.records, hw_records,
-                      {"sim": sim.stats, "hw": hw_stats}, p.placement, p.slices)
+                      {"sim": sim.stats, "hw": hw_stats}, p.placement, p.slices,
+                      {"sim": steps_vs_profile(sim.jobs, p.cost, s.specs), "hw": hw_steps})
+
+
+def write_jobs(jobs: pd.DataFrame | None, path: Path) -> None:
+    if jobs is not None:
+        write_atomically(path, lambda tmp: jobs.to_parquet(tmp, index=False))
+
+
+def steps_vs_profile(jobs: pd.DataFrame | None, cost: CostModel, specs: dict[str, ModelSpec]) -> dict[str, float]:
+    """How much longer an executor's jobs took than the profile says for the same steps
+    (`policies.cost.profiled_job_time`): summed time on the workers (from start, or the runner's
+    send, to the last step's end) over the summed profile time, for decodes (`decode_vs_profile`)
+    and for jobs admitting prompts (`prefill_vs_profile`: prefills, or mixed steps).
+
+    On the hardware this is the yardstick's error during the run: the machine's speed against the
+    profile's and every cost the profile lacks. In the simulator it is what the runner's terms and
+    the beside factor add. A latency error that matches the gap between the two is a step-time
+    error; the rest comes from scheduling (who waits for whom)."""
+    out = {"decode_vs_profile": math.nan, "prefill_vs_profile": math.nan}
+    if jobs is None or jobs.empty:
+        return out
+    profiled = np.array([profiled_job_time(cost, specs[j.model], j.tp, j.sm_pct, j.admitted, j.admitted_context,
+                                           j.decoding, j.decoding_context, j.steps)
+                         for j in jobs.itertuples(index=False)])
+    took = (jobs["end_s"] - jobs["start_s"]).to_numpy()
+    for key, kind in (("decode_vs_profile", jobs["admitted"].to_numpy() == 0),
+                      ("prefill_vs_profile", jobs["admitted"].to_numpy() > 0)):
+        if kind.any() and profiled[kind].sum() > 0:
+            out[key] = float(took[kind].sum() / profiled[kind].sum())
+    return out
 
 
 def whole_core_shares(ncores: int) -> dict[str, Any]:
@@ -622,7 +658,8 @@ def summarise(comparisons: list[Comparison], s: Setup, table: TableCostModel) ->
     for c in comparisons:
         def judge(rec: pd.DataFrame, c: Comparison = c) -> dict[str, float]:
             return summarize(rec, baseline(rec, s, table, c.workload), c.workload.rates(), s.slo_scales).overall
-        c.overall = {"sim": judge(c.sim), "hw": [judge(rec) for rec in c.hw]}
+        c.overall = {"sim": {**judge(c.sim), **c.steps["sim"]},
+                     "hw": [{**judge(rec), **steps} for rec, steps in zip(c.hw, c.steps["hw"], strict=True)]}
     return pd.DataFrame([row for c in comparisons for row in comparison_rows(c, s)])
 
 
@@ -817,6 +854,7 @@ def load_plot(rows: pd.DataFrame, s: Setup, path: Path) -> Path:
     panels = [("throughput_rps", "throughput (req/s)", 1.0), ("ttft_p50_s", "TTFT P50 (ms)", 1e3),
               ("ttft_p99_s", "TTFT P99 (ms)", 1e3), ("latency_p50_s", "latency P50 (s)", 1.0),
               ("tpot_p50_s", "TPOT P50 (ms/token)", 1e3), ("tpot_p99_s", "TPOT P99 (ms/token)", 1e3),
+              ("decode_vs_profile", "decode steps ÷ profile", 1.0),
               *((f"slo_attainment@{k:g}", f"SLO attainment within {k:g}× (%)", 100.0) for k in scales)]
     ncols = 4
     fig, axes = plt.subplots(-(-len(panels) // ncols), ncols, figsize=(4.4 * ncols, 3.6 * -(-len(panels) // ncols)),

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from hwloop.kv_pool import PoolError
 from hwloop.mirror import gpu_core_table
@@ -48,6 +49,7 @@ from hwloop.process import WorkerError, WorkerProcess, Yield, start_workers
 from policies.ledger import (
     STUCK,
     Batch,
+    JobLog,
     LedgerError,
     UnitLedger,
     not_arrived,
@@ -88,6 +90,7 @@ class RunnerConfig:
     flush_every_s: float = 5.0
     progress: Callable[[float], None] | None = None  # called with the replay time about once a second
     decode_runs: bool = True  # let a lone decode repeat in the worker without a round trip (exact)
+    log_jobs: bool = False  # keep one row per job (`policies.ledger.JobLog`) in `RunResult.jobs`
 
 
 @dataclass
@@ -95,6 +98,7 @@ class RunResult:
     records: Any  # DataFrame, or None when streamed to `records_path`
     records_path: Path | None
     stats: dict[str, Any]
+    jobs: pd.DataFrame | None = None  # one row per job (`log_jobs`), `policies.ledger.JOB_COLUMNS`
 
 
 @dataclass(eq=False)
@@ -156,6 +160,7 @@ class ReplayRunner:
         self._step_s: dict[str, list[float]] = {}  # phase -> duration of each step its workers ran
         self._check_inputs()
         self.writer = RecordWriter(self.config.records_path)
+        self.jobs = JobLog() if self.config.log_jobs else None  # handed to every unit's ledger
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._mps: MPSDaemon | None = None
         self.units: dict[int, RunnerUnit] = {}
@@ -295,7 +300,7 @@ class ReplayRunner:
         self.stats["decide_cpu_ms"] = summary(self._decide_cpu_s, 1e3)
         self.stats["step_ms"] = summary([s for steps in self._step_s.values() for s in steps], 1e3)
         path = Path(self.config.records_path) if self.config.records_path else None
-        return RunResult(self._records, path, self.stats)
+        return RunResult(self._records, path, self.stats, self.jobs.frame() if self.jobs is not None else None)
 
     def _now(self) -> float:
         return time.monotonic() - self._t0

@@ -98,7 +98,7 @@ class Runner(ReplayRunner):
                 handle = WorkerHandle(WorkerSpec(x.name, cfg, sl.cores, sl.env), work / "logs" / f"{x.name}.log",
                                       unit=unit.unit_id)
                 self._procs[x.name, "mixed"] = Proc(x.name, "mixed", unit.unit_id, sl, handle)
-            ledger = UnitLedger(unit, self.specs, chunks, "mixed", self.policy.exclusive, self.writer)
+            ledger = UnitLedger(unit, self.specs, chunks, "mixed", self.policy.exclusive, self.writer, jobs=self.jobs)
             self.units[unit.unit_id] = RunnerUnit(ledger)
 
     def _context_limit(self, unit: RunnerUnit, r: Request) -> int:
@@ -150,7 +150,7 @@ class Runner(ReplayRunner):
         steps = reply.steps
         self.stats["decode_runs"] += steps > 1
         unit.ledger.hold_for_steps(job.batch, steps)
-        unit.ledger.end(job.batch, steps, reply.t_first_end - self._t0, reply.t_end - self._t0)
+        unit.ledger.end(job.batch, steps, reply.t_first_end - self._t0, reply.t_end - self._t0, job.t_sent - self._t0)
 
 
 def run(workload: Workload, placement: Placement, policy: BatchingPolicy, specs: dict[str, ModelSpec],

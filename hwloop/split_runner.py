@@ -131,7 +131,8 @@ class SplitRunner(ReplayRunner):
                     handle = SplitWorkerHandle(wspec, work / "logs" / f"{x.name}-{phase}.log", unit=unit.unit_id)
                     self._procs[x.name, phase] = Proc(x.name, phase, unit.unit_id, sl, handle)
             ids = BlockIdPool(unit.kv_blocks, [x.name for x in unit.llms])
-            ledger = UnitLedger(unit, self.specs, chunks, "split", self.policy.exclusive, self.writer, pool=ids)
+            ledger = UnitLedger(unit, self.specs, chunks, "split", self.policy.exclusive, self.writer, pool=ids,
+                                jobs=self.jobs)
             self.units[unit.unit_id] = RunnerUnit(ledger)
 
     def _ids(self, unit_id: int) -> BlockIdPool:
@@ -240,7 +241,7 @@ class SplitRunner(ReplayRunner):
             self._trim(unit, batch, steps)
         for r in batch.requests:
             self._tokens[r.request_id] += reply.new_tokens[r.request_id]
-        unit.ledger.end(batch, steps, reply.t_first_end - self._t0, reply.t_end - self._t0)
+        unit.ledger.end(batch, steps, reply.t_first_end - self._t0, reply.t_end - self._t0, job.t_sent - self._t0)
         for r in batch.requests:
             if r.remaining_tokens <= 0:
                 del self._tokens[r.request_id]

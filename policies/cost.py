@@ -84,6 +84,22 @@ def mixed_step_time(cost: CostModel, model: ModelSpec, tp: int, sm_pct: int, pre
     return max(prefill, decode, prefill + decode - once)
 
 
+
+def profiled_job_time(cost: CostModel, model: ModelSpec, tp: int, sm_pct: int, admitted: int, admitted_context: int,
+                      decoding: int, decoding_context: int, steps: int = 1) -> float:
+    """What the cost model says a job takes with nothing around it: its first step (a prefill of
+    the admitted requests, a decode of the decoding ones, or both in one mixed step; contexts are
+    the batch's sums), then `steps − 1` decode steps of the same batch, each a token longer.
+
+    The yardstick a job log (`policies.ledger.JobLog`) is read against: an executor's job that took
+    longer than this was slowed by something the profile does not hold."""
+    prefill_len = admitted_context / admitted if admitted else 0.0
+    decode_ctx = decoding_context / decoding if decoding else 0.0
+    t = mixed_step_time(cost, model, tp, sm_pct, admitted, prefill_len, decoding, decode_ctx)
+    if steps > 1 and decoding:
+        t += (steps - 1) * cost.decode_time(model, tp, sm_pct, decoding, decode_ctx + steps / 2)
+    return t
+
 # MuxServe's JSON marks a cell it did not measure with -1; any other value must be a latency.
 NOT_MEASURED = -1
 # One step of one batch taking longer than an hour is no measurement of an LLM step: a typo or a

@@ -23,6 +23,10 @@ ever asked for more than `free` blocks when a policy broke its budget; the ledge
 The simulator's pool only counts; most decode steps cross no block boundary, so the calls are rare
 (one per request per `BLOCK_TOKENS` steps).
 
+A ledger given a `JobLog` also writes one row per job that ended (when it ran, how many steps,
+what its first step held), in both executors alike, so their step times can be set against the
+profile's for the same steps (`experiments.validate`: how far the yardstick was off during a run).
+
 Nothing here knows about time except as numbers handed in (`now`, a token's time), so one unit's
 bookkeeping can be tested on its own (tests/test_ledger.py).
 """
@@ -35,7 +39,9 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from policies.placement import BLOCK_TOKENS, LLMPlacement, Unit, blocks_for_tokens
+import pandas as pd
+
+from policies.placement import BLOCK_TOKENS, SM_UNIT_PCT, LLMPlacement, Unit, blocks_for_tokens
 from policies.records import RecordWriter
 from policies.specs import ModelSpec
 from policies.view import (
@@ -166,13 +172,30 @@ class Batch:
         return self.admitted_context + self.decoding
 
 
+JOB_COLUMNS = ("unit", "llm", "model", "tp", "sm_pct", "phase", "start_s", "first_end_s", "end_s", "steps",
+               "admitted", "admitted_context", "decoding", "decoding_context")
+
+
+class JobLog:
+    """One row per ended job, `JOB_COLUMNS`: its unit, LLM, model type, tensor parallelism and SM
+    share; its phase; when it started on its worker (`start_s`: the simulator's start, the runner's
+    send), its first step ended and it ended; its steps (more than one: a decode run); and its first
+    step's batch: requests admitted and their summed context, requests decoding and theirs."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[object, ...]] = []
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.rows, columns=list(JOB_COLUMNS))
+
+
 class UnitLedger:
     """One unit's state and every change to it, as both executors apply it."""
 
     def __init__(self, unit: Unit, specs: dict[str, ModelSpec], chunk_blocks: dict[str, int],
                  mode: ExecutionMode, exclusive: bool, writer: RecordWriter,
-                 pool: BlockPool | None = None) -> None:
-        self.unit, self.mode, self.exclusive, self.writer = unit, mode, exclusive, writer
+                 pool: BlockPool | None = None, jobs: JobLog | None = None) -> None:
+        self.unit, self.mode, self.exclusive, self.writer, self.jobs = unit, mode, exclusive, writer, jobs
         self.llms = {x.name: LLMState(x, specs[x.model], chunk_blocks[x.model]) for x in unit.llms}
         self.pool = pool if pool is not None else BlockPool(unit.kv_blocks, self.llms)
         self.sm_free = unit.sm_units
@@ -399,12 +422,18 @@ class UnitLedger:
             r.generated, r.busy = r.output_tokens, False
             self.finish(r, finish_s)
 
-    def end(self, batch: Batch, steps: int, first_token_s: float, end_s: float) -> None:
+    def end(self, batch: Batch, steps: int, first_token_s: float, end_s: float, start_s: float = math.nan) -> None:
         """A job has ended after `steps` steps (1 unless a decode run): every request gains `steps`
-        tokens, the admitted ones got their first at `first_token_s` (unless recomputed after a
-        preemption) and join the running ones, the finished ones give back their blocks."""
+        tokens, the admitted ones got their first at `first_token_s` (the end of its first step;
+        unless recomputed after a preemption) and join the running ones, the finished ones give
+        back their blocks. `start_s`, when it started, is only for the job log."""
         self.batches.remove(batch)
         llm = batch.llm
+        if self.jobs is not None:
+            self.jobs.rows.append((self.unit.unit_id, llm.name, llm.spec.name, llm.placement.tp,
+                                   min(100, batch.sm_units * SM_UNIT_PCT), batch.phase, start_s, first_token_s,
+                                   end_s, steps, batch.admitted, batch.admitted_context, batch.decoding,
+                                   batch.decoding_context))
         done = []
         if steps < batch.min_left:  # nobody finishes: the common case, one pass with less in it
             for r in batch.requests:

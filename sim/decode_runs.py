@@ -51,6 +51,7 @@ class Job:
     batch: Batch
     sm_pct: int
     end: float
+    start: float = math.nan  # when it got its cores and began (the job log's start)
     alone_s: float = math.nan  # prefill and mixed steps: duration at this share with nothing beside it
     factor: float = 1.0  # interference slowdown from the jobs beside it (Simulator._interfere)
     first_extra_s: float = 0.0  # decode runs: the runner's extra for the first step (Simulator._runner_extra)

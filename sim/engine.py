@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import simpy
 
 from policies.cost import CostModel, InterferenceModel, RunnerTerms, mixed_step_time
-from policies.ledger import STUCK, LedgerError, UnitLedger, not_arrived, past_horizon
+from policies.ledger import STUCK, JobLog, LedgerError, UnitLedger, not_arrived, past_horizon
 from policies.placement import SM_UNIT_PCT, Placement, blocks_per_chunk
 from policies.records import RecordWriter
 from policies.specs import ModelSpec
@@ -58,6 +59,7 @@ class SimResult:
     records: Any  # DataFrame, or None when streamed to `records_path`
     records_path: Path | None
     stats: dict[str, Any]
+    jobs: pd.DataFrame | None = None  # one row per job (`log_jobs`), `policies.ledger.JOB_COLUMNS`
 
 
 class Simulator:
@@ -68,7 +70,7 @@ class Simulator:
                  progress: Callable[[float], None] | None = None,
                  core_slices: dict[str, tuple[int, ...]] | None = None,
                  interference: InterferenceModel | None = None,
-                 runner_terms: RunnerTerms | None = None) -> None:
+                 runner_terms: RunnerTerms | None = None, log_jobs: bool = False) -> None:
         """`core_slices` (LLM name, or "<LLM>/prefill" and "<LLM>/decode" in split mode → the CPU
         cores its worker is pinned to) models the CPU runners'
         turn-taking: a launch whose cores overlap a running job's waits until that job ends, oldest
@@ -80,12 +82,15 @@ class Simulator:
         `runner_terms` (with `core_slices`) adds the CPU runner's measured costs to each job's first
         step: a turn after another engine on its cores, an idle engine's cold start, the dispatch of
         the launch, a token count new to its engine (`_runner_extra`); and slows a job that starts
-        while an engine works on other cores, rescaled as those engines start and stop (`_rebeside`)."""
+        while an engine works on other cores, rescaled as those engines start and stop (`_rebeside`).
+
+        `log_jobs`: keep one row per job (`policies.ledger.JobLog`) in `SimResult.jobs`."""
         self.workload, self.placement, self.policy, self.cost = workload, placement, policy, cost
         self.mode, self.skip_steps, self.horizon_s, self.progress = mode, skip_steps, horizon_s, progress
         self.env = simpy.Environment()
         self.writer = RecordWriter(records_path, records_flush_every)
         self.records_path = Path(records_path) if records_path else None
+        self.jobs = JobLog() if log_jobs else None
         self.stats: dict[str, Any] = {"decisions": 0, "jobs": 0, "decode_steps": 0, "preemptions": 0}
         self._job_ids = iter(range(1 << 62))
         self.specs = specs
@@ -96,7 +101,7 @@ class Simulator:
         for unit in placement.units:
             names = {x.name for x in unit.llms}
             arrivals = df["arrival_s"].to_numpy()[df["model"].isin(names).to_numpy()]
-            ledger = UnitLedger(unit, specs, chunks, mode, policy.exclusive, self.writer)
+            ledger = UnitLedger(unit, specs, chunks, mode, policy.exclusive, self.writer, jobs=self.jobs)
             self.units[unit.unit_id] = SimUnit(ledger, arrivals.astype(float).tolist())
         self._unit_of = placement.unit_of()
         self.core_slices = core_slices
@@ -153,7 +158,7 @@ class Simulator:
         self.stats["sim_time_s"] = self.env.now
         self.stats["cost_model"] = self.cost.label
         self.stats["preemptions"] = sum(u.ledger.preemptions for u in self.units.values())
-        return SimResult(records, self.records_path, self.stats)
+        return SimResult(records, self.records_path, self.stats, self.jobs.frame() if self.jobs is not None else None)
 
     def _start_arrivals(self) -> None:
         """Arrivals as a chain of timeouts, each applying the arrivals of its instant and setting the
@@ -391,6 +396,7 @@ class Simulator:
                 self._deferred.append((unit, waiting, duration))
             else:
                 self._on_cores[waiting.job_id] = waiting
+                waiting.start = self.env.now
                 waiting.factor = self._starting_beside(waiting)
                 waiting.end = self.env.now + duration * waiting.factor + self._runner_extra(waiting)
                 self._run(unit, waiting)
@@ -414,11 +420,11 @@ class Simulator:
                                   batch.admitted_context / batch.admitted, decoding,
                                   batch.decoding_context / decoding if decoding else 0.0)
         else:
-            return Job(next(self._job_ids), batch, sm_pct, math.nan, steps=1)  # a decode run
+            return Job(next(self._job_ids), batch, sm_pct, math.nan, self.env.now, steps=1)  # a decode run
         if not math.isfinite(dur):
             raise SimulationError(f"{self.cost.label}: no latency for {p.name} ({llm.spec.name}) {launch.phase} "
                                   f"batch {len(batch.requests)} at {sm_pct}% SM (unmeasured cell)")
-        return Job(next(self._job_ids), batch, sm_pct, self.env.now + dur, alone_s=dur)
+        return Job(next(self._job_ids), batch, sm_pct, self.env.now + dur, self.env.now, alone_s=dur)
 
     # ---- decode runs --------------------------------------------------------------------------
     def _plan_runs(self, unit: SimUnit, runs: list[Job]) -> None:
@@ -472,7 +478,8 @@ class Simulator:
         steps = job.steps or 1
         if job.steps is not None:
             self.stats["decode_steps"] += steps
-        unit.ledger.end(job.batch, steps, job.end, job.end)
+        first_end = min(job.boundaries[0], job.end) if job.boundaries else job.end
+        unit.ledger.end(job.batch, steps, first_end, job.end, job.start)
         self._decide_now_or_later(unit)
 
     def _fail_leftovers(self) -> None:

@@ -6,7 +6,9 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import pandas as pd
 import psutil
 import pytest
 
@@ -39,3 +41,13 @@ def interrupt_replay(test_file: str, entry: str, folder: Path, sig: signal.Signa
     assert sorted(rec.request_id) == list(range(requests))
     failed = rec[rec.status == "failed"]
     assert len(failed) > 0 and failed.reason.str.contains(sig.name).all()
+
+
+def assert_job_log_matches(jobs: pd.DataFrame | None, stats: dict[str, Any], by: list[str]) -> None:
+    """A runner's job log (`log_jobs`) holds every step it counted, once, and a worker's jobs one
+    after another: each sent only after the one before it ended."""
+    assert jobs is not None and len(jobs) > 0
+    assert int(jobs["steps"].sum()) == stats["steps"]
+    assert (jobs["start_s"] <= jobs["first_end_s"]).all() and (jobs["first_end_s"] <= jobs["end_s"]).all()
+    for _, worker in jobs.sort_values("start_s").groupby(by):
+        assert (worker["start_s"].to_numpy()[1:] >= worker["end_s"].to_numpy()[:-1]).all()

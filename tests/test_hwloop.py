@@ -24,7 +24,7 @@ from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
 from policies.records import RECORD_COLUMNS, read_records
 from policies.specs import ModelSpec
-from tests.hw_helpers import interrupt_replay
+from tests.hw_helpers import assert_job_log_matches, interrupt_replay
 from traces.schema import Workload
 
 pytest.importorskip("vllm")
@@ -108,9 +108,10 @@ def test_replay_of_two_llms_under_adbs_records_every_request(tmp_path: Path) -> 
     wl = workload(30, span_s=10.0, too_long=True)
     runner = Runner(wl, placement(), make_batching("adbs"), SPECS,
                     RunnerConfig(records_path=tmp_path / "records.parquet", work_dir=tmp_path,
-                                 gpu_cores=two_cores()))
+                                 gpu_cores=two_cores(), log_jobs=True))
     result = runner.run()
     assert_all_reaped(runner)
+    assert_job_log_matches(result.jobs, result.stats, by=["llm"])
     rec = read_records(tmp_path / "records.parquet")
     assert tuple(rec.columns) == RECORD_COLUMNS
     assert sorted(rec.request_id) == list(range(30))

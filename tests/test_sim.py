@@ -283,3 +283,30 @@ def test_mixed_step_pays_the_step_fixed_cost_once() -> None:
     assert mixed_step_time(cost, spec, 1, 100, 2, 50.0, 0, 0.0) == 15.0  # a prefill alone
     assert mixed_step_time(cost, spec, 1, 100, 0, 0.0, 4, 64.0) == 9.0  # a decode alone
     assert mixed_step_time(cost, spec, 1, 100, 1, 50.0, 1, 64.0) == 10.0  # one decode adds nothing to a prefill
+
+
+@PROPERTY
+@given(rows=requests, policy=st.sampled_from(["adbs", "fcfs", "round_robin"]), mode=st.sampled_from(["split", "mixed"]))
+def test_the_job_log_holds_every_token_and_single_steps_take_what_the_profile_says(rows, policy, mode):
+    """One row per job, every request admitted in exactly one of them (no preemption here: the pool
+    is ample), and with no runner terms or interference each single-step job lasts exactly what
+    `profiled_job_time` gives for it: the yardstick `experiments.validate` reads hardware jobs against."""
+    from policies.cost import profiled_job_time
+
+    cost = table(per_token=1e-4)
+    wl = workload(rows)
+    res = Simulator(wl, one_unit(["a", "b", "c"], max_batch=8), make_batching(policy), cost, SPECS, mode=mode,
+                    log_jobs=True).run()
+    jobs = res.jobs
+    done = res.records[res.records.status == "finished"]
+    assert len(jobs) == res.stats["jobs"]
+    assert jobs.admitted.sum() == len(done) == len(wl.df)
+    assert (jobs.start_s <= jobs.first_end_s).all() and (jobs.first_end_s <= jobs.end_s).all()
+    single = jobs[jobs.steps == 1]
+    profiled = [profiled_job_time(cost, SPECS[j.model], j.tp, j.sm_pct, j.admitted, j.admitted_context, j.decoding,
+                                  j.decoding_context) for j in single.itertuples()]
+    assert np.allclose(single.end_s - single.start_s, profiled, rtol=1e-9, atol=1e-12)
+
+
+def test_without_log_jobs_no_log_is_kept():
+    assert simulate(workload([("a", 1.0, 10, 4)]), one_unit(["a"])).jobs is None

@@ -34,7 +34,7 @@ from policies.batching import make_batching
 from policies.placement import LLMPlacement, Placement, Unit, blocks_for_tokens, blocks_per_chunk
 from policies.records import read_records
 from policies.specs import ModelSpec
-from tests.hw_helpers import interrupt_replay
+from tests.hw_helpers import assert_job_log_matches, interrupt_replay
 from traces.schema import Workload
 
 WIDE = ModelSpec("wide", 2, 128, 4, 2, 344, 512, dtype_bytes=4, max_context=256)  # GQA, head_dim 32
@@ -180,10 +180,11 @@ def test_split_runner_records_every_request_once_and_returns_every_block(tmp_pat
     shm = dev_shm()
     runner = SplitRunner(wl, placement(kv_blocks=90), make_batching("adbs", quota_period_s=1.0), SPECS,
                          RunnerConfig(gpu_cores=two_cores(), records_path=tmp_path / "r.parquet",
-                                      work_dir=tmp_path / "work"))
+                                      work_dir=tmp_path / "work", log_jobs=True))
     result = runner.run()
     rec = read_records(tmp_path / "r.parquet")
     assert sorted(rec["request_id"]) == list(range(40))
+    assert_job_log_matches(result.jobs, result.stats, by=["llm", "phase"])
     assert (rec["status"] == "finished").all(), rec[rec["status"] != "finished"]
     assert result.stats["kv_free_end"] == result.stats["kv_total"] == {0: 90}
     assert result.stats["anomalies"] == []

@@ -60,6 +60,11 @@ def test_sim_and_real_engines_agree_at_light_load_and_at_saturation(tmp_path: Pa
         for records in (c.sim, *c.hw):
             assert incomplete(records, c.workload) == []
         assert c.stats["hw"][0]["anomalies"] == []
+        # The job logs read against the profile: the simulator's jobs take at least what the profile
+        # says (its terms only add), the hardware's within a few times it whatever the load.
+        assert c.steps["sim"]["decode_vs_profile"] >= 0.9, c.steps
+        assert 0.5 < c.steps["hw"][0]["decode_vs_profile"] < 3, c.steps
+        assert (tmp_path / "out" / f"jobs_{c.system}_L{c.level}_hw0.parquet").exists()
     rows = v.rows.set_index(["level", "metric"])
     sim_rps = rows.loc[(1, "throughput_rps"), "sim"]
     assert sim_rps < 0.95 * saturated.offered_rps, (sim_rps, saturated.offered_rps)
