@@ -105,7 +105,8 @@ METRICS = (("throughput_rps", "throughput", "req/s", "throughput"), ("tokens_per
            ("tpot_p50_s", "TPOT P50", "s/tok", "p50"), ("tpot_p99_s", "TPOT P99", "s/tok", "p99"),
            ("latency_p50_s", "latency P50", "s", None), ("latency_p99_s", "latency P99", "s", None),
            ("decode_vs_profile", "decode steps ÷ profile", "×", None),
-           ("prefill_vs_profile", "prefill steps ÷ profile", "×", None))
+           ("prefill_vs_profile", "prefill steps ÷ profile", "×", None),
+           ("probe_vs_profile", "machine slowdown (probe)", "×", None))
 RANK_BY = "throughput_rps"  # systems are ranked by throughput at each level (higher is better)
 README_BEGIN, README_END = "<!-- validate:begin -->", "<!-- validate:end -->"
 
@@ -654,12 +655,26 @@ def comparison_rows(c: Comparison, s: Setup) -> list[dict[str, Any]]:
     return rows
 
 
-def summarise(comparisons: list[Comparison], s: Setup, table: TableCostModel) -> pd.DataFrame:
+def profile_probe_ms(profiles: list[Path]) -> float:
+    """The speed probe's median while the profiles were measured (`hwloop.speed`; NaN for a profile
+    measured before the probe existed): the machine speed the simulator's step times assume."""
+    medians = [read_profile(p).meta.get("speed_probe_ms", {}).get("median", math.nan) for p in profiles]
+    return float(np.median(medians)) if medians else math.nan
+
+
+def probe_vs_profile(stats: dict[str, Any], profile_ms: float) -> float:
+    """How much slower the machine ran during a hardware run than while it was profiled (the
+    probe's medians): 1 for the simulator, which runs at the profile's speed by construction."""
+    return stats.get("speed_probe_ms", {}).get("median", math.nan) / profile_ms
+
+
+def summarise(comparisons: list[Comparison], s: Setup, table: TableCostModel, profile_ms: float) -> pd.DataFrame:
     for c in comparisons:
         def judge(rec: pd.DataFrame, c: Comparison = c) -> dict[str, float]:
             return summarize(rec, baseline(rec, s, table, c.workload), c.workload.rates(), s.slo_scales).overall
-        c.overall = {"sim": {**judge(c.sim), **c.steps["sim"]},
-                     "hw": [{**judge(rec), **steps} for rec, steps in zip(c.hw, c.steps["hw"], strict=True)]}
+        c.overall = {"sim": {**judge(c.sim), **c.steps["sim"], "probe_vs_profile": 1.0},
+                     "hw": [{**judge(rec), **steps, "probe_vs_profile": probe_vs_profile(stats, profile_ms)}
+                            for rec, steps, stats in zip(c.hw, c.steps["hw"], c.stats["hw"], strict=True)]}
     return pd.DataFrame([row for c in comparisons for row in comparison_rows(c, s)])
 
 
@@ -923,7 +938,7 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
             workload.write(out / f"workload_{system}_L{level}.parquet")
             comparisons.append(compare(system, level, workload, s, table, terms, out))
     drift = profile_drift(start, recheck(s, paths, out / "recheck"), s.targets["p50"]) if start is not None else None
-    rows = summarise(comparisons, s, table)
+    rows = summarise(comparisons, s, table, profile_probe_ms(paths))
     plot = load_plot(rows, s, out / "validate_load.png") if cfg.report.plot else None
     v = Validation(rows, comparisons, s, paths, plot, out, sat, drift, terms)
     write_summary(v, cfg)

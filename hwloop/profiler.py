@@ -47,6 +47,7 @@ import pandas as pd
 from hwloop.engine import EngineConfig, VLLMEngine, synthetic_prompt, write_model_dir
 from hwloop.partition import Device, MPSDaemon, available_cores, cores_for_share, cpu_env, mps_env
 from hwloop.process import start_workers
+from hwloop.speed import SpeedMonitor
 from hwloop.worker import ProfileCmd, ProfileDone, WorkerHandle, WorkerSpec
 from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
@@ -226,18 +227,21 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
         mps = mps or own_mps
         rows: list[tuple[Any, ...]] = []
         versions: dict[str, str] = {}
+        speed = SpeedMonitor(cores)  # how fast the machine ran while measured (hwloop.speed)
         try:
             if own_mps:
                 own_mps.start()
-            for key, pcts in groups.items():
-                if device == "cpu":
-                    mine = cores[:key]
-                    wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine), backend, device)
-                else:
-                    wspec = WorkerSpec(f"profile-{key}pct", cfg, (), gpu_env(key, gpus, partition, mps), backend, device)
-                samples, versions = _measure(wspec, grid, work, startup_timeout_s, cell_timeout_s, progress)
-                for pct in pcts:
-                    rows += [(spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
+            with speed:
+                for key, pcts in groups.items():
+                    if device == "cpu":
+                        mine = cores[:key]
+                        wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine), backend, device)
+                    else:
+                        wspec = WorkerSpec(f"profile-{key}pct", cfg, (), gpu_env(key, gpus, partition, mps), backend,
+                                           device)
+                    samples, versions = _measure(wspec, grid, work, startup_timeout_s, cell_timeout_s, progress)
+                    for pct in pcts:
+                        rows += [(spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
         finally:
             if own_mps:
                 own_mps.stop()
@@ -261,6 +265,7 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
         "step_timing": STEP_TIMING[backend],
         "latency_ms": "median of the timed repeats",
         "load_average": list(os.getloadavg()),
+        "speed_probe_ms": speed.summary(),
     }
     return ProfileResult(table, meta)
 

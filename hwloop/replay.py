@@ -46,6 +46,7 @@ from hwloop.kv_pool import PoolError
 from hwloop.mirror import gpu_core_table
 from hwloop.partition import Device, MPSDaemon, PartitionError, Slice, overlapping
 from hwloop.process import WorkerError, WorkerProcess, Yield, start_workers
+from hwloop.speed import SpeedMonitor
 from policies.ledger import (
     STUCK,
     Batch,
@@ -312,11 +313,15 @@ class ReplayRunner:
         period = self.policy.quota_period_s
         self._t0 = time.monotonic()
         cpu0 = time.process_time()
+        cores = sorted({c for p in self._procs.values() for c in p.slice.cores})
+        speed = SpeedMonitor(cores)  # how fast the machine ran meanwhile (hwloop.speed)
         try:
-            self._loop(arrivals, horizon, period)
+            with speed:
+                self._loop(arrivals, horizon, period)
         finally:
             self.stats["replay_s"] = self._now()
             self.stats["runner_cpu_s"] = time.process_time() - cpu0
+            self.stats["speed_probe_ms"] = speed.summary()
 
     def _loop(self, arrivals: np.ndarray, horizon: float, period: float) -> None:
         for unit in self.units.values():

@@ -112,6 +112,7 @@ def test_replay_of_two_llms_under_adbs_records_every_request(tmp_path: Path) -> 
     result = runner.run()
     assert_all_reaped(runner)
     assert_job_log_matches(result.jobs, result.stats, by=["llm"])
+    assert result.stats["speed_probe_ms"]["n"] >= 5  # sampled twice a second over the replay
     rec = read_records(tmp_path / "records.parquet")
     assert tuple(rec.columns) == RECORD_COLUMNS
     assert sorted(rec.request_id) == list(range(30))
@@ -186,6 +187,7 @@ def test_profile_table_is_what_the_cost_model_reads(tmp_path: Path) -> None:
     assert (t.min_ms <= t.latency_ms).all() and (t.latency_ms <= t.max_ms).all()
     assert result.meta["share_groups"] == {"1": [50], "2": [100]}
     assert result.meta["versions"]["vllm"] and result.meta["host"]["cpu_count"]
+    assert result.meta["speed_probe_ms"]["n"] > 0 and result.meta["speed_probe_ms"]["median"] > 0
     for suffix in (".parquet", ".csv"):
         path = write_profile(result, tmp_path / f"profile{suffix}")
         assert read_profile(path).meta["command"]

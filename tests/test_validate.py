@@ -64,6 +64,7 @@ def test_sim_and_real_engines_agree_at_light_load_and_at_saturation(tmp_path: Pa
         # says (its terms only add), the hardware's within a few times it whatever the load.
         assert c.steps["sim"]["decode_vs_profile"] >= 0.9, c.steps
         assert 0.5 < c.steps["hw"][0]["decode_vs_profile"] < 3, c.steps
+        assert 0.3 < c.overall["hw"][0]["probe_vs_profile"] < 5, c.overall["hw"][0]
         assert (tmp_path / "out" / f"jobs_{c.system}_L{c.level}_hw0.parquet").exists()
     rows = v.rows.set_index(["level", "metric"])
     sim_rps = rows.loc[(1, "throughput_rps"), "sim"]
