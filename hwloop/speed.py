@@ -1,5 +1,7 @@
 """How fast the machine runs right now: a probe sampled while a profile is measured and while a run replays.
 
+    python -m hwloop.speed --seconds 60     # the probe on each core, once a second: is this a slow period?
+
 On this project's shared CPU machines the same engine step takes 1.6–2× longer for seconds to
 minutes at a time, whatever else our own processes do (a vLLM decode step of a tiny Llama: 3.0 ms
 in one minute, 5–6 ms in the next; README, Validation). A step profile measured in one state then
@@ -18,6 +20,7 @@ report say which state each was measured in:
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import threading
@@ -76,3 +79,28 @@ def speed_summary(samples: Sequence[tuple[int, float]]) -> dict[str, Any]:
     per_core = {str(c): statistics.median([s for core, s in samples if core == c]) for c in sorted({c for c, _ in samples})}
     return {"median": statistics.median(ms), "p10": ms[len(ms) // 10], "p90": ms[(9 * len(ms)) // 10],
             "n": len(ms), "per_core": per_core, "probe_loops": PROBE_LOOPS}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the probe's median on each core every second: run it before a validation to see
+    whether the machine is in a slow period (its medians well above those of a quiet minute)."""
+    ap = argparse.ArgumentParser(prog="python -m hwloop.speed", description=main.__doc__)
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--cores", type=int, nargs="*", help="default: every core this process may use")
+    args = ap.parse_args(argv)
+    cores = tuple(args.cores) if args.cores else tuple(sorted(os.sched_getaffinity(0)))
+    with SpeedMonitor(cores, period_s=0.05) as monitor:
+        shown, t0 = 0, time.monotonic()
+        while time.monotonic() - t0 < args.seconds:
+            time.sleep(1.0)
+            new, shown = monitor.samples[shown:], len(monitor.samples)
+            per_core = speed_summary(new).get("per_core", {})
+            print(f"{time.monotonic() - t0:6.1f} s  " + "  ".join(f"core {c}: {ms:.3f} ms" for c, ms in per_core.items()),
+                  flush=True)
+    s = monitor.summary()
+    print(f"median {s['median']:.3f} ms (p10 {s['p10']:.3f}, p90 {s['p90']:.3f}) over {s['n']} probes of "
+          f"{PROBE_LOOPS} loop iterations")
+
+
+if __name__ == "__main__":
+    main()

@@ -35,3 +35,11 @@ def test_the_monitor_samples_every_core_it_is_given_and_stops() -> None:
 
 def test_no_samples_give_an_empty_summary() -> None:
     assert speed_summary([]) == {}
+
+
+def test_the_command_prints_each_second_and_a_summary(capsys) -> None:
+    from hwloop.speed import main
+
+    main(["--seconds", "1.5", "--cores", str(min(os.sched_getaffinity(0)))])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and "core" in lines[0] and lines[-1].startswith("median ")
