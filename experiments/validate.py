@@ -216,6 +216,14 @@ def build_setup(cfg: DictConfig) -> Setup:
              "lengths": lengths, "limits": limits}
     workload = generate(WorkloadSpec(tuple(llms), label="validate"), trace["duration_s"], seed=trace["seed"],
                         cv=trace["cv"], lengths=lengths, limits=limits)
+    # Every LLM needs a request at the configured rates: past saturation a system falls back to the
+    # placement of those rates, which has no place for an LLM the configured trace never asked for.
+    silent = [i for i, x in enumerate(llms) if x.name not in workload.models]
+    if silent:
+        i = silent[0]
+        raise ConfigError(f"workload.rates[{i}] = {rates[i]:g} req/s: {llms[i].name} gets no request in "
+                          f"{trace['duration_s']:g} s of trace (seed {trace['seed']}); raise its rate or "
+                          "workload.duration_s")
     given = cfg.report.slo_scales
     if not isinstance(given, ListConfig) or not given or any(
             isinstance(k, bool) or not isinstance(k, int | float) or not 0 < k < math.inf for k in given):

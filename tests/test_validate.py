@@ -92,3 +92,6 @@ def test_bad_config_is_one_line() -> None:
     assert config_error(["workload.rates=[]"]).startswith("ConfigError: workload.rates")
     assert config_error(["nosuchkey=1"]).startswith("ConfigError: Could not override 'nosuchkey'")
     assert config_error(["load.levels=0"]).startswith("ConfigError: load.levels")
+    assert config_error(["workload.rates=[3.0,0.01]"]) == (
+        "ConfigError: workload.rates[1] = 0.01 req/s: llm-1 gets no request in 15 s of trace (seed 0); raise its "
+        "rate or workload.duration_s")
