@@ -367,6 +367,16 @@ def profiled_cost(s: Setup, out: Path) -> tuple[TableCostModel, list[Path]]:
     return TableCostModel.from_frame(table, label="measured: " + ", ".join(p.name for p in paths)), paths
 
 
+def keep_profiles(paths: list[Path], folder: Path) -> None:
+    """Copy the profiles (and their terms) a run is judged by into its folder: the cache keeps only
+    the newest of a configuration, and a run's job logs mean something only against its own."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in paths:
+        for f in (path, terms_path(path)):
+            if f.exists():
+                shutil.copy2(f, folder / f.name)
+
+
 def terms_path(profile: Path) -> Path:
     return profile.with_name(profile.stem + ".terms.json")
 
@@ -936,6 +946,7 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
     out.mkdir(parents=True, exist_ok=True)
     table, paths = profiled_cost(s, out)
     terms = runner_terms(s, paths, out)
+    keep_profiles(paths, out / "profiles")
     start = recheck(s, paths, out / "recheck") if s.recheck else None
     sat = {system: saturation(system, s, table, terms) for system in s.systems}
     log.info("saturation predicted by the simulator (req/s): %s", sat)

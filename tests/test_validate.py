@@ -82,6 +82,8 @@ def test_sim_and_real_engines_agree_at_light_load_and_at_saturation(tmp_path: Pa
     assert len(v.drift["cells"]) == 4  # 2 batches × 2 phases × 1 core count
     assert v.terms is not None and set(v.terms.turn_s) == {("tiny-test", 1)}
     assert (tmp_path / "out" / "summary.csv").exists() and v.plot is not None and v.plot.exists()
+    kept = tmp_path / "out" / "profiles"
+    assert {p.name for p in v.profiles} | {p.stem + ".terms.json" for p in v.profiles} == {f.name for f in kept.iterdir()}
     assert "Level 2" in (tmp_path / "out" / "validation.md").read_text()
 
 
