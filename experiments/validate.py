@@ -72,7 +72,7 @@ from hwloop.mirror import (
     profile_shares,
     split_core_slices,
 )
-from hwloop.partition import available_cores
+from hwloop.partition import ALLOCATOR_ENV, available_cores
 from hwloop.profiler import (
     Grid,
     ProfileError,
@@ -332,7 +332,7 @@ def batching_opts(s: Setup, batcher: str) -> dict[str, Any]:
 def profile_path(spec: ModelSpec, s: Setup) -> Path:
     """Cache file of one model's profile: a hash of what the timings depend on."""
     ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores), "latency": "median",
-             "cpu": host_info()["cpu_model"], "versions": engine_versions()}
+             "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV}
     if s.backend != "vllm":
         ident["engine"] = s.backend
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]

@@ -82,6 +82,19 @@ def overlapping(a: Sequence[int], b: Sequence[int]) -> bool:
     return bool(set(a) & set(b))
 
 
+# glibc malloc tunables of every worker: memory a step frees stays in the process for the next step.
+# By default glibc maps each large block fresh (mmap above a threshold that moves with what was
+# freed before) and hands freed heap back to the kernel, so a step's tensors are new pages, each
+# zeroed in a page fault (4 KiB); how many a step pays depends on the worker's history, not on the
+# step. The profile repeats one shape per cell; a served trace changes shapes every step. So the
+# profile and the runner timed different allocators: split-mode decode steps ran 1.6x their profile
+# at 1.3x saturation before this, 1.09x after (experiments.validate mode=split, one level, one
+# repeat each). `python -m hwloop.bench_alloc` times both settings: paged decodes of batch 48-120,
+# 26,000 faults and 106 ms a step by default, 560 faults and 83 ms with these (one core, once).
+# Serving engines do the same (vLLM's CPU guide preloads tcmalloc).
+ALLOCATOR_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+
 def cpu_env(cores: Sequence[int]) -> dict[str, str]:
     """OpenMP settings for a process pinned to `cores`: one thread per core.
 
@@ -98,7 +111,9 @@ def cpu_env(cores: Sequence[int]) -> dict[str, str]:
     return {
         "OMP_NUM_THREADS": str(len(cores)),
         "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(c) for c in cores),
+        **ALLOCATOR_ENV,
     }
+
 
 
 def mps_env(share_pct: int, gpus: Sequence[int], pipe_dir: str | Path, log_dir: str | Path) -> dict[str, str]:
