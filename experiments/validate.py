@@ -15,7 +15,9 @@ whole core (placement options `decode_shares` / `prefill_tiers` start there).
 1. Profile: every model shape's step latency, measured by `hwloop.profiler` at one share per core
    count, or a cached profile of the same model config, grid, CPU, cores and versions. A few of its
    cells are timed again at the start and at the end of the run (`recheck`): how far they moved is
-   the profile's own noise, reported beside the errors it is used to judge.
+   the profile's own noise, reported beside the errors it is used to judge. With it, the runner's
+   terms are measured again at the end and every level simulated with them (`terms_drift`): how
+   far the simulator moves with terms measured in another minute.
 2. Find the load the simulator says each system saturates at (`saturation`): the throughput it
    reaches as the configured rates are doubled together until that adds (almost) nothing. The
    simulator is charged the runner's terms, measured beside the profile (`hwloop.terms`).
@@ -391,18 +393,49 @@ def runner_terms(s: Setup, profiles: list[Path], out: Path) -> RunnerTerms | Non
         side = terms_path(path)
         cached = json.loads(side.read_text()) if s.reuse and side.exists() else None
         if cached is None or any(t not in m for m in cached for t in s.terms):
-            with _bar(f"terms {spec.name}", len(s.cores), "core count", s.progress) as bar:
-                cached = []
-                for k in range(1, len(s.cores) + 1):
-                    cached.append(measure(spec, s.cores[:k], out / "terms", s.terms, others=s.cores[k:],
-                                          split=s.mode == "split"))
-                    bar.update(1)
+            cached = measure_terms(s, spec, out / "terms")
             tmp = side.with_suffix(".tmp")
             tmp.write_text(json.dumps(cached, indent=1))
             tmp.replace(side)
             log.info("runner terms of %s: measured, written to %s", spec.name, side)
         measured += [{k: v for k, v in m.items() if k not in TERMS or k in s.terms} for m in cached]
     return RunnerTerms.from_measured(measured, "measured: " + ", ".join(terms_path(p).name for p in profiles))
+
+
+def measure_terms(s: Setup, spec: ModelSpec, work: Path) -> list[dict[str, Any]]:
+    """`hwloop.terms.measure` of the configured terms for one model at every core count of the unit."""
+    measured = []
+    with _bar(f"terms {spec.name}", len(s.cores), "core count", s.progress) as bar:
+        for k in range(1, len(s.cores) + 1):
+            measured.append(measure(spec, s.cores[:k], work, s.terms, others=s.cores[k:], split=s.mode == "split"))
+            bar.update(1)
+    return measured
+
+
+TERMS_DRIFT_METRICS = (("throughput_rps", "throughput", "throughput"), ("ttft_p50_s", "TTFT P50", "p50"),
+                       ("tpot_p50_s", "TPOT P50", "p50"))  # (summary key, label, target key)
+
+
+def terms_drift(s: Setup, table: TableCostModel, terms: RunnerTerms, comparisons: list[Comparison],
+                work: Path) -> dict[str, Any]:
+    """The runner's terms measured again at the end of the run, and how far they move the simulator.
+
+    The terms are small differences of step times measured once, at the start, in whatever minute
+    that was (a new step shape's extra has come out 3-5x its usual size in a slow one), and the
+    simulator charges them to most steps at light load. So every comparison's workload is simulated
+    again with the end's terms: the relative change of throughput and P50s, per level and system,
+    is the yardstick's own noise in the units of the targets; `flagged` when one moved more than its target."""
+    end = RunnerTerms.from_measured([m for spec in s.specs.values() for m in measure_terms(s, spec, work)],
+                                    "measured again at the end")
+    rows = []
+    for c in comparisons:
+        before = simulate(c.system, s, table, terms, c.workload).summary.overall
+        after = simulate(c.system, s, table, end, c.workload).summary.overall
+        rows.append({"level": c.level, "system": c.system,
+                     **{key: after[key] / before[key] - 1 for key, *_ in TERMS_DRIFT_METRICS}})
+    worst = {key: max(abs(r[key]) for r in rows) for key, *_ in TERMS_DRIFT_METRICS}
+    return {"rows": rows, "end_terms": terms_table(end), "max": worst,
+            "flagged": any(worst[key] > s.targets[target] for key, _, target in TERMS_DRIFT_METRICS)}
 
 
 def profile_noise(path: Path, spread: float = 0.25) -> dict[str, Any]:
@@ -799,6 +832,12 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
                   f"end vs start median {100 * drift['end_vs_start_median']:+.1f}% (max |{100 * drift['end_vs_start_max']:.1f}|%)"
                   + (f": **flagged**, cells moved more than the {100 * drift['limit']:g}% P50 target"
                      if drift["flagged"] else f": within the {100 * drift['limit']:g}% P50 target") + "."]
+        if "terms" in drift:
+            t = drift["terms"]
+            lines += ["", "Runner terms repeatability (measured again at the end, every level's workload simulated "
+                      "with them): the simulator moves by at most " + ", ".join(
+                          f"{label} {100 * t['max'][key]:.1f}%" for key, label, _ in TERMS_DRIFT_METRICS)
+                      + (": **flagged**, more than a target" if t["flagged"] else ": within the targets") + "."]
     if figure:
         lines += ["", f"![each metric against the offered rate, simulator solid, hardware dashed]({figure})"]
     return "\n".join(lines) + "\n"
@@ -956,7 +995,11 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
             workload = s.workload_at(sat[system] * fraction / s.base_rate)
             workload.write(out / f"workload_{system}_L{level}.parquet")
             comparisons.append(compare(system, level, workload, s, table, terms, out))
-    drift = profile_drift(start, recheck(s, paths, out / "recheck"), s.targets["p50"]) if start is not None else None
+    drift = None
+    if start is not None:
+        drift = profile_drift(start, recheck(s, paths, out / "recheck"), s.targets["p50"])
+        if terms is not None:
+            drift["terms"] = terms_drift(s, table, terms, comparisons, out / "terms_end")
     rows = summarise(comparisons, s, table, profile_probe_ms(paths))
     plot = load_plot(rows, s, out / "validate_load.png") if cfg.report.plot else None
     v = Validation(rows, comparisons, s, paths, plot, out, sat, drift, terms)
