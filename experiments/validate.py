@@ -432,8 +432,10 @@ def terms_drift(s: Setup, table: TableCostModel, terms: RunnerTerms, comparisons
         before = simulate(c.system, s, table, terms, c.workload).summary.overall
         after = simulate(c.system, s, table, end, c.workload).summary.overall
         rows.append({"level": c.level, "system": c.system,
-                     **{key: after[key] / before[key] - 1 for key, *_ in TERMS_DRIFT_METRICS}})
-    worst = {key: max(abs(r[key]) for r in rows) for key, *_ in TERMS_DRIFT_METRICS}
+                     **{key: after[key] / before[key] - 1 if before[key] > 0 else math.nan
+                        for key, *_ in TERMS_DRIFT_METRICS}})
+    worst = {key: max((abs(r[key]) for r in rows if math.isfinite(r[key])), default=0.0)
+             for key, *_ in TERMS_DRIFT_METRICS}
     return {"rows": rows, "end_terms": terms_table(end), "max": worst,
             "flagged": any(worst[key] > s.targets[target] for key, _, target in TERMS_DRIFT_METRICS)}
 
