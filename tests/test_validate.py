@@ -84,7 +84,9 @@ def test_sim_and_real_engines_agree_at_light_load_and_at_saturation(tmp_path: Pa
     moved = max(abs(v.drift["start_vs_profile_median"]), abs(v.drift["end_vs_start_median"]),
                 abs(saturated_probe := rows.loc[(1, "probe_vs_profile"), "hw"] - 1),
                 terms_drift["max"]["throughput_rps"])
-    print(f"yardstick moved {moved:.1%} during the run (probe {saturated_probe:+.1%})")
+    print(f"yardstick moved {moved:.1%} during the run (profile cells {v.drift['start_vs_profile_median']:+.1%} and "
+          f"{v.drift['end_vs_start_median']:+.1%}, probe {saturated_probe:+.1%}, simulator with the end's terms "
+          f"{terms_drift['max']['throughput_rps']:.1%})")
     for level, bound in ((0, 0.10), (1, 0.10 + moved)):
         assert abs(rows.loc[(level, "throughput_rps"), "error"]) <= bound, (bound, v.rows)
     assert len(v.drift["cells"]) == 4  # 2 batches × 2 phases × 1 core count
