@@ -416,8 +416,7 @@ TERMS_DRIFT_METRICS = (("throughput_rps", "throughput", "throughput"), ("ttft_p5
                        ("tpot_p50_s", "TPOT P50", "p50"))  # (summary key, label, target key)
 
 
-def terms_drift(s: Setup, table: TableCostModel, terms: RunnerTerms, comparisons: list[Comparison],
-                work: Path) -> dict[str, Any]:
+def terms_drift(s: Setup, table: TableCostModel, comparisons: list[Comparison], work: Path) -> dict[str, Any]:
     """The runner's terms measured again at the end of the run, and how far they move the simulator.
 
     The terms are small differences of step times measured once, at the start, in whatever minute
@@ -429,7 +428,7 @@ def terms_drift(s: Setup, table: TableCostModel, terms: RunnerTerms, comparisons
                                     "measured again at the end")
     rows = []
     for c in comparisons:
-        before = simulate(c.system, s, table, terms, c.workload).summary.overall
+        before = summarize(c.sim).overall  # the comparison's own simulation, with the start's terms
         after = simulate(c.system, s, table, end, c.workload).summary.overall
         rows.append({"level": c.level, "system": c.system,
                      **{key: after[key] / before[key] - 1 if before[key] > 0 else math.nan
@@ -1001,7 +1000,7 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
     if start is not None:
         drift = profile_drift(start, recheck(s, paths, out / "recheck"), s.targets["p50"])
         if terms is not None:
-            drift["terms"] = terms_drift(s, table, terms, comparisons, out / "terms_end")
+            drift["terms"] = terms_drift(s, table, comparisons, out / "terms_end")
     rows = summarise(comparisons, s, table, profile_probe_ms(paths))
     plot = load_plot(rows, s, out / "validate_load.png") if cfg.report.plot else None
     v = Validation(rows, comparisons, s, paths, plot, out, sat, drift, terms)
