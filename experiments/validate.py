@@ -15,7 +15,10 @@ whole core (placement options `decode_shares` / `prefill_tiers` start there).
 1. Profile: every model shape's step latency, measured by `hwloop.profiler` at one share per core
    count, or a cached profile of the same model config, grid, CPU, cores and versions. A few of its
    cells are timed again at the start and at the end of the run (`recheck`): how far they moved is
-   the profile's own noise, reported beside the errors it is used to judge. With it, the runner's
+   the profile's own noise, reported beside the errors it is used to judge. With `profile.recheck`
+   each_repeat (split mode's default) they are also timed between hardware repeats, and each repeat
+   is judged a second time, against the simulator on the profile scaled to the speed the cells
+   measured right before and after it (`Yardstick`, `at_speed`). With it, the runner's
    terms are measured again at the end and every level simulated with them (`terms_drift`): how
    far the simulator moves with terms measured in another minute.
 2. Find the load the simulator says each system saturates at (`saturation`): the throughput it
@@ -146,7 +149,9 @@ class Setup:
     mode: str = "mixed"  # "mixed": vLLM engines; "split": prefill/decode torch workers over one KV pool
     split_pool_blocks: int = 0  # split mode: each unit's pool is at most this many blocks (real memory here)
     sweep: LoadSweep = LoadSweep()
-    recheck: bool = True  # time a few profile cells again at the start and the end of the run
+    # Time a few profile cells again: "ends" at the start and the end of the run, "each_repeat" also
+    # between hardware repeats (each repeat is then also judged at the machine speed around it), "off".
+    recheck: str = "ends"
     terms: tuple[str, ...] = TERMS  # the runner's measured extras the simulator charges (hwloop.terms)
     trace: dict[str, Any] = field(default_factory=dict)  # generate()'s arguments but the rates
 
@@ -238,7 +243,24 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, targets, bool(cfg.report.progress), mode, _pool_blocks(cfg), _sweep(cfg),
-                 recheck=bool(p.get("recheck", True)), terms=_terms(p), trace=trace)
+                 recheck=_recheck(p, mode), terms=_terms(p), trace=trace)
+
+
+RECHECKS = ("each_repeat", "ends", "off")
+
+
+def _recheck(p: DictConfig, mode: str) -> str:
+    """`profile.recheck`: one of RECHECKS, or auto (the default, also `true`): each_repeat in split
+    mode, where a recheck takes about 12 s on 2 cores, ends in mixed mode, where it takes about 50 s
+    (it starts vLLM engines); `false` is off."""
+    value = p.get("recheck", "auto")
+    if value is True or value == "auto":
+        return "each_repeat" if mode == "split" else "ends"
+    if value is False:
+        return "off"
+    if value not in RECHECKS:
+        raise ConfigError(f"profile.recheck must be auto, {', '.join(RECHECKS)}, true or false (got {value!r})")
+    return str(value)
 
 
 def _terms(p: DictConfig) -> tuple[str, ...]:
@@ -486,6 +508,75 @@ def profile_drift(start: pd.DataFrame, end: pd.DataFrame, limit: float) -> dict[
             "limit": limit, "flagged": bool(worst > limit)}
 
 
+@dataclass
+class Yardstick:
+    """The profile's cells timed again (`recheck`) as the run goes: at its start, between hardware
+    repeats (`each_repeat`) and at its end. A repeat between two checks is also judged against the
+    simulator at the machine speed those checks measured (`speed_factors`, `at_speed`): on a shared
+    machine whose steps run 20-80% slower for minutes at a time, that separates the machine's speed
+    from the simulator's errors. The factors come from the cells alone, never from the run."""
+
+    s: Setup
+    profiles: list[Path]
+    work: Path
+    checks: list[pd.DataFrame] = field(default_factory=list)
+    _stale: bool = True  # a hardware run since the last check
+
+    def check(self) -> int:
+        """Time the cells now; the index of this check."""
+        self.checks.append(recheck(self.s, self.profiles, self.work))
+        self._stale = False
+        return len(self.checks) - 1
+
+    def before_run(self) -> int | None:
+        """The check a hardware repeat starts after (taken now unless no run came since the last one);
+        None unless every repeat is bracketed. The repeat's after-check is the next one taken."""
+        if self.s.recheck != "each_repeat":
+            return None
+        index = self.check() if self._stale or not self.checks else len(self.checks) - 1
+        self._stale = True
+        return index
+
+
+def speed_factors(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
+    """How much slower than the profile the machine ran around a repeat: per model, share and phase,
+    the median of `now / profile` over the rechecked cells in both checks (`model, sm_pct, phase,
+    factor`). Per phase, because a slow period slows a small decode step (mostly Python) more than a
+    prefill (mostly matrix products)."""
+    both = pd.concat([before, after], ignore_index=True)
+    both = both.assign(factor=both["now_ms"] / both["profile_ms"])
+    return both.groupby(["model", "sm_pct", "phase"], as_index=False)["factor"].median()
+
+
+def scaled_cost(profiles: list[Path], factors: pd.DataFrame) -> TableCostModel:
+    """The profile with every cell times its (model, share, phase) factor: the step times at the
+    machine speed the factors were measured at."""
+    table = pd.concat([read_profile(p).table for p in profiles], ignore_index=True)
+    table = table.merge(factors, on=["model", "sm_pct", "phase"], how="left").fillna({"factor": 1.0})
+    table["latency_ms"] *= table.pop("factor")
+    return TableCostModel.from_frame(table, label="measured, at the speed rechecked around a repeat")
+
+
+def at_speed(c: Comparison, s: Setup, table: TableCostModel, yardstick: Yardstick, terms: RunnerTerms | None) -> None:
+    """Simulate `c`'s placement again for each bracketed repeat, on the profile scaled to the speed
+    its two checks measured: `c.sim_at_speed` (records) and `c.speed` (the factors, their median, and
+    how far the cells moved from the check before the repeat to the one after: that repeat's noise)."""
+    p = plan(c.system, s, table, c.workload)
+    for r, before in enumerate(c.brackets):
+        if before is None:
+            continue
+        first, second = yardstick.checks[before], yardstick.checks[before + 1]
+        factors = speed_factors(first, second)
+        cost = replace(p.cost, inner=scaled_cost(yardstick.profiles, factors))
+        sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=c.slices, runner_terms=terms,
+                         **{**p.common, "placement": c.placement})
+        moved = first.merge(second, on=list(CELL_KEYS), suffixes=("_before", "_after"))
+        c.speed.append({"repeat": r, "factor": float(factors["factor"].median()),
+                        "over_repeat": float((moved["now_ms_after"] / moved["now_ms_before"]).median()) - 1,
+                        "factors": factors.to_dict(orient="records")})
+        c.sim_at_speed.append(sim.records)
+
+
 # ---- the load the simulator predicts each system saturates at ------------------------------------
 
 def saturation(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None) -> float:
@@ -515,7 +606,13 @@ class Comparison:
     placement: Placement
     slices: dict[str, tuple[int, ...]]
     steps: dict[str, Any]  # "sim" → `steps_vs_profile`, "hw" → a list of them, one per repeat
-    overall: dict[str, Any] = field(default_factory=dict)  # "sim" → metrics, "hw" → a list of metrics
+    # Per repeat, the yardstick check taken right before it (None: repeats not bracketed), and for
+    # the bracketed ones the machine speed around it and the simulation at that speed (`at_speed`).
+    brackets: list[int | None] = field(default_factory=list)
+    speed: list[dict[str, Any]] = field(default_factory=list)
+    sim_at_speed: list[pd.DataFrame] = field(default_factory=list)
+    # "sim" → metrics, "hw" → a list of metrics, "sim_at_speed" → a list of metrics (bracketed repeats)
+    overall: dict[str, Any] = field(default_factory=dict)
 
 
 def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int, ...]]]:
@@ -570,7 +667,7 @@ def simulate(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | 
 
 
 def compare(system: str, level: int, workload: Workload, s: Setup, table: TableCostModel, terms: RunnerTerms | None,
-            out: Path) -> Comparison:
+            out: Path, yardstick: Yardstick | None = None) -> Comparison:
     """One placement at one load, simulated with the hardware's cores and run `repeats` times on real engines."""
     p = plan(system, s, table, workload)
     tag = f"{system}_L{level}"
@@ -581,8 +678,9 @@ def compare(system: str, level: int, workload: Workload, s: Setup, table: TableC
         sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms,
                          progress=_to(bar), records_path=records, log_jobs=True, **p.common)
     write_jobs(sim.jobs, out / f"jobs_{tag}_sim.parquet")
-    hw_records, hw_stats, hw_steps = [], [], []
+    hw_records, hw_stats, hw_steps, brackets = [], [], [], []
     for r in range(s.sweep.repeats):
+        brackets.append(yardstick.before_run() if yardstick is not None else None)
         load = os.getloadavg()[0]
         with _bar(f"L{level} {system:>9} hw {r + 1}/{s.sweep.repeats}", end, "s", s.progress) as bar, \
                 records_file(out / f"records_{tag}_hw{r}.parquet") as records:
@@ -597,7 +695,7 @@ def compare(system: str, level: int, workload: Workload, s: Setup, table: TableC
     offered = sum(workload.rates().values())
     return Comparison(system, level, offered, workload, sim.records, hw_records,
                       {"sim": sim.stats, "hw": hw_stats}, p.placement, p.slices,
-                      {"sim": steps_vs_profile(sim.jobs, p.cost, s.specs), "hw": hw_steps})
+                      {"sim": steps_vs_profile(sim.jobs, p.cost, s.specs), "hw": hw_steps}, brackets)
 
 
 def write_jobs(jobs: pd.DataFrame | None, path: Path) -> None:
@@ -690,6 +788,7 @@ def comparison_rows(c: Comparison, s: Setup) -> list[dict[str, Any]]:
     of the mean, and the noise the error is judged against (half the repeats' range, in the error's
     unit: relative to the mean, or points)."""
     rows = []
+    bracketed = [o for o, before in zip(c.overall["hw"], c.brackets, strict=True) if before is not None]
     for key, label, unit, target_key in metric_keys(s):
         sim = c.overall["sim"][key]
         runs = np.array([o[key] for o in c.overall["hw"]], dtype=float)
@@ -698,12 +797,18 @@ def comparison_rows(c: Comparison, s: Setup) -> list[dict[str, Any]]:
         noise = 100 * (hi - lo) / 2 if slo else ((hi - lo) / 2 / hw if hw else math.nan)
         target = s.targets[target_key] if target_key else math.nan
         err = error_of(key, sim, hw)
+        at_speed = [o.get(key, math.nan) for o in c.overall["sim_at_speed"]]
+        err_at_speed = (float(np.mean([error_of(key, x, o[key]) for x, o in zip(at_speed, bracketed, strict=True)]))
+                        if at_speed else math.nan)
         rows.append({"level": c.level, "offered_rps": c.offered_rps, "system": c.system, "metric": key,
                      "label": label, "unit": unit, "sim": sim, "hw": hw, "hw_min": lo, "hw_max": hi,
                      "repeats": len(runs), "error": err, "noise": noise,
                      "error_kind": "points" if slo else "relative", "target": target,
                      "within_target": bool(abs(err) <= target) if math.isfinite(target) else None,
-                     "within_noise": bool(abs(err) <= noise) if math.isfinite(err) and math.isfinite(noise) else None})
+                     "within_noise": bool(abs(err) <= noise) if math.isfinite(err) and math.isfinite(noise) else None,
+                     "sim_at_speed": float(np.mean(at_speed)) if at_speed else math.nan, "error_at_speed": err_at_speed,
+                     "within_target_at_speed": (bool(abs(err_at_speed) <= target)
+                                                if math.isfinite(target) and math.isfinite(err_at_speed) else None)})
     return rows
 
 
@@ -726,7 +831,8 @@ def summarise(comparisons: list[Comparison], s: Setup, table: TableCostModel, pr
             return summarize(rec, baseline(rec, s, table, c.workload), c.workload.rates(), s.slo_scales).overall
         c.overall = {"sim": {**judge(c.sim), **c.steps["sim"], "probe_vs_profile": 1.0},
                      "hw": [{**judge(rec), **steps, "probe_vs_profile": probe_vs_profile(stats, profile_ms)}
-                            for rec, steps, stats in zip(c.hw, c.steps["hw"], c.stats["hw"], strict=True)]}
+                            for rec, steps, stats in zip(c.hw, c.steps["hw"], c.stats["hw"], strict=True)],
+                     "sim_at_speed": [judge(rec) for rec in c.sim_at_speed]}
     return pd.DataFrame([row for c in comparisons for row in comparison_rows(c, s)])
 
 
@@ -817,6 +923,7 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
             cells = [f"{_fmt(by.loc[k, 'sim'], by.loc[k, 'unit'])}: {_err(by.loc[k])}{_mark(by.loc[k])}" for k in keys]
             lines.append(f"| {system} | {by['offered_rps'].iloc[0]:.2f} ({n}) | " + " | ".join(cells) + " |")
         lines.append("")
+        lines += speed_table(g, comparisons, level, s)
     rank = rankings(rows)
     if len(s.systems) > 1:
         lines += [f"Ranking by {labels[RANK_BY]} (best first), simulator / hardware: "
@@ -827,6 +934,10 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
     lines.append(f"Within target: {len(targeted) - len(beyond)} of {len(targeted)} targeted figures; of those "
                  f"outside, {int(beyond['within_noise'].fillna(False).astype(bool).sum())} are within the noise of "
                  "the hardware repeats.")
+    judged = rows[rows["within_target_at_speed"].notna()]
+    if len(judged):
+        lines.append(f"Against the simulator at each repeat's measured machine speed: "
+                     f"{int(judged['within_target_at_speed'].astype(bool).sum())} of {len(judged)} within target.")
     if drift is not None:
         lines += ["", f"Profile repeatability ({len(drift['cells'])} cells timed again at the start and the end): "
                   f"start vs profile median {100 * drift['start_vs_profile_median']:+.1f}% (max |{100 * drift['start_vs_profile_max']:.1f}|%), "
@@ -842,6 +953,31 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
     if figure:
         lines += ["", f"![each metric against the offered rate, simulator solid, hardware dashed]({figure})"]
     return "\n".join(lines) + "\n"
+
+
+def speed_table(g: pd.DataFrame, comparisons: list[Comparison], level: int, s: Setup) -> list[str]:
+    """One level's targeted errors against the simulator run at each repeat's measured speed (the
+    profile cells timed right before and right after the repeat, `at_speed`): none if no repeat was
+    bracketed (`profile.recheck` other than each_repeat)."""
+    targeted = g[g["target"].notna() & g["error_at_speed"].notna()]
+    if targeted.empty:
+        return []
+    keys = list(dict.fromkeys(targeted["metric"]))
+    labels = dict(zip(targeted["metric"], targeted["label"], strict=False))
+    lines = ["At each repeat's measured machine speed (its profile cells timed right before and right after "
+             "it, × that speed per phase; the change from before to after in brackets): error of the hardware "
+             "against that simulation, the mean over repeats.", "",
+             "| system | machine speed per repeat | " + " | ".join(labels[k] for k in keys) + " |",
+             "|---|---|" + "---|" * len(keys)]
+    for system, h in targeted.groupby("system", sort=False):
+        c = next(c for c in comparisons if c.level == level and c.system == system)
+        speed = ", ".join(f"×{x['factor']:.2f} ({100 * x['over_repeat']:+.0f}%)" for x in c.speed)
+        by = h.set_index("metric")
+        cells = [(f"{by.loc[k, 'error_at_speed']:+.1f} pt" if by.loc[k, "error_kind"] == "points"
+                  else f"{100 * by.loc[k, 'error_at_speed']:+.1f}%")
+                 + {True: " ✓", False: " ✗", None: ""}[by.loc[k, "within_target_at_speed"]] for k in keys]
+        lines.append(f"| {system} | {speed} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
 
 
 def report(v: Validation) -> None:
@@ -880,6 +1016,9 @@ def report(v: Validation) -> None:
                       f"(sim {c.stats['sim'].get('deferred_launches', 0)}), load average "
                       f"{[round(h['loadavg_before'], 1) for h in hw]}; records "
                       + ("; ".join(problems) if problems else "complete"), style="red" if problems else "")
+        if c.speed:
+            console.print(f"L{c.level + 1} {c.system}: machine speed around each repeat (cells ÷ profile) "
+                          + ", ".join(f"×{x['factor']:.2f}" for x in c.speed))
     console.print(f"results: {v.out}")
 
 
@@ -891,6 +1030,7 @@ def write_summary(v: Validation, cfg: DictConfig) -> None:
            "profiles": {str(p): profile_noise(p) for p in v.profiles}, "profile_drift": v.drift,
            "saturation_rps": v.saturation_rps, "runner_terms": terms_table(v.terms), "rankings": rankings(v.rows).to_dict(orient="records"),
            "stats": {f"L{c.level}/{c.system}": c.stats for c in v.comparisons},
+           "speed": {f"L{c.level}/{c.system}": c.speed for c in v.comparisons if c.speed},
            "rows": v.rows.to_dict(orient="records")}
     text = json.dumps(doc, indent=1, default=_json_default)
     write_atomically(out / "summary.json", lambda p: p.write_text(text))
@@ -987,7 +1127,9 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
     table, paths = profiled_cost(s, out)
     terms = runner_terms(s, paths, out)
     keep_profiles(paths, out / "profiles")
-    start = recheck(s, paths, out / "recheck") if s.recheck else None
+    yardstick = Yardstick(s, paths, out / "recheck") if s.recheck != "off" else None
+    if yardstick is not None:
+        yardstick.check()
     sat = {system: saturation(system, s, table, terms) for system in s.systems}
     log.info("saturation predicted by the simulator (req/s): %s", sat)
     comparisons = []
@@ -995,10 +1137,13 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
         for system in s.systems:
             workload = s.workload_at(sat[system] * fraction / s.base_rate)
             workload.write(out / f"workload_{system}_L{level}.parquet")
-            comparisons.append(compare(system, level, workload, s, table, terms, out))
+            comparisons.append(compare(system, level, workload, s, table, terms, out, yardstick))
     drift = None
-    if start is not None:
-        drift = profile_drift(start, recheck(s, paths, out / "recheck"), s.targets["p50"])
+    if yardstick is not None:
+        yardstick.check()
+        for c in comparisons:
+            at_speed(c, s, table, yardstick, terms)
+        drift = profile_drift(yardstick.checks[0], yardstick.checks[-1], s.targets["p50"])
         if terms is not None:
             drift["terms"] = terms_drift(s, table, comparisons, out / "terms_end")
     rows = summarise(comparisons, s, table, profile_probe_ms(paths))

@@ -8,7 +8,18 @@ import pandas as pd
 import pytest
 
 from experiments.config import ConfigError
-from experiments.validate import README_BEGIN, README_END, profile_drift, rankings, update_readme
+from experiments.validate import (
+    README_BEGIN,
+    README_END,
+    profile_drift,
+    rankings,
+    scaled_cost,
+    speed_factors,
+    update_readme,
+)
+from hwloop.profiler import ProfileResult, write_profile
+from policies.cost import TableCostModel
+from policies.specs import ModelSpec
 
 CELL = {"model": "m", "sm_pct": 100, "phase": "decode", "batch": 1, "seq_len": 64}
 
@@ -21,6 +32,30 @@ def test_profile_drift_is_flagged_when_a_cell_moves_more_than_the_limit():
     assert moved["flagged"] and moved["end_vs_start_median"] == pytest.approx(1.5 / 10.5)
     stale = profile_drift(start.assign(now_ms=8.0), start.assign(now_ms=8.0), limit=0.10)
     assert stale["flagged"] and stale["start_vs_profile_max"] == pytest.approx(0.2)  # the profile itself is off
+
+
+def test_speed_factors_are_per_phase_medians_of_both_checks_and_scale_only_their_cells(tmp_path: Path):
+    """A slow period slows small decode steps more than prefills: the profile is scaled per model,
+    share and phase by the median of now / profile over the cells timed before and after a repeat."""
+    decode, prefill = CELL, {**CELL, "phase": "prefill"}
+    before = pd.DataFrame([{**decode, "profile_ms": 10.0, "now_ms": 12.0}, {**decode, "batch": 8, "profile_ms": 20.0,
+                                                                         "now_ms": 30.0},
+                           {**prefill, "profile_ms": 40.0, "now_ms": 44.0}])
+    after = before.assign(now_ms=[13.0, 26.0, 40.0])
+    factors = speed_factors(before, after).set_index("phase")["factor"]
+    assert factors["decode"] == pytest.approx((1.3 + 1.3) / 2)  # median of 1.2, 1.5, 1.3, 1.3
+    assert factors["prefill"] == pytest.approx(1.05)
+    spec = ModelSpec(name="m", num_layers=2, hidden_size=64, num_heads=2, num_kv_heads=2, intermediate_size=128,
+                     vocab_size=100, max_context=256)
+    rows = [{"model": "m", "tp": 1, "sm_pct": pct, "phase": phase, "batch": b, "seq_len": n,
+             "latency_ms": 10.0 * b + n / 10, "std_ms": 0.0}
+            for pct in (50, 100) for phase in ("prefill", "decode") for b in (1, 8) for n in (16, 64)]
+    path = write_profile(ProfileResult(pd.DataFrame(rows)), tmp_path / "m.parquet")
+    scaled = scaled_cost([path], speed_factors(before, after))
+    plain = TableCostModel.from_frame(pd.DataFrame(rows), label="p")
+    assert scaled.decode_time(spec, 1, 100, 4, 40) == pytest.approx(1.3 * plain.decode_time(spec, 1, 100, 4, 40))
+    assert scaled.prefill_time(spec, 1, 100, 2, 32) == pytest.approx(1.05 * plain.prefill_time(spec, 1, 100, 2, 32))
+    assert scaled.decode_time(spec, 1, 50, 4, 40) == pytest.approx(plain.decode_time(spec, 1, 50, 4, 40))  # not rechecked
 
 
 def test_rankings_compare_the_order_of_systems_per_level():
