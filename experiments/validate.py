@@ -54,6 +54,7 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
@@ -152,6 +153,7 @@ class Setup:
     # Time a few profile cells again: "ends" at the start and the end of the run, "each_repeat" also
     # between hardware repeats (each repeat is then also judged at the machine speed around it), "off".
     recheck: str = "ends"
+    max_age_s: float = math.inf  # a cached profile or terms file older than this is measured again
     terms: tuple[str, ...] = TERMS  # the runner's measured extras the simulator charges (hwloop.terms)
     trace: dict[str, Any] = field(default_factory=dict)  # generate()'s arguments but the rates
 
@@ -243,7 +245,17 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, targets, bool(cfg.report.progress), mode, _pool_blocks(cfg), _sweep(cfg),
-                 recheck=_recheck(p, mode), terms=_terms(p), trace=trace)
+                 recheck=_recheck(p, mode), max_age_s=_max_age_s(p), terms=_terms(p), trace=trace)
+
+
+def _max_age_s(p: DictConfig) -> float:
+    """`profile.max_age_h` in seconds (null: no limit)."""
+    hours = p.get("max_age_h")
+    if hours is None:
+        return math.inf
+    if isinstance(hours, bool) or not isinstance(hours, int | float) or not 0 < hours < math.inf:
+        raise ConfigError(f"profile.max_age_h must be a number of hours > 0 or null (got {hours!r})")
+    return 3600.0 * hours
 
 
 RECHECKS = ("each_repeat", "ends", "off")
@@ -372,12 +384,19 @@ def engine_versions() -> dict[str, str]:
     return out
 
 
+def reusable(path: Path, s: Setup) -> bool:
+    """May a cached profile or terms file be used? Only if reuse is on and it is younger than
+    `profile.max_age_h`: this machine's step times drift by tens of percent from one hour or day to
+    the next (README, Validation), so an old file judges today's runs by another day's machine."""
+    return s.reuse and path.exists() and time.time() - path.stat().st_mtime <= s.max_age_s
+
+
 def profiled_cost(s: Setup, out: Path) -> tuple[TableCostModel, list[Path]]:
     """One table over every model's profile, measuring those not cached (one engine at a time)."""
     paths = []
     for spec in s.specs.values():
         path = profile_path(spec, s)
-        if s.reuse and path.exists():
+        if reusable(path, s):
             log.info("profile of %s: reusing %s", spec.name, path)
         else:
             cells = len(s.grid.cells()) * len(share_groups(s.grid.sm_pcts, "cpu", len(s.cores)))
@@ -413,7 +432,7 @@ def runner_terms(s: Setup, profiles: list[Path], out: Path) -> RunnerTerms | Non
     measured = []
     for spec, path in zip(s.specs.values(), profiles, strict=True):
         side = terms_path(path)
-        cached = json.loads(side.read_text()) if s.reuse and side.exists() else None
+        cached = json.loads(side.read_text()) if reusable(side, s) else None
         if cached is None or any(t not in m for m in cached for t in s.terms):
             cached = measure_terms(s, spec, out / "terms")
             tmp = side.with_suffix(".tmp")

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import os
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -79,3 +83,23 @@ def test_readme_block_is_replaced_and_a_readme_without_markers_refused(tmp_path:
     readme.write_text("no markers\n")
     with pytest.raises(ConfigError, match="validate:begin"):
         update_readme(readme, "x\n", fig, tmp_path / "docs" / "img")
+
+
+def test_a_cached_profile_older_than_max_age_is_measured_again(tmp_path: Path):
+    """This machine's speed drifts between hours and days: an old profile or terms file is not reused."""
+    from hydra import compose, initialize_config_dir
+
+    from experiments.validate import CONF_DIR, build_setup, config_error, reusable
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="validate", overrides=[f"profile.dir={tmp_path}", "profile.max_age_h=0.5"])
+    s = build_setup(cfg)
+    path = tmp_path / "m.parquet"
+    assert not reusable(path, s)  # missing
+    path.write_bytes(b"x")
+    assert reusable(path, s)
+    os.utime(path, (time.time() - 3600, time.time() - 3600))
+    assert not reusable(path, s)
+    assert reusable(path, replace(s, max_age_s=math.inf))
+    assert not reusable(tmp_path / "m.parquet", replace(s, reuse=False, max_age_s=math.inf))
+    assert config_error(["profile.max_age_h=0"]) == "ConfigError: profile.max_age_h must be a number of hours > 0 or null (got 0)"
