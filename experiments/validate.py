@@ -817,8 +817,9 @@ def comparison_rows(c: Comparison, s: Setup) -> list[dict[str, Any]]:
         target = s.targets[target_key] if target_key else math.nan
         err = error_of(key, sim, hw)
         at_speed = [o.get(key, math.nan) for o in c.overall["sim_at_speed"]]
-        err_at_speed = (float(np.mean([error_of(key, x, o[key]) for x, o in zip(at_speed, bracketed, strict=True)]))
-                        if at_speed else math.nan)
+        errs = np.array([error_of(key, x, o[key]) for x, o in zip(at_speed, bracketed, strict=True)], dtype=float)
+        err_at_speed = float(np.mean(errs)) if len(errs) else math.nan
+        noise_at_speed = float(np.ptp(errs)) / 2 if len(errs) else math.nan
         rows.append({"level": c.level, "offered_rps": c.offered_rps, "system": c.system, "metric": key,
                      "label": label, "unit": unit, "sim": sim, "hw": hw, "hw_min": lo, "hw_max": hi,
                      "repeats": len(runs), "error": err, "noise": noise,
@@ -826,6 +827,7 @@ def comparison_rows(c: Comparison, s: Setup) -> list[dict[str, Any]]:
                      "within_target": bool(abs(err) <= target) if math.isfinite(target) else None,
                      "within_noise": bool(abs(err) <= noise) if math.isfinite(err) and math.isfinite(noise) else None,
                      "sim_at_speed": float(np.mean(at_speed)) if at_speed else math.nan, "error_at_speed": err_at_speed,
+                     "noise_at_speed": noise_at_speed,
                      "within_target_at_speed": (bool(abs(err_at_speed) <= target)
                                                 if math.isfinite(target) and math.isfinite(err_at_speed) else None)})
     return rows
@@ -984,16 +986,17 @@ def speed_table(g: pd.DataFrame, comparisons: list[Comparison], level: int, s: S
     keys = list(dict.fromkeys(targeted["metric"]))
     labels = dict(zip(targeted["metric"], targeted["label"], strict=False))
     lines = ["At each repeat's measured machine speed (its profile cells timed right before and right after "
-             "it, × that speed per phase; the change from before to after in brackets): error of the hardware "
-             "against that simulation, the mean over repeats.", "",
+             "it, × that speed per phase; the change from before to after in brackets): error of each repeat "
+             "against its own simulation, the mean over repeats ± half their range.", "",
              "| system | machine speed per repeat | " + " | ".join(labels[k] for k in keys) + " |",
              "|---|---|" + "---|" * len(keys)]
     for system, h in targeted.groupby("system", sort=False):
         c = next(c for c in comparisons if c.level == level and c.system == system)
         speed = ", ".join(f"×{x['factor']:.2f} ({100 * x['over_repeat']:+.0f}%)" for x in c.speed)
         by = h.set_index("metric")
-        cells = [(f"{by.loc[k, 'error_at_speed']:+.1f} pt" if by.loc[k, "error_kind"] == "points"
-                  else f"{100 * by.loc[k, 'error_at_speed']:+.1f}%")
+        cells = [(f"{by.loc[k, 'error_at_speed']:+.1f} pt ±{by.loc[k, 'noise_at_speed']:.1f}"
+                  if by.loc[k, "error_kind"] == "points"
+                  else f"{100 * by.loc[k, 'error_at_speed']:+.1f}% ±{100 * by.loc[k, 'noise_at_speed']:.1f}")
                  + {True: " ✓", False: " ✗", None: ""}[by.loc[k, "within_target_at_speed"]] for k in keys]
         lines.append(f"| {system} | {speed} | " + " | ".join(cells) + " |")
     return [*lines, ""]
