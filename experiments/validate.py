@@ -406,8 +406,12 @@ def profiled_cost(s: Setup, out: Path) -> tuple[TableCostModel, list[Path]]:
             write_profile(result, path)
             log.info("profile of %s: measured, written to %s", spec.name, path)
         paths.append(path)
-    table = pd.concat([read_profile(p).table for p in paths], ignore_index=True)
-    return TableCostModel.from_frame(table, label="measured: " + ", ".join(p.name for p in paths)), paths
+    return TableCostModel.from_frame(profile_frame(paths), label="measured: " + ", ".join(p.name for p in paths)), paths
+
+
+def profile_frame(paths: list[Path]) -> pd.DataFrame:
+    """Every model's profile table in one frame (`hwloop.profiler` columns)."""
+    return pd.concat([read_profile(p).table for p in paths], ignore_index=True)
 
 
 def keep_profiles(paths: list[Path], folder: Path) -> None:
@@ -492,7 +496,7 @@ def profile_noise(path: Path, spread: float = 0.25) -> dict[str, Any]:
             "load_average": p.meta.get("load_average"), "date": p.meta.get("date")}
 
 
-def recheck(s: Setup, profiles: list[Path], work: Path) -> pd.DataFrame:
+def recheck(s: Setup, known: pd.DataFrame, work: Path) -> pd.DataFrame:
     """A few of the profile's cells timed again now (the smallest batch and one near the middle, at
     the middle sequence length, both phases, every core count): `model, sm_pct, phase, batch,
     seq_len, profile_ms, now_ms`. Run at the start and at the end of a validation, they say how far
@@ -505,7 +509,6 @@ def recheck(s: Setup, profiles: list[Path], work: Path) -> pd.DataFrame:
         now = profile(spec, grid, cores=s.cores, work_dir=work, backend=s.backend).table
         parts.append(now.rename(columns={"latency_ms": "now_ms"})[[*CELL_KEYS, "now_ms"]])
     checked = pd.concat(parts, ignore_index=True)
-    known = pd.concat([read_profile(p).table for p in profiles], ignore_index=True)
     known = known.rename(columns={"latency_ms": "profile_ms"})[[*CELL_KEYS, "profile_ms"]]
     return checked.merge(known, on=list(CELL_KEYS), how="left")
 
@@ -536,14 +539,14 @@ class Yardstick:
     from the simulator's errors. The factors come from the cells alone, never from the run."""
 
     s: Setup
-    profiles: list[Path]
+    profile: pd.DataFrame  # `profile_frame` of the profiles the run is judged by
     work: Path
     checks: list[pd.DataFrame] = field(default_factory=list)
     _stale: bool = True  # a hardware run since the last check
 
     def check(self) -> int:
         """Time the cells now; the index of this check."""
-        self.checks.append(recheck(self.s, self.profiles, self.work))
+        self.checks.append(recheck(self.s, self.profile, self.work))
         self._stale = False
         return len(self.checks) - 1
 
@@ -552,7 +555,7 @@ class Yardstick:
         None unless every repeat is bracketed. The repeat's after-check is the next one taken."""
         if self.s.recheck != "each_repeat":
             return None
-        index = self.check() if self._stale or not self.checks else len(self.checks) - 1
+        index = self.check() if self._stale else len(self.checks) - 1
         self._stale = True
         return index
 
@@ -567,11 +570,10 @@ def speed_factors(before: pd.DataFrame, after: pd.DataFrame) -> pd.DataFrame:
     return both.groupby(["model", "sm_pct", "phase"], as_index=False)["factor"].median()
 
 
-def scaled_cost(profiles: list[Path], factors: pd.DataFrame) -> TableCostModel:
+def scaled_cost(profile: pd.DataFrame, factors: pd.DataFrame) -> TableCostModel:
     """The profile with every cell times its (model, share, phase) factor: the step times at the
     machine speed the factors were measured at."""
-    table = pd.concat([read_profile(p).table for p in profiles], ignore_index=True)
-    table = table.merge(factors, on=["model", "sm_pct", "phase"], how="left").fillna({"factor": 1.0})
+    table = profile.merge(factors, on=["model", "sm_pct", "phase"], how="left").fillna({"factor": 1.0})
     table["latency_ms"] *= table.pop("factor")
     return TableCostModel.from_frame(table, label="measured, at the speed rechecked around a repeat")
 
@@ -586,7 +588,7 @@ def at_speed(c: Comparison, s: Setup, table: TableCostModel, yardstick: Yardstic
             continue
         first, second = yardstick.checks[before], yardstick.checks[before + 1]
         factors = speed_factors(first, second)
-        cost = replace(p.cost, inner=scaled_cost(yardstick.profiles, factors))
+        cost = replace(p.cost, inner=scaled_cost(yardstick.profile, factors))
         sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=c.slices, runner_terms=terms,
                          **{**p.common, "placement": c.placement})
         moved = first.merge(second, on=list(CELL_KEYS), suffixes=("_before", "_after"))
@@ -879,16 +881,18 @@ def _fmt(v: float, unit: str) -> str:
     return f"{v:.3f}" if abs(v) < 10 else f"{v:.1f}"
 
 
-def _err(r: pd.Series) -> str:
-    if not math.isfinite(r["error"]):
+def _err(r: pd.Series, judged: str = "") -> str:
+    """A row's error ± noise; `judged="_at_speed"`: against the simulator at the measured speed."""
+    error, noise = r[f"error{judged}"], r[f"noise{judged}"]
+    if not math.isfinite(error):
         return "–"
     if r["error_kind"] == "points":
-        return f"{r['error']:+.1f} pt ±{r['noise']:.1f}"
-    return f"{100 * r['error']:+.1f}% ±{100 * r['noise']:.1f}"
+        return f"{error:+.1f} pt ±{noise:.1f}"
+    return f"{100 * error:+.1f}% ±{100 * noise:.1f}"
 
 
-def _mark(r: pd.Series) -> str:
-    return {True: " ✓", False: " ✗", None: ""}[r["within_target"]]
+def _mark(r: pd.Series, judged: str = "") -> str:
+    return {True: " ✓", False: " ✗", None: ""}[r[f"within_target{judged}"]]
 
 
 def terms_table(terms: RunnerTerms | None) -> dict[str, dict[str, Any]]:
@@ -994,10 +998,7 @@ def speed_table(g: pd.DataFrame, comparisons: list[Comparison], level: int, s: S
         c = next(c for c in comparisons if c.level == level and c.system == system)
         speed = ", ".join(f"×{x['factor']:.2f} ({100 * x['over_repeat']:+.0f}%)" for x in c.speed)
         by = h.set_index("metric")
-        cells = [(f"{by.loc[k, 'error_at_speed']:+.1f} pt ±{by.loc[k, 'noise_at_speed']:.1f}"
-                  if by.loc[k, "error_kind"] == "points"
-                  else f"{100 * by.loc[k, 'error_at_speed']:+.1f}% ±{100 * by.loc[k, 'noise_at_speed']:.1f}")
-                 + {True: " ✓", False: " ✗", None: ""}[by.loc[k, "within_target_at_speed"]] for k in keys]
+        cells = [_err(by.loc[k], "_at_speed") + _mark(by.loc[k], "_at_speed") for k in keys]
         lines.append(f"| {system} | {speed} | " + " | ".join(cells) + " |")
     return [*lines, ""]
 
@@ -1149,7 +1150,7 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
     table, paths = profiled_cost(s, out)
     terms = runner_terms(s, paths, out)
     keep_profiles(paths, out / "profiles")
-    yardstick = Yardstick(s, paths, out / "recheck") if s.recheck != "off" else None
+    yardstick = Yardstick(s, profile_frame(paths), out / "recheck") if s.recheck != "off" else None
     if yardstick is not None:
         yardstick.check()
     sat = {system: saturation(system, s, table, terms) for system in s.systems}

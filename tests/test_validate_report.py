@@ -16,6 +16,7 @@ from experiments.validate import (
     README_BEGIN,
     README_END,
     profile_drift,
+    profile_frame,
     rankings,
     scaled_cost,
     speed_factors,
@@ -55,7 +56,7 @@ def test_speed_factors_are_per_phase_medians_of_both_checks_and_scale_only_their
              "latency_ms": 10.0 * b + n / 10, "std_ms": 0.0}
             for pct in (50, 100) for phase in ("prefill", "decode") for b in (1, 8) for n in (16, 64)]
     path = write_profile(ProfileResult(pd.DataFrame(rows)), tmp_path / "m.parquet")
-    scaled = scaled_cost([path], speed_factors(before, after))
+    scaled = scaled_cost(profile_frame([path]), speed_factors(before, after))
     plain = TableCostModel.from_frame(pd.DataFrame(rows), label="p")
     assert scaled.decode_time(spec, 1, 100, 4, 40) == pytest.approx(1.3 * plain.decode_time(spec, 1, 100, 4, 40))
     assert scaled.prefill_time(spec, 1, 100, 2, 32) == pytest.approx(1.05 * plain.prefill_time(spec, 1, 100, 2, 32))
