@@ -578,19 +578,18 @@ def scaled_cost(profile: pd.DataFrame, factors: pd.DataFrame) -> TableCostModel:
     return TableCostModel.from_frame(table, label="measured, at the speed rechecked around a repeat")
 
 
-def at_speed(c: Comparison, s: Setup, table: TableCostModel, yardstick: Yardstick, terms: RunnerTerms | None) -> None:
+def at_speed(c: Comparison, yardstick: Yardstick, terms: RunnerTerms | None) -> None:
     """Simulate `c`'s placement again for each bracketed repeat, on the profile scaled to the speed
     its two checks measured: `c.sim_at_speed` (records) and `c.speed` (the factors, their median, and
     how far the cells moved from the check before the repeat to the one after: that repeat's noise)."""
-    p = plan(c.system, s, table, c.workload)
+    p = c.planned
     for r, before in enumerate(c.brackets):
         if before is None:
             continue
         first, second = yardstick.checks[before], yardstick.checks[before + 1]
         factors = speed_factors(first, second)
         cost = replace(p.cost, inner=scaled_cost(yardstick.profile, factors))
-        sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=c.slices, runner_terms=terms,
-                         **{**p.common, "placement": c.placement})
+        sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=p.slices, runner_terms=terms, **p.common)
         moved = first.merge(second, on=list(CELL_KEYS), suffixes=("_before", "_after"))
         c.speed.append({"repeat": r, "factor": float(factors["factor"].median()),
                         "over_repeat": float((moved["now_ms_after"] / moved["now_ms_before"]).median()) - 1,
@@ -624,8 +623,7 @@ class Comparison:
     sim: pd.DataFrame  # records in request order
     hw: list[pd.DataFrame]  # one record set per repeat
     stats: dict[str, Any]  # "sim" → stats, "hw" → a list of stats
-    placement: Placement
-    slices: dict[str, tuple[int, ...]]
+    planned: Planned  # the placement and core slices both executors ran, kept for `at_speed`
     steps: dict[str, Any]  # "sim" → `steps_vs_profile`, "hw" → a list of them, one per repeat
     # Per repeat, the yardstick check taken right before it (None: repeats not bracketed), and for
     # the bracketed ones the machine speed around it and the simulation at that speed (`at_speed`).
@@ -634,6 +632,14 @@ class Comparison:
     sim_at_speed: list[pd.DataFrame] = field(default_factory=list)
     # "sim" → metrics, "hw" → a list of metrics, "sim_at_speed" → a list of metrics (bracketed repeats)
     overall: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def placement(self) -> Placement:
+        return self.planned.placement
+
+    @property
+    def slices(self) -> dict[str, tuple[int, ...]]:
+        return self.planned.slices
 
 
 def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int, ...]]]:
@@ -715,7 +721,7 @@ def compare(system: str, level: int, workload: Workload, s: Setup, table: TableC
         hw_steps.append(steps_vs_profile(hw.jobs, p.cost, s.specs))
     offered = sum(workload.rates().values())
     return Comparison(system, level, offered, workload, sim.records, hw_records,
-                      {"sim": sim.stats, "hw": hw_stats}, p.placement, p.slices,
+                      {"sim": sim.stats, "hw": hw_stats}, p,
                       {"sim": steps_vs_profile(sim.jobs, p.cost, s.specs), "hw": hw_steps}, brackets)
 
 
@@ -1165,7 +1171,7 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
     if yardstick is not None:
         yardstick.check()
         for c in comparisons:
-            at_speed(c, s, table, yardstick, terms)
+            at_speed(c, yardstick, terms)
         drift = profile_drift(yardstick.checks[0], yardstick.checks[-1], s.targets["p50"])
         if terms is not None:
             drift["terms"] = terms_drift(s, table, comparisons, out / "terms_end")
