@@ -693,9 +693,10 @@ def simulate(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | 
     return run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms, **p.common)
 
 
-def compare(system: str, level: int, workload: Workload, s: Setup, table: TableCostModel, terms: RunnerTerms | None,
-            out: Path, yardstick: Yardstick | None = None) -> Comparison:
-    """One placement at one load, simulated with the hardware's cores and run `repeats` times on real engines."""
+def simulated(system: str, level: int, workload: Workload, s: Setup, table: TableCostModel,
+              terms: RunnerTerms | None, out: Path) -> Comparison:
+    """One placement at one load, simulated with the hardware's cores; its hardware repeats come
+    later (`run_repeat`)."""
     p = plan(system, s, table, workload)
     tag = f"{system}_L{level}"
     p.placement.save(out / f"placement_{tag}.yaml")
@@ -705,24 +706,28 @@ def compare(system: str, level: int, workload: Workload, s: Setup, table: TableC
         sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms,
                          progress=_to(bar), records_path=records, log_jobs=True, **p.common)
     write_jobs(sim.jobs, out / f"jobs_{tag}_sim.parquet")
-    hw_records, hw_stats, hw_steps, brackets = [], [], [], []
-    for r in range(s.sweep.repeats):
-        brackets.append(yardstick.before_run() if yardstick is not None else None)
-        load = os.getloadavg()[0]
-        with _bar(f"L{level} {system:>9} hw {r + 1}/{s.sweep.repeats}", end, "s", s.progress) as bar, \
-                records_file(out / f"records_{tag}_hw{r}.parquet") as records:
-            hw = hardware.run_system(system, workload, p.cluster, p.cost, gpu_cores=p.gpu_cores, progress=_to(bar),
-                                     records_path=records, log_jobs=True,
-                                     work_dir=out / "hw" / f"{tag}_{r}", **p.common)
-        hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
-        write_jobs(hw.jobs, out / f"jobs_{tag}_hw{r}.parquet")
-        hw_records.append(hw.records)
-        hw_stats.append(hw.stats)
-        hw_steps.append(steps_vs_profile(hw.jobs, p.cost, s.specs))
     offered = sum(workload.rates().values())
-    return Comparison(system, level, offered, workload, sim.records, hw_records,
-                      {"sim": sim.stats, "hw": hw_stats}, p,
-                      {"sim": steps_vs_profile(sim.jobs, p.cost, s.specs), "hw": hw_steps}, brackets)
+    return Comparison(system, level, offered, workload, sim.records, [], {"sim": sim.stats, "hw": []}, p,
+                      {"sim": steps_vs_profile(sim.jobs, p.cost, s.specs), "hw": []})
+
+
+def run_repeat(c: Comparison, s: Setup, out: Path, yardstick: Yardstick | None) -> None:
+    """One more hardware run of `c`'s placement on real engines, appended to its repeats."""
+    p, r = c.planned, len(c.hw)
+    tag = f"{c.system}_L{c.level}"
+    c.brackets.append(yardstick.before_run() if yardstick is not None else None)
+    load = os.getloadavg()[0]
+    end = float(c.workload.df["arrival_s"].max())
+    with _bar(f"L{c.level} {c.system:>9} hw {r + 1}/{s.sweep.repeats}", end, "s", s.progress) as bar, \
+            records_file(out / f"records_{tag}_hw{r}.parquet") as records:
+        hw = hardware.run_system(c.system, c.workload, p.cluster, p.cost, gpu_cores=p.gpu_cores, progress=_to(bar),
+                                 records_path=records, log_jobs=True, work_dir=out / "hw" / f"{tag}_{r}", **p.common)
+    hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
+    write_jobs(hw.jobs, out / f"jobs_{tag}_hw{r}.parquet")
+    c.hw.append(hw.records)
+    c.stats["hw"].append(hw.stats)
+    c.steps["hw"].append(steps_vs_profile(hw.jobs, p.cost, s.specs))
+
 
 
 def write_jobs(jobs: pd.DataFrame | None, path: Path) -> None:
@@ -1166,7 +1171,13 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
         for system in s.systems:
             workload = s.workload_at(sat[system] * fraction / s.base_rate)
             workload.write(out / f"workload_{system}_L{level}.parquet")
-            comparisons.append(compare(system, level, workload, s, table, terms, out, yardstick))
+            comparisons.append(simulated(system, level, workload, s, table, terms, out))
+    # Repeat by repeat over every level and system, not a point's repeats back to back: a slow
+    # period of the machine (minutes, up to 80% slower) then lands on one repeat of several points,
+    # where the repeats' spread shows it, rather than on every repeat of one point, where it hides.
+    for _ in range(s.sweep.repeats):
+        for c in comparisons:
+            run_repeat(c, s, out, yardstick)
     drift = None
     if yardstick is not None:
         yardstick.check()
