@@ -69,9 +69,26 @@ def test_rankings_compare_the_order_of_systems_per_level():
         {"level": 0, "offered_rps": 1.0, "system": "b", "metric": "throughput_rps", "sim": 1.0, "hw": 1.1},
         {"level": 1, "offered_rps": 2.0, "system": "a", "metric": "throughput_rps", "sim": 2.0, "hw": 1.0},
         {"level": 1, "offered_rps": 2.0, "system": "b", "metric": "throughput_rps", "sim": 1.0, "hw": 1.5}])
-    r = rankings(rows)
-    assert r["same"].tolist() == [True, False]
+    r = rankings(rows, tie=0.05)
+    assert r["same"].tolist() == [True, False] and r["strict"].tolist() == [True, False]
     assert r["hw"].tolist() == ["a > b", "b > a"]
+
+
+def test_systems_closer_than_the_throughput_target_are_a_tie_in_the_ranking():
+    def level(sim: dict[str, float], hw: dict[str, float]) -> pd.Series:
+        rows = pd.DataFrame([{"level": 0, "system": x, "metric": "throughput_rps", "sim": sim[x], "hw": hw[x]}
+                             for x in sim])
+        return rankings(rows, tie=0.05).iloc[0]
+
+    # muxserve and spatial with the same placement: 0.1% apart in the simulator, 0.3% the other way on hardware.
+    r = level({"spatial": 20.67, "muxserve": 20.66, "temporal": 15.0}, {"spatial": 20.77, "muxserve": 20.83, "temporal": 14.0})
+    assert r["same"] and not r["strict"]
+    # the hardware puts muxserve 6% ahead where the simulator has spatial ahead (by any margin): a clash.
+    assert not level({"spatial": 20.67, "muxserve": 20.66}, {"spatial": 20.0, "muxserve": 21.2})["same"]
+    # the simulator puts spatial 6% ahead and the hardware has them level: a clash too.
+    assert not level({"spatial": 21.9, "muxserve": 20.66}, {"spatial": 20.0, "muxserve": 20.0})["same"]
+    # within 5% in both executors, in opposite orders: a tie.
+    assert level({"spatial": 20.9, "muxserve": 20.0}, {"spatial": 20.0, "muxserve": 20.9})["same"]
 
 
 def test_readme_block_is_replaced_and_a_readme_without_markers_refused(tmp_path: Path):
