@@ -729,7 +729,6 @@ def run_repeat(c: Comparison, s: Setup, out: Path, yardstick: Yardstick | None) 
     c.steps["hw"].append(steps_vs_profile(hw.jobs, p.cost, s.specs))
 
 
-
 def write_jobs(jobs: pd.DataFrame | None, path: Path) -> None:
     if jobs is not None:
         write_atomically(path, lambda tmp: jobs.to_parquet(tmp, index=False))
