@@ -299,3 +299,16 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
     assert v.terms is not None and set(v.terms.turn_s) == {(model, 1), (model, 2)}
     assert c.placement.units[0].kv_blocks == 64 * 2**20 // 16384
     assert set(v.rows["metric"]) >= {"throughput_rps", "ttft_p50_s", "tpot_p50_s"}
+    # The run folder read back job by job (`python -m experiments.job_report`): every job of every log,
+    # against the run's own profile, the first job of each worker never after an earlier one.
+    from experiments.job_report import job_ratios, job_table
+
+    jobs = job_ratios(tmp_path / "out")
+    logged = sum(len(pd.read_parquet(f)) for f in (tmp_path / "out").glob("jobs_*.parquet"))
+    assert len(jobs) == logged and set(jobs["executor"]) == {"sim", "hw"} and set(jobs["repeat"]) == {-1, 0, 1}
+    assert (jobs["ratio"] > 0).all() and np.isfinite(jobs["ratio"]).all()
+    first = jobs.groupby(["system", "level", "executor", "repeat", "unit", "llm", "phase"]).head(1)
+    assert first["idle_ms"].isna().all() and not first["seen"].any()
+    table = job_table(jobs, "prefill")
+    assert set(table.columns.get_level_values("executor")) == {"sim", "hw"}
+    assert table.xs("size", axis=1, level=0).sum().sum() == int((jobs["admitted"] > 0).sum())

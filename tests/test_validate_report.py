@@ -121,3 +121,15 @@ def test_a_cached_profile_older_than_max_age_is_measured_again(tmp_path: Path):
     assert reusable(path, replace(s, max_age_s=math.inf))
     assert not reusable(tmp_path / "m.parquet", replace(s, reuse=False, max_age_s=math.inf))
     assert config_error(["profile.max_age_h=0"]) == "ConfigError: profile.max_age_h must be a number of hours > 0 or null (got 0)"
+
+
+def test_job_report_refuses_a_folder_that_is_no_finished_run(tmp_path: Path):
+    import subprocess
+    import sys
+
+    from experiments.job_report import job_ratios
+
+    with pytest.raises(ConfigError, match=r"no summary\.json"):
+        job_ratios(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "experiments.job_report", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "no summary.json" in done.stderr
