@@ -80,6 +80,7 @@ from hwloop.mirror import (
 )
 from hwloop.partition import ALLOCATOR_ENV, available_cores
 from hwloop.profiler import (
+    NOISY_SPREAD,
     Grid,
     ProfileError,
     host_info,
@@ -484,7 +485,7 @@ def terms_drift(s: Setup, table: TableCostModel, comparisons: list[Comparison], 
             "flagged": any(worst[key] > s.targets[target] for key, _, target in TERMS_DRIFT_METRICS)}
 
 
-def profile_noise(path: Path, spread: float = 0.25) -> dict[str, Any]:
+def profile_noise(path: Path, spread: float = NOISY_SPREAD) -> dict[str, Any]:
     """How far a profile can be trusted: its cells whose repeats vary by more than `spread` (std/mean).
 
     On a machine shared with other jobs a step's time varies with their load; the simulator then

@@ -188,6 +188,7 @@ def test_profile_table_is_what_the_cost_model_reads(tmp_path: Path) -> None:
     assert result.meta["share_groups"] == {"1": [50], "2": [100]}
     assert result.meta["versions"]["vllm"] and result.meta["host"]["cpu_count"]
     assert result.meta["speed_probe_ms"]["n"] > 0 and result.meta["speed_probe_ms"]["median"] > 0
+    assert 0 <= result.meta["retimed_cells"] <= len(t)
     for suffix in (".parquet", ".csv"):
         path = write_profile(result, tmp_path / f"profile{suffix}")
         assert read_profile(path).meta["command"]

@@ -133,3 +133,14 @@ def test_job_report_refuses_a_folder_that_is_no_finished_run(tmp_path: Path):
         job_ratios(tmp_path)
     done = subprocess.run([sys.executable, "-m", "experiments.job_report", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "no summary.json" in done.stderr
+
+
+def test_a_noisy_profile_cell_keeps_the_quieter_of_its_two_timings():
+    from hwloop.profiler import NOISY_SPREAD, quieter, spread
+
+    disturbed = (0.230, 0.120, 0.310, 0.231, 0.160)  # a preempted cell: ~0.2 s where the step takes 7 ms
+    settled = (0.0071, 0.0070, 0.0072, 0.0069, 0.0071)
+    assert spread(disturbed) > NOISY_SPREAD > spread(settled)
+    assert quieter(disturbed, settled) == settled
+    assert quieter(settled, disturbed) == settled  # a retake disturbed in turn does not replace a quiet first one
+    assert spread((0.005,)) == 0.0
