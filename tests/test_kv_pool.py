@@ -1,6 +1,7 @@
 """The unit's paged KV pool (hwloop.kv_pool) and paged attention in the torch engine, in one process:
 block ids, the block layout of models of different shapes, and paged steps against the engine's
-own contiguous cache (greedy tokens identical, logits within fp32 tolerance)."""
+own contiguous cache (fp32: greedy tokens identical, logits within fp32 tolerance; bf16: logits
+within a few bf16 steps, tokens parting only at a near-tie)."""
 
 from __future__ import annotations
 
@@ -121,13 +122,29 @@ def test_two_shapes_share_one_pool_and_match_the_contiguous_engine() -> None:
         assert alloc.free < 600
 
 
-def test_bf16_tokens_match() -> None:
+def test_bf16_logits_match_and_tokens_part_only_at_a_near_tie() -> None:
+    """In bf16 the paged path (attention over gathered blocks, chunk by chunk) and the contiguous one
+    round differently: logits within a few bf16 steps of each other (2⁻⁸ of their scale), so greedy
+    tokens must agree wherever the contiguous engine's top two logits are further apart than the two
+    paths can differ, and may part at a near-tie, after which the rows' inputs differ and are not
+    compared. (Exact tokens over 10 steps held on the project's AMD EPYC machines; on an Intel Xeon
+    the second prompt's 4th token parted at a margin of one bf16 step, 0.0039, the logits 0.0078 apart
+    at most.) The fp32 test above asks for identical tokens."""
     spec = ModelSpec("bf", 2, 256, 4, 2, 512, 300, max_context=256)  # head_dim 64: two heads per block
     engine = TorchEngine(spec, dtype="bfloat16", seed=5)
     with KVPool(200) as handle:
         prompts = [prompt(n, seed=n, vocab=spec.vocab_size) for n in (12, 35)]
-        paged, *_ = run_paged(engine, handle.tensor(), BlockAllocator(200), prompts, steps=10)
-    assert paged == run_contiguous(engine, prompts, steps=10)[0]
+        paged, paged_logits, _ = run_paged(engine, handle.tensor(), BlockAllocator(200), prompts, steps=10)
+    plain, plain_logits = run_contiguous(engine, prompts, steps=10)
+    for row in range(len(prompts)):
+        for step, (a, b) in enumerate(zip(paged_logits, plain_logits, strict=True)):
+            a, b = a[row].float(), b[row].float()
+            tol = 4 * 2**-8 * float(b.abs().max())  # four bf16 steps at the logits' scale
+            torch.testing.assert_close(a, b, rtol=0, atol=tol)
+            if paged[row][step] != plain[row][step]:
+                top = b.topk(2).values
+                assert float(top[0] - top[1]) <= 2 * tol, (row, step, top)
+                break
 
 
 @settings(max_examples=40, deadline=None)
