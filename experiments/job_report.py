@@ -24,8 +24,8 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
-from experiments.validate import build_setup, plan, profile_frame
-from policies.cost import TableCostModel, profiled_job_time
+from experiments.validate import build_setup, plan, profile_frame, profiled_times
+from policies.cost import TableCostModel
 from traces.schema import Workload
 
 TOKEN_BINS = (0, 32, 64, 128, 256, 512, 1 << 20)
@@ -44,14 +44,14 @@ def job_ratios(run: Path) -> pd.DataFrame:
         raise ConfigError(f"{run}: no summary.json (not a finished `experiments.validate` run folder)")
     s = build_setup(OmegaConf.create(json.loads(summary.read_text())["config"]))
     table = TableCostModel.from_frame(profile_frame(sorted((run / "profiles").glob("*.parquet"))), label="the run's")
-    parts = []
+    parts, costs = [], {}
     for path in sorted(run.glob("jobs_*_L*_*.parquet")):
         system, level, who = path.stem.split("_")[1:]
-        p = plan(system, s, table, Workload.read(run / f"workload_{system}_{level}.parquet"))
+        if (system, level) not in costs:  # one placement per system and level, its logs all read against it
+            workload = Workload.read(run / f"workload_{system}_{level}.parquet")
+            costs[system, level] = plan(system, s, table, workload).cost
         jobs = pd.read_parquet(path).sort_values("start_s", kind="stable")
-        jobs["profiled_s"] = [profiled_job_time(p.cost, s.specs[j.model], j.tp, j.sm_pct, j.admitted,
-                                                j.admitted_context, j.decoding, j.decoding_context, j.steps)
-                              for j in jobs.itertuples(index=False)]
+        jobs["profiled_s"] = profiled_times(jobs, costs[system, level], s.specs)
         worker = [jobs["unit"], jobs["llm"], jobs["phase"]]
         jobs = jobs.assign(system=system, level=int(level[1:]), executor="sim" if who == "sim" else "hw",
                            repeat=-1 if who == "sim" else int(who[2:]), took_s=jobs["end_s"] - jobs["start_s"],

@@ -486,7 +486,7 @@ def terms_drift(s: Setup, table: TableCostModel, comparisons: list[Comparison], 
 
 
 def profile_noise(path: Path, spread: float = NOISY_SPREAD) -> dict[str, Any]:
-    """How far a profile can be trusted: its cells whose repeats vary by more than `spread` (std/mean).
+    """How far a profile can be trusted: its cells whose repeats vary by more than `spread` (std/median).
 
     On a machine shared with other jobs a step's time varies with their load; the simulator then
     inherits whatever the profile caught, so the report says how much of it there was.
@@ -735,6 +735,13 @@ def write_jobs(jobs: pd.DataFrame | None, path: Path) -> None:
         write_atomically(path, lambda tmp: jobs.to_parquet(tmp, index=False))
 
 
+def profiled_times(jobs: pd.DataFrame, cost: CostModel, specs: dict[str, ModelSpec]) -> np.ndarray:
+    """Each logged job's time as the profile says (`policies.cost.profiled_job_time`), in seconds."""
+    return np.array([profiled_job_time(cost, specs[j.model], j.tp, j.sm_pct, j.admitted, j.admitted_context,
+                                       j.decoding, j.decoding_context, j.steps)
+                     for j in jobs.itertuples(index=False)])
+
+
 def steps_vs_profile(jobs: pd.DataFrame | None, cost: CostModel, specs: dict[str, ModelSpec]) -> dict[str, float]:
     """How much longer an executor's jobs took than the profile says for the same steps
     (`policies.cost.profiled_job_time`): summed time on the workers (from start, or the runner's
@@ -748,9 +755,7 @@ def steps_vs_profile(jobs: pd.DataFrame | None, cost: CostModel, specs: dict[str
     out = {"decode_vs_profile": math.nan, "prefill_vs_profile": math.nan}
     if jobs is None or jobs.empty:
         return out
-    profiled = np.array([profiled_job_time(cost, specs[j.model], j.tp, j.sm_pct, j.admitted, j.admitted_context,
-                                           j.decoding, j.decoding_context, j.steps)
-                         for j in jobs.itertuples(index=False)])
+    profiled = profiled_times(jobs, cost, specs)
     took = (jobs["end_s"] - jobs["start_s"]).to_numpy()
     for key, kind in (("decode_vs_profile", jobs["admitted"].to_numpy() == 0),
                       ("prefill_vs_profile", jobs["admitted"].to_numpy() > 0)):
