@@ -144,3 +144,16 @@ def test_a_noisy_profile_cell_keeps_the_quieter_of_its_two_timings():
     assert quieter(disturbed, settled) == settled
     assert quieter(settled, disturbed) == settled  # a retake disturbed in turn does not replace a quiet first one
     assert spread((0.005,)) == 0.0
+
+
+def test_the_profile_bar_counts_cells_timed_again_past_its_total(capsys: pytest.CaptureFixture[str]):
+    """The profiler reports a noisy cell's second timing too: the bar must grow, not crash (tqdm
+    cannot draw a count past its total: a run died on it at the profile's last cell)."""
+    from experiments.validate import _bar, _count
+
+    with _bar("profile m", 2, "cell", enabled=True) as bar:
+        tick = _count(bar)
+        for message in ("decode b=1", "decode b=2", "decode b=2 again"):
+            tick(message)
+        assert (bar.n, bar.total) == (3, 3)
+    assert "3/3 cell" in capsys.readouterr().err
