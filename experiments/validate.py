@@ -81,6 +81,7 @@ from hwloop.mirror import (
 from hwloop.partition import ALLOCATOR_ENV, available_cores
 from hwloop.profiler import (
     NOISY_SPREAD,
+    PREFILL_OFFSETS,
     Grid,
     ProfileError,
     host_info,
@@ -369,7 +370,8 @@ def batching_opts(s: Setup, batcher: str) -> dict[str, Any]:
 def profile_path(spec: ModelSpec, s: Setup) -> Path:
     """Cache file of one model's profile: a hash of what the timings depend on."""
     ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores), "latency": "median",
-             "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV}
+             "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV,
+             "prefill_offsets": PREFILL_OFFSETS}
     if s.backend != "vllm":
         ident["engine"] = s.backend
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]

@@ -6,7 +6,8 @@ latency_ms, std_ms, repeats` plus `min_ms, max_ms` (`latency_ms`: the median of 
 schema key `muxsim.meta`, or `.csv` with a `.meta.json` sidecar. The metadata records the device
 and host, torch and vLLM versions, the date, the exact command and how the grid was measured.
 
-- prefill(batch, seq_len): one engine step over `batch` new sequences of `seq_len` tokens.
+- prefill(batch, seq_len): one engine step over `batch` new sequences of about `seq_len` tokens
+  (each timed repeat at an odd offset from it, `prefill_lengths`: served prompts are rarely aligned).
 - decode(batch, seq_len): one engine step for `batch` sequences whose KV cache holds `seq_len`
   tokens. The timed steps are consecutive steps of one batch, so their contexts run from
   `seq_len - repeats // 2` upwards, centred on `seq_len`.
@@ -115,11 +116,34 @@ class VLLMStepEngine:
         return [self._timed_step(keys, f"decode batch {batch} at {ctx_len + i}") for i in range(steps)]
 
 
+# Odd offsets from a prefill cell's length, one per timed repeat (cycled), centred on it. Served
+# prompts have any length, and a prompt of a multiple of 16 or 32 tokens fills the CPU kernels'
+# row blocks exactly: measured on the split prefill worker (tiny-l4-h512, one core, back to back,
+# medians), 128 tokens took 12.5 ms, 129 13.5 ms, 150 14.4 ms, 200 17.7 ms against 16.1 ms
+# interpolated between 128 and 256; served prompts replayed back to back came to 1.18-1.20x the
+# profile of aligned lengths (`python -m experiments.job_replay`). A profile of aligned lengths
+# only, interpolated, charges every served prefill the fastest case.
+PREFILL_OFFSETS = (1, -1, 3, -3, 5, -5)
+
+
+def prefill_lengths(seq_len: int, repeats: int) -> list[int]:
+    """The prompt length of each timed repeat of a prefill cell of `seq_len` (at least 1)."""
+    return [max(1, seq_len + PREFILL_OFFSETS[i % len(PREFILL_OFFSETS)]) for i in range(repeats)]
+
+
 def time_cell(engine: StepEngine, cmd: ProfileCmd) -> tuple[float, ...]:
-    """Warm-up plus repeats of one cell; returns the timed samples only."""
+    """Warm-up plus repeats of one cell; returns the timed samples only. A prefill's repeats are at
+    lengths around the cell's (`prefill_lengths`), each run once untimed first; a decode's are
+    consecutive steps of one batch."""
     n = cmd.warmup + cmd.repeats
     if cmd.phase == "prefill":
-        samples = [engine.prefill(cmd.batch, cmd.seq_len) for _ in range(n)]
+        for _ in range(cmd.warmup):
+            engine.prefill(cmd.batch, cmd.seq_len)
+        samples = []
+        for length in prefill_lengths(cmd.seq_len, cmd.repeats):
+            engine.prefill(cmd.batch, length)  # this length's kernels built: a served trace met it before
+            samples.append(engine.prefill(cmd.batch, length))
+        return tuple(samples)
     else:
         start = max(1, cmd.seq_len - cmd.repeats // 2 - cmd.warmup)
         samples = engine.decode(cmd.batch, start, n)
@@ -163,7 +187,7 @@ def profile_engine_config(spec: ModelSpec, model_dir: str | Path, grid: Grid, du
     return EngineConfig(
         model_dir=str(model_dir), dummy=dummy, dtype="float32" if spec.dtype_bytes == 4 else "bfloat16",
         max_model_len=max_len, kv_blocks=max(grid.batches) * per_seq, kv_bytes_per_token=spec.kv_bytes_per_token,
-        max_num_seqs=max(grid.batches), max_batched_tokens=max(max(grid.batches) * max(grid.seq_lens), max_len),
+        max_num_seqs=max(grid.batches), max_batched_tokens=max(max(grid.batches) * (max(grid.seq_lens) + max(PREFILL_OFFSETS)), max_len),
         vocab_size=spec.vocab_size)
 
 
@@ -265,6 +289,8 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
         "grid": asdict(grid),
         "engine_config": cfg.to_dict(),
         "decode_context": "timed decode steps are consecutive: contexts seq_len - repeats//2 .. + repeats",
+        "prefill_lengths": f"timed repeats at seq_len + {list(PREFILL_OFFSETS)} (cycled), each length run once "
+                           "untimed just before",
         "step_timing": STEP_TIMING[backend],
         "latency_ms": f"median of the timed repeats; a cell whose repeats spread by more than {NOISY_SPREAD:.0%} "
                       "is timed again at the end of its share group, the quieter timing kept",

@@ -144,3 +144,29 @@ def test_profile_command_with_the_torch_engine(tmp_path: Path) -> None:
     assert cost.prefill_time(spec, 1, 100, 2, 24) > 0 and cost.decode_time(spec, 1, 100, 1, 16) > 0
     meta = (tmp_path / "torch.meta.json").read_text()
     assert '"engine": "torch"' in meta and '"torch":' in meta
+
+
+def test_a_prefill_cell_times_lengths_around_its_own_each_once_built(engine: TorchEngine) -> None:
+    """Served prompts are rarely a multiple of 16 tokens, where the CPU kernels' row blocks fit
+    exactly: a prefill cell's timed repeats run at odd offsets around its length (centred on it),
+    each length run once untimed just before, so no repeat times a first build of its shape."""
+    from hwloop.profiler import PREFILL_OFFSETS, prefill_lengths, time_cell
+    from hwloop.worker import ProfileCmd
+
+    class Recorded(TorchStepEngine):
+        def __init__(self) -> None:
+            super().__init__(engine)
+            self.calls: list[tuple[int, int, float]] = []
+
+        def prefill(self, batch: int, seq_len: int) -> float:
+            self.calls.append((batch, seq_len, elapsed := super().prefill(batch, seq_len)))
+            return elapsed
+
+    stepper = Recorded()
+    samples = time_cell(stepper, ProfileCmd("prefill", 2, 64, warmup=1, repeats=6))
+    lengths = prefill_lengths(64, 6)
+    assert lengths == [64 + k for k in PREFILL_OFFSETS] and sum(lengths) == 6 * 64 and 64 not in lengths
+    assert all(n % 2 for n in lengths)  # never a multiple of 2, let alone of 16
+    assert [n for _, n, _ in stepper.calls] == [64] + [n for n in lengths for _ in range(2)]
+    assert samples == tuple(t for _, _, t in stepper.calls[2::2])  # the second run of each length
+    assert prefill_lengths(1, 3) == [2, 1, 4]  # never below one token
