@@ -373,7 +373,9 @@ def profile_path(spec: ModelSpec, s: Setup) -> Path:
              "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV,
              "prefill_offsets": PREFILL_OFFSETS}
     if s.backend != "vllm":
-        ident["engine"] = s.backend
+        from hwloop.torch_engine import PAD_TOKENS  # imports torch: only for the torch engines
+
+        ident["engine"], ident["pad_tokens"] = s.backend, PAD_TOKENS
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return s.profile_dir / f"{spec.name}-{digest}.parquet"
 

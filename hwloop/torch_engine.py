@@ -54,6 +54,13 @@ ROPE_THETA = 10000.0
 RMS_EPS = 1e-6
 INIT_STD = 0.02
 FIRST_TOKEN_ID = 3  # random prompts avoid the usual special ids 0..2
+# A paged prefill's packed tokens are padded to a multiple of this (`TorchEngine.prefill_paged`). On
+# CPU each new row count of a matrix product builds its kernels first (oneDNN's JIT, and fresh
+# pages for them and their buffers): a served trace meets a new prompt total nearly every step
+# (252 of 324 prefills in a split run at 1.3x saturation), and those builds ran 1.4-2.4x the step
+# while a decode worker faulted pages on the other core. Sixteen is the kernels' row block, so the
+# padded shape is also the fast one.
+PAD_TOKENS = 16
 # A worker started with this variable set runs inside a CUDA green context holding that share of
 # the SMs (the SM partitioning PyTorch offers without MPS; see `green_sms`).
 GREEN_ENV = "MUXSIM_GREEN_SM_PCT"
@@ -161,11 +168,14 @@ class PagedKV:
         ids = self.tables[:, :, layer]  # [B, chunks, slices]
         if step.write_at is None:  # packed prefill into empty blocks: each prompt writes its own, then attends over them
             out, start = [], 0
-            for b, (n, chunks) in enumerate(zip(step.packed, self.chunks, strict=True)):
+            for b, n in enumerate(step.packed):
                 part = slice(start, start + n)
-                for which, x in ((0, k[:, :, part]), (1, v[:, :, part])):
-                    rows = F.pad(self._slices(x)[0], (0, 0, 0, 0, 0, chunks * BLOCK_TOKENS - n))
-                    self.pool[ids[b, :chunks], which] = rows.view(chunks, BLOCK_TOKENS, *rows.shape[1:]).transpose(1, 2)
+                if b < len(self.chunks):  # the padding after the prompts (`PAD_TOKENS`) writes no block
+                    chunks = self.chunks[b]
+                    for which, x in ((0, k[:, :, part]), (1, v[:, :, part])):
+                        rows = F.pad(self._slices(x)[0], (0, 0, 0, 0, 0, chunks * BLOCK_TOKENS - n))
+                        self.pool[ids[b, :chunks], which] = rows.view(chunks, BLOCK_TOKENS,
+                                                                      *rows.shape[1:]).transpose(1, 2)
                 out.append(F.scaled_dot_product_attention(q[:, :, part], k[:, :, part], v[:, :, part], is_causal=True,
                                                           enable_gqa=gqa))
                 start += n
@@ -472,6 +482,9 @@ class TorchEngine:
         The prompts are packed, not padded: their tokens go through the projections and the MLP as one
         sequence, and each attends causally over its own keys, as vLLM's varlen prefill does. So a
         step costs the batch's tokens, which is what the simulator charges (batch × mean length).
+        The packed sequence is padded to a multiple of `PAD_TOKENS` (a dummy prompt that attends over
+        itself and writes no block): the matrix products then meet one shape per 16 tokens, whose
+        CPU kernels are built once, instead of a new one for almost every step of a served trace.
         """
         lengths = [len(p) for p in prompts]
         per_chunk = self.layout(pool.shape[1]).chunk_blocks
@@ -479,10 +492,13 @@ class TorchEngine:
             if -(-n // BLOCK_TOKENS) * per_chunk != len(t):
                 raise TorchEngineError(f"a prompt of {n} tokens needs {-(-n // BLOCK_TOKENS)} chunks, its table "
                                        f"has {len(t)} blocks")
+        padding = -sum(lengths) % PAD_TOKENS
         with self.on_stream():
-            tokens = torch.as_tensor([t for p in prompts for t in p], dtype=torch.long, device=self.device)[None]
-            positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
+            packed = [t for p in prompts for t in p] + [FIRST_TOKEN_ID] * padding
+            tokens = torch.as_tensor(packed, dtype=torch.long, device=self.device)[None]
             last = torch.cumsum(torch.as_tensor(lengths, device=self.device), 0) - 1
+            lengths += [padding] if padding else []
+            positions = torch.cat([torch.arange(n) for n in lengths]).to(self.device)
             step = Step(slice(0, 1), positions, packed=tuple(lengths))
             return self.model(tokens, self._paged(pool, tables, [0] * len(prompts)), step, last)
 

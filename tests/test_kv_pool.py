@@ -181,3 +181,25 @@ def test_paged_bench_times_mixed_batches_against_uniform_ones_at_their_mean() ->
     assert set(table.phase) == {"prefill", "decode"}
     assert (table.longest > table["mean"]).all() and (table.mixed_ms > 0).all() and (table.uniform_ms > 0).all()
     assert (table.ratio - table.mixed_ms / table.uniform_ms).abs().max() < 1e-9
+
+
+def test_a_paged_prefill_is_padded_to_the_kernels_row_block_and_writes_only_its_prompts_blocks() -> None:
+    """The packed prompts (9 + 30 tokens) reach the layers as 48 rows (`PAD_TOKENS`), so a served
+    trace builds kernels for one row count per 16 tokens; the padding writes no pool block and
+    the prompts' logits are the contiguous engine's."""
+    from hwloop.torch_engine import PAD_TOKENS
+
+    engine = TorchEngine(WIDE, dtype="float32", seed=5)
+    rows: list[int] = []
+    engine.model.layers[0].register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[1]))
+    prompts = [prompt(9, 1, WIDE.vocab_size), prompt(30, 2, WIDE.vocab_size)]
+    with KVPool(64) as handle:
+        pool = handle.tensor()
+        pool.fill_(7)
+        chunk = engine.layout(pool.shape[1]).chunk_blocks
+        tables = [list(range(0, chunk)), list(range(chunk, 2 * chunk))]  # one chunk each
+        logits = engine.prefill_paged(pool, tables, prompts)
+        assert rows == [48] and 48 % PAD_TOKENS == 0
+        assert bool((pool[2 * chunk:] == 7).all()) and not bool((pool[:2 * chunk] == 7).all())
+    _, plain = run_contiguous(engine, prompts, steps=0)
+    torch.testing.assert_close(logits, plain[0], **TOL)
