@@ -219,8 +219,9 @@ def charges(jobs: pd.DataFrame, logged: Logged, busy: Sequence[tuple[float, floa
         worker, cores = f"{job.llm}/prefill", logged.cores[f"{job.llm}/prefill"]
         after_other = any(last_on_core.get(c, worker) != worker for c in cores)
         tokens = int(job.admitted_context)
-        new_shape = 0 if tokens in seen.setdefault(worker, set()) else tokens
-        seen[worker].add(tokens)
+        shape = logged.terms.prefill_shape(job.model, len(cores), tokens)
+        new_shape = 0 if shape in seen.setdefault(worker, set()) else shape
+        seen[worker].add(shape)
         extra = logged.terms.first_step_extra(job.model, len(cores), after_other=after_other,
                                               idle_for=job.sent_s - last_end.get(worker, -math.inf),
                                               admitting=True, new_shape=new_shape)

@@ -71,6 +71,7 @@ from experiments import hardware
 from experiments.config import CONF_DIR, ConfigError, _check, _number, absolute, build_cluster
 from experiments.plots import SYSTEM_COLORS
 from experiments.systems import SYSTEMS, place, run_system, specs_of
+from hwloop.kv_pool import PAD_TOKENS
 from hwloop.mirror import (
     CoreShareCost,
     core_slices,
@@ -373,8 +374,6 @@ def profile_path(spec: ModelSpec, s: Setup) -> Path:
              "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV,
              "prefill_offsets": PREFILL_OFFSETS}
     if s.backend != "vllm":
-        from hwloop.torch_engine import PAD_TOKENS  # imports torch: only for the torch engines
-
         ident["engine"], ident["pad_tokens"] = s.backend, PAD_TOKENS
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return s.profile_dir / f"{spec.name}-{digest}.parquet"

@@ -35,6 +35,14 @@ from policies.placement import BLOCK_BYTES, BLOCK_TOKENS, blocks_per_chunk
 from policies.specs import GiB, ModelSpec
 from policies.view import Request
 
+# A paged prefill's packed tokens are padded to a multiple of this
+# (`hwloop.torch_engine.TorchEngine.prefill_paged`). On CPU each new row count of a matrix product builds its kernels first (oneDNN's JIT, and fresh
+# pages for them and their buffers): a served trace meets a new prompt total nearly every step
+# (252 of 324 prefills in a split run at 1.3x saturation), and those builds ran 1.4-2.4x the step
+# while a decode worker faulted pages on the other core. Sixteen is the kernels' row block, so the
+# padded shape is also the fast one.
+PAD_TOKENS = 16
+
 
 class PoolError(RuntimeError):
     """A pool that cannot be made (does not fit) or a model that cannot use it; one line."""

@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 
 from hwloop.engine import FIRST_TOKEN_ID, engine_config, synthetic_prompt, write_model_dir
-from hwloop.kv_pool import BlockAllocator, KVPool
+from hwloop.kv_pool import PAD_TOKENS, BlockAllocator, KVPool
 from hwloop.partition import available_cores, cpu_env
 from hwloop.process import start_workers
 from hwloop.split_worker import (
@@ -105,6 +105,7 @@ class Pair:
     def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
                  budget: int, env: dict[str, str] | None = None, workers: int = 2) -> None:
         self.prefill_tokens = 2048
+        self.pad_tokens = 1  # vLLM runs a prefill at its own token count
         cfg = engine_config(spec, write_model_dir(spec, work / "models"), max_batch=max(16, batch, *BESIDE_BATCHES),
                             pool_blocks=10**6, chunk_blocks=blocks_per_chunk(spec), prefill_tokens=self.prefill_tokens)
         self.max_context = spec.max_context
@@ -194,6 +195,7 @@ class SplitPair:
     def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
                  budget: int, env: dict[str, str] | None = None) -> None:
         self.prefill_tokens = 2048
+        self.pad_tokens = PAD_TOKENS  # the torch engine pads a prefill's tokens (`hwloop.kv_pool.PAD_TOKENS`)
         self.max_context = spec.max_context
         self.spec, self.cores, self.batch, self.context, self.budget = spec, tuple(cores), batch, context, budget
         self.chunk_blocks = blocks_per_chunk(spec)
@@ -337,19 +339,21 @@ def prompt_lengths(tokens: int, longest: int) -> list[int]:
 def measure_shapes(pair: Workers, steps: int, near: Sequence[int] = SHAPE_TOKENS) -> dict[str, Any]:
     """Paired samples per token count: a prefill of a count the engine never ran, then the same
     prompts again (now cached); the extra is the median of the pairs' differences. Each sample uses
-    its own count just above `near`, so every first step really is the engine's first at that count."""
+    its own count above `near`, one padding step (`pad_tokens`) apart, so every first step really is
+    the engine's first at the shape it runs."""
     rows = []
     longest = pair.max_context - 2
-    for target in sorted({min(t, pair.prefill_tokens - steps) for t in near}):
+    pad = pair.pad_tokens
+    for target in sorted({min(t, pair.prefill_tokens - steps * pad) for t in near}):
         novel, cached = [], []
         for k in range(steps):
-            lengths = prompt_lengths(target + k, longest)
+            lengths = prompt_lengths(target + k * pad, longest)
             novel.append(pair.prefill(0, lengths))
             cached.append(pair.prefill(0, lengths))
         diff = np.subtract(novel, cached)
         rows.append({"tokens": target, "novel_ms": _ms(novel), "cached_ms": _ms(cached), "extra_ms": _ms(diff),
                      "extra_iqr_ms": 1e3 * float(np.subtract(*np.percentile(diff, [75, 25])))})
-    return {"counts": rows, "steps": steps}
+    return {"counts": rows, "steps": steps, "pad_tokens": pad}
 
 
 class Neighbour:

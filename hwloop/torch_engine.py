@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hwloop.engine import EngineConfig
-from hwloop.kv_pool import PagedLayout
+from hwloop.kv_pool import PAD_TOKENS, PagedLayout
 from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 
@@ -54,13 +54,6 @@ ROPE_THETA = 10000.0
 RMS_EPS = 1e-6
 INIT_STD = 0.02
 FIRST_TOKEN_ID = 3  # random prompts avoid the usual special ids 0..2
-# A paged prefill's packed tokens are padded to a multiple of this (`TorchEngine.prefill_paged`). On
-# CPU each new row count of a matrix product builds its kernels first (oneDNN's JIT, and fresh
-# pages for them and their buffers): a served trace meets a new prompt total nearly every step
-# (252 of 324 prefills in a split run at 1.3x saturation), and those builds ran 1.4-2.4x the step
-# while a decode worker faulted pages on the other core. Sixteen is the kernels' row block, so the
-# padded shape is also the fast one.
-PAD_TOKENS = 16
 # A worker started with this variable set runs inside a CUDA green context holding that share of
 # the SMs (the SM partitioning PyTorch offers without MPS; see `green_sms`).
 GREEN_ENV = "MUXSIM_GREEN_SM_PCT"

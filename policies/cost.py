@@ -691,7 +691,9 @@ class RunnerTerms:
     - `admit_s`: more of it when the launch admits requests (the engine adding them);
     - `shape_s`: ((tokens, extra), …) by increasing tokens: the step's token count is one its
       engine never ran before (its kernels are built for that shape first); interpolated between
-      the measured counts, the nearest measured one beyond them;
+      the measured counts, the nearest measured one beyond them. `prefill_pad`: the engine pads a
+      prefill's tokens up to a multiple of this (`prefill_shape`), so counts with the same padded
+      shape share their kernels (absent: 1, no padding);
     - `beside`: ((tokens, factor), …) by increasing step tokens: the slowdown of a step that starts
       while an engine works on other cores (shared memory bandwidth and last-level cache), by the
       tokens of the step (a decode's batch, a prefill's prompts), interpolated likewise. This one
@@ -708,6 +710,12 @@ class RunnerTerms:
     shape_s: Mapping[tuple[str, int], tuple[tuple[int, float], ...]] = field(default_factory=dict)
     beside: Mapping[tuple[str, int], tuple[tuple[int, float], ...]] = field(default_factory=dict)
     label: str = "none"
+    prefill_pad: Mapping[tuple[str, int], int] = field(default_factory=dict)
+
+    def prefill_shape(self, model: str, cores: int, tokens: int) -> int:
+        """The token count a prefill of `tokens` runs at on that engine (rounded up to its padding)."""
+        pad = self.prefill_pad.get((model, cores), 1)
+        return -(-tokens // pad) * pad
 
     def beside_factor(self, model: str, cores: int, tokens: int) -> float:
         """How much slower a step of `tokens` runs while an engine works on other cores (1: not measured)."""
@@ -734,7 +742,7 @@ class RunnerTerms:
         """From `hwloop.terms.measure` results (one per model and core count; figures in ms). Each is
         a cost, so a median difference below zero (noise: nothing measurable) is charged as zero; the
         stored figures keep the measured value."""
-        turn, idle, dispatch, admit, shape, beside = {}, {}, {}, {}, {}, {}
+        turn, idle, dispatch, admit, shape, beside, pad = {}, {}, {}, {}, {}, {}, {}
         for m in measured:
             key = (str(m["model"]), int(m["cores"]))
             if "turns" in m:
@@ -748,7 +756,8 @@ class RunnerTerms:
             if "shapes" in m:
                 shape[key] = tuple((int(c["tokens"]), max(0.0, c["extra_ms"] / 1e3))
                                    for c in sorted(m["shapes"]["counts"], key=lambda c: c["tokens"]))
+                pad[key] = int(m["shapes"].get("pad_tokens", 1))
             if m.get("beside"):  # None: no cores were left to measure it with; a factor below 1 is noise
                 beside[key] = tuple((int(r["tokens"]), max(1.0, r["factor"]))
                                     for r in sorted(m["beside"]["sizes"], key=lambda r: r["tokens"]))
-        return cls(turn, idle, dispatch, admit, shape, beside, label)
+        return cls(turn, idle, dispatch, admit, shape, beside, label, pad)

@@ -331,6 +331,8 @@ class Simulator:
         if self.runner_terms is None:
             return 0.0
         tokens = job.batch.step_tokens
+        if job.batch.admitted:
+            tokens = self.runner_terms.prefill_shape(job.batch.llm.spec.name, len(cores), tokens)
         shapes = self._shapes_run.setdefault(worker, set())
         new_shape = 0 if tokens in shapes else tokens
         shapes.add(tokens)

@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hwloop.kv_pool import BlockAllocator, KVPool, PagedLayout, PoolError, attach
+from hwloop.kv_pool import PAD_TOKENS, BlockAllocator, KVPool, PagedLayout, PoolError, attach
 from hwloop.torch_engine import TorchEngine
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from policies.specs import ModelSpec
@@ -187,8 +187,6 @@ def test_a_paged_prefill_is_padded_to_the_kernels_row_block_and_writes_only_its_
     """The packed prompts (9 + 30 tokens) reach the layers as 48 rows (`PAD_TOKENS`), so a served
     trace builds kernels for one row count per 16 tokens; the padding writes no pool block and
     the prompts' logits are the contiguous engine's."""
-    from hwloop.torch_engine import PAD_TOKENS
-
     engine = TorchEngine(WIDE, dtype="float32", seed=5)
     rows: list[int] = []
     engine.model.layers[0].register_forward_pre_hook(lambda _module, args: rows.append(args[0].shape[1]))

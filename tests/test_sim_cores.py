@@ -134,6 +134,21 @@ def test_a_step_shape_new_to_its_engine_is_charged_once_per_engine():
     assert res.stats["runner_extra_s"] == pytest.approx(0.04)
 
 
+def test_a_prefill_padded_to_a_shape_its_engine_ran_is_not_charged_as_new():
+    """With the engine padding prefills to 16 tokens (`prefill_pad`), a's second request (12 tokens)
+    runs the first one's padded shape (10 → 16): only its decode of one is new to nothing; a 20-token
+    prompt would have been (32). Decodes are not padded."""
+    terms = RunnerTerms(shape_s={("llama-7b", 1): ((1, 0.01), (100, 0.01))}, label="test",
+                        prefill_pad={("llama-7b", 1): 16})
+    assert [terms.prefill_shape("llama-7b", 1, n) for n in (1, 16, 17, 20)] == [16, 16, 32, 32]
+    assert terms.prefill_shape("other", 1, 17) == 17  # an engine that was not measured: no padding
+    times, res = first_tokens_and_finishes(terms, [("a", 0.0, 10, 2), ("a", 1.0, 12, 2)])
+    assert times[1][0] == pytest.approx(1.0 + 0.1)  # the profile's 12-token prefill, no shape extra
+    assert res.stats["runner_extra_s"] == pytest.approx(0.02)  # a's first prefill and its first decode
+    measured = [{"model": "m", "cores": 1, "shapes": {"counts": [{"tokens": 8, "extra_ms": 1.0}], "pad_tokens": 16}}]
+    assert RunnerTerms.from_measured(measured, "test").prefill_shape("m", 1, 5) == 16
+
+
 def test_shape_terms_read_from_measurements_interpolate_between_token_counts():
     measured = [{"model": "m", "cores": 1, "shapes": {"counts": [
         {"tokens": 512, "extra_ms": 16.0}, {"tokens": 32, "extra_ms": 12.0}, {"tokens": 8, "extra_ms": -1.0}]}}]
