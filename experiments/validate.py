@@ -371,10 +371,9 @@ def batching_opts(s: Setup, batcher: str) -> dict[str, Any]:
 def profile_path(spec: ModelSpec, s: Setup) -> Path:
     """Cache file of one model's profile: a hash of what the timings depend on."""
     ident = {"spec": dataclasses.asdict(spec), "grid": dataclasses.asdict(s.grid), "cores": list(s.cores), "latency": "median",
-             "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV,
-             "prefill_offsets": PREFILL_OFFSETS}
+             "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV}
     if s.backend != "vllm":
-        ident["engine"], ident["pad_tokens"] = s.backend, PAD_TOKENS
+        ident["engine"], ident["pad_tokens"], ident["prefill_offsets"] = s.backend, PAD_TOKENS, PREFILL_OFFSETS
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return s.profile_dir / f"{spec.name}-{digest}.parquet"
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from hwloop.engine import EngineConfig
 from hwloop.kv_pool import PAD_TOKENS, PagedLayout
+from hwloop.profiler import PREFILL_OFFSETS
 from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 
@@ -534,6 +535,8 @@ class TorchStepEngine:
     cell costs only its own steps; the contexts of consecutive steps grow by one, as in the vLLM
     engine. Each new cell shape frees the previous cell's cache first.
     """
+
+    prefill_offsets = PREFILL_OFFSETS  # its prefill cells timed at served-like lengths (`hwloop.profiler`)
 
     def __init__(self, engine: TorchEngine, seed: int = 0) -> None:
         self.engine = engine

@@ -170,3 +170,6 @@ def test_a_prefill_cell_times_lengths_around_its_own_each_once_built(engine: Tor
     assert [n for _, n, _ in stepper.calls] == [64] + [n for n in lengths for _ in range(2)]
     assert samples == tuple(t for _, _, t in stepper.calls[2::2])  # the second run of each length
     assert prefill_lengths(1, 3) == [2, 1, 4]  # never below one token
+    from hwloop.profiler import VLLMStepEngine
+
+    assert not getattr(VLLMStepEngine, "prefill_offsets", ())  # vLLM's cells keep their own length (profiler)
