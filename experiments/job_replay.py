@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import threading
@@ -38,11 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
-from experiments.job_report import job_ratios
-from experiments.validate import build_setup, plan, profile_frame, terms_path
+from experiments.job_report import job_ratios, run_config, run_table
+from experiments.validate import build_setup, plan, terms_path
 from hwloop.engine import synthetic_prompt
 from hwloop.kv_pool import BlockAllocator, KVPool
 from hwloop.partition import cpu_env
@@ -57,7 +55,7 @@ from hwloop.split_worker import (
     SplitWorkerHandle,
     SplitWorkerSpec,
 )
-from policies.cost import RunnerTerms, TableCostModel
+from policies.cost import FirstSteps, RunnerTerms
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from policies.specs import ModelSpec
 from traces.schema import Workload
@@ -78,9 +76,7 @@ class Logged:
 
 
 def logged_run(run: Path, level: int, repeat: int) -> Logged:
-    if not (run / "summary.json").exists():
-        raise ConfigError(f"{run}: no summary.json (not a finished `experiments.validate` run folder)")
-    config = OmegaConf.create(json.loads((run / "summary.json").read_text())["config"])
+    config = run_config(run)
     if config.get("mode") != "split":
         raise ConfigError(f"{run}: a {config.get('mode')}-mode run; only split-mode runs replay (their workers "
                           f"take one phase's jobs each)")
@@ -93,8 +89,7 @@ def logged_run(run: Path, level: int, repeat: int) -> Logged:
     system = str(hw["system"].iloc[0])
     s = build_setup(config)
     tag = f"{system}_L{level}"
-    table = TableCostModel.from_frame(profile_frame(sorted((run / "profiles").glob("*.parquet"))), label="the run's")
-    planned = plan(system, s, table, Workload.read(run / f"workload_{tag}.parquet"))
+    planned = plan(system, s, run_table(run), Workload.read(run / f"workload_{tag}.parquet"))
     records = pd.read_parquet(run / f"records_{tag}_hw{repeat}.parquet")
     prompts = records.groupby(["model", "first_token_s"])["prompt_tokens"].apply(tuple).to_dict()
     prefills = hw[hw["phase"] == "prefill"].sort_values("start_s", kind="stable").copy()
@@ -210,27 +205,17 @@ def charges(jobs: pd.DataFrame, logged: Logged, busy: Sequence[tuple[float, floa
     derived from the replay's timeline as `sim.engine.Simulator._runner_extra` derives them: the
     profile, times the beside factor when a job on other cores ran at its send, plus the extras of
     its first step (dispatch and admission, a token count its worker never ran, another worker last
-    on its cores, else how long its worker sat idle)."""
-    last_on_core: dict[int, str] = {}
-    last_end: dict[str, float] = {}
-    seen: dict[str, set[int]] = {}
+    on its cores, else how long its worker sat idle; `policies.cost.FirstSteps`, as the simulator)."""
+    first_steps = FirstSteps(logged.terms)
     charged = []
     for job in jobs.itertuples():
         worker, cores = f"{job.llm}/prefill", logged.cores[f"{job.llm}/prefill"]
-        after_other = any(last_on_core.get(c, worker) != worker for c in cores)
         tokens = int(job.admitted_context)
-        shape = logged.terms.prefill_shape(job.model, len(cores), tokens)
-        new_shape = 0 if shape in seen.setdefault(worker, set()) else shape
-        seen[worker].add(shape)
-        extra = logged.terms.first_step_extra(job.model, len(cores), after_other=after_other,
-                                              idle_for=job.sent_s - last_end.get(worker, -math.inf),
-                                              admitting=True, new_shape=new_shape)
+        extra, _ = first_steps.start(worker, cores, job.sent_s, job.model, tokens, admitting=True)
         beside = any(a <= job.sent_s < b and set(cores).isdisjoint(c) for a, b, c in busy)
         factor = logged.terms.beside_factor(job.model, len(cores), tokens) if beside else 1.0
         charged.append(job.profiled_s * factor + extra)
-        for c in cores:
-            last_on_core[c] = worker
-        last_end[worker] = job.ended_s
+        first_steps.end(worker, job.ended_s)
     return np.array(charged)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from experiments.config import ConfigError
 from experiments.validate import build_setup, plan, profile_frame, profiled_times
@@ -33,17 +33,27 @@ IDLE_BINS_MS = (-np.inf, 2.0, 20.0, np.inf)
 IDLE_LABELS = ("back to back (≤ 2 ms)", "idle 2–20 ms", "idle > 20 ms")
 
 
+def run_config(run: Path) -> DictConfig:
+    """The config a finished `experiments.validate` run folder was run with (its `summary.json`)."""
+    summary = run / "summary.json"
+    if not summary.exists():
+        raise ConfigError(f"{run}: no summary.json (not a finished `experiments.validate` run folder)")
+    return OmegaConf.create(json.loads(summary.read_text())["config"])
+
+
+def run_table(run: Path) -> TableCostModel:
+    """The run's own profile (its `profiles/` copies), every model in one table."""
+    return TableCostModel.from_frame(profile_frame(sorted((run / "profiles").glob("*.parquet"))), label="the run's")
+
+
 def job_ratios(run: Path) -> pd.DataFrame:
     """One row per job of every job log in `run`: `system, level, executor, repeat` (−1: the
     simulator), the log's columns, `took_s`, `profiled_s` (`policies.cost.profiled_job_time` on the
     run's own profile and placement), `ratio`, `seen` (the worker ran a first step of this many
     tokens, `policies.ledger.Batch.step_tokens`, earlier in the run) and `idle_ms` (since the same
     worker's last job ended)."""
-    summary = run / "summary.json"
-    if not summary.exists():
-        raise ConfigError(f"{run}: no summary.json (not a finished `experiments.validate` run folder)")
-    s = build_setup(OmegaConf.create(json.loads(summary.read_text())["config"]))
-    table = TableCostModel.from_frame(profile_frame(sorted((run / "profiles").glob("*.parquet"))), label="the run's")
+    s = build_setup(run_config(run))
+    table = run_table(run)
     parts, costs = [], {}
     for path in sorted(run.glob("jobs_*_L*_*.parquet")):
         system, level, who = path.stem.split("_")[1:]

@@ -761,3 +761,36 @@ class RunnerTerms:
                 beside[key] = tuple((int(r["tokens"]), max(1.0, r["factor"]))
                                     for r in sorted(m["beside"]["sizes"], key=lambda r: r["tokens"]))
         return cls(turn, idle, dispatch, admit, shape, beside, label, pad)
+
+
+@dataclass
+class FirstSteps:
+    """What `RunnerTerms.first_step_extra` is keyed on, followed as jobs start and end on workers:
+    which worker started last on each core, when each worker's last job ended, and the (padded)
+    token counts each worker has run. The simulator keeps one, and so does a replay that charges
+    its jobs as the simulator would (`experiments.job_replay`)."""
+
+    terms: RunnerTerms
+    last_on_core: dict[int, str] = field(default_factory=dict)
+    last_end: dict[str, float] = field(default_factory=dict)
+    shapes_run: dict[str, set[int]] = field(default_factory=dict)
+
+    def start(self, worker: str, cores: tuple[int, ...], now: float, model: str, tokens: int,
+              admitting: bool) -> tuple[float, bool]:
+        """A job of `worker` starts `now` with a first step of `tokens`: its extra seconds, and
+        whether another worker ran on its cores since this one's last step (a turn)."""
+        after_other = any(self.last_on_core.get(c, worker) != worker for c in cores)
+        for c in cores:
+            self.last_on_core[c] = worker
+        if admitting:
+            tokens = self.terms.prefill_shape(model, len(cores), tokens)
+        shapes = self.shapes_run.setdefault(worker, set())
+        new_shape = 0 if tokens in shapes else tokens
+        shapes.add(tokens)
+        extra = self.terms.first_step_extra(model, len(cores), after_other=after_other,
+                                            idle_for=now - self.last_end.get(worker, -math.inf),
+                                            admitting=admitting, new_shape=new_shape)
+        return extra, after_other
+
+    def end(self, worker: str, at: float) -> None:
+        self.last_end[worker] = at

@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 import simpy
 
-from policies.cost import CostModel, InterferenceModel, RunnerTerms, mixed_step_time
+from policies.cost import CostModel, FirstSteps, InterferenceModel, RunnerTerms, mixed_step_time
 from policies.ledger import STUCK, JobLog, LedgerError, UnitLedger, not_arrived, past_horizon
 from policies.placement import SM_UNIT_PCT, Placement, blocks_per_chunk
 from policies.records import RecordWriter
@@ -116,9 +116,7 @@ class Simulator:
             raise SimulationError("runner_terms (a CPU runner's costs) need core_slices (its workers' cores)")
         self.runner_terms = runner_terms
         self._beside_terms = runner_terms is not None and bool(runner_terms.beside)
-        self._last_on_core: dict[int, str] = {}  # core → the worker whose job started there last
-        self._last_end: dict[str, float] = {}  # worker → when its last job ended
-        self._shapes_run: dict[str, set[int]] = {}  # worker → the step token counts it has run
+        self._first_steps = FirstSteps(runner_terms) if runner_terms is not None else None
         if runner_terms is not None:
             self.stats.update(runner_terms=runner_terms.label, runner_extra_s=0.0, turn_starts=0, beside_starts=0,
                               beside_rescales=0)
@@ -323,22 +321,11 @@ class Simulator:
     def _runner_extra(self, job: Job) -> float:
         """`job` starts now on its cores: the runner's measured extra time for its first step
         (`RunnerTerms.first_step_extra`), and note that its worker was the last on those cores."""
-        worker, cores = self._worker(job), self._cores(job)
-        after_other = any(self._last_on_core.get(c, worker) != worker for c in cores)
-        idle_for = self.env.now - self._last_end.get(worker, -math.inf)
-        for c in cores:
-            self._last_on_core[c] = worker
-        if self.runner_terms is None:
+        if self._first_steps is None:
             return 0.0
-        tokens = job.batch.step_tokens
-        if job.batch.admitted:
-            tokens = self.runner_terms.prefill_shape(job.batch.llm.spec.name, len(cores), tokens)
-        shapes = self._shapes_run.setdefault(worker, set())
-        new_shape = 0 if tokens in shapes else tokens
-        shapes.add(tokens)
-        extra = self.runner_terms.first_step_extra(job.batch.llm.spec.name, len(cores), after_other=after_other,
-                                                   idle_for=idle_for, admitting=job.batch.admitted > 0,
-                                                   new_shape=new_shape)
+        extra, after_other = self._first_steps.start(self._worker(job), tuple(self._cores(job)), self.env.now,
+                                                     job.batch.llm.spec.name, job.batch.step_tokens,
+                                                     admitting=job.batch.admitted > 0)
         self.stats["runner_extra_s"] += extra
         self.stats["turn_starts"] += after_other
         return extra
@@ -475,7 +462,8 @@ class Simulator:
     def _end(self, unit: SimUnit, job: Job) -> None:
         del unit.jobs[job.job_id]
         if self.core_slices is not None:
-            self._last_end[self._worker(job)] = job.end
+            if self._first_steps is not None:
+                self._first_steps.end(self._worker(job), job.end)
             self._release_cores(job)
         steps = job.steps or 1
         if job.steps is not None:
