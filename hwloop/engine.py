@@ -13,6 +13,16 @@ itself:
 - Eager mode: no torch.compile, which would add minutes to start-up on CPU.
 - Greedy sampling with `ignore_eos` and `min_tokens = max_tokens`: every request produces exactly
   its trace's output length.
+- Padded steps, built up front: a step that prefills runs a multiple of `STEP_TOKEN_MULTIPLE`
+  tokens (a dummy prompt fills it up, its output dropped), and `warm_shapes` runs every such
+  count and every decode batch once before the engine serves. vLLM's CPU linear layers build a
+  oneDNN kernel for each token count a step has (`create_onednn_mm`, keyed by the row count);
+  served prompts give nearly every prefill a count the engine never ran, and building costs
+  5-60 ms a step on these machines, depending on how dear page faults are at that moment (the
+  kernels' 256 KiB code mappings). Unpadded and cold, the admitting steps of the mixed validation
+  test spent 3.96 s of an 8 s run on first builds at 0.3x saturation and 11.9 s of 15 s at 1.3x, a
+  start-up transient a long-running server has long paid, and one that moved the hardware's
+  saturated throughput by 35-47% against the simulator from one machine or hour to the next.
 
 Prompts are token ids (`skip_tokenizer_init`); with `dummy=True` the weights are random
 (`load_format="dummy"`) and the folder only needs a `config.json`. A real checkpoint folder runs
@@ -40,8 +50,15 @@ ENGINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # oneDNN's own cache of built kernels (1024 by default) must hold every shape `warm_shapes` builds:
+    # about (prefill counts + 2 × max_num_seqs) × the model's weight shapes; evicted, one is built again.
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384",
 }
 FIRST_TOKEN_ID = 3  # synthetic prompts avoid the usual special ids 0..2
+# A step that prefills runs a multiple of this many tokens (module docstring). 32 rather than the
+# torch engine's 16: half the shapes to build up front, at most 31 extra tokens a padded step.
+STEP_TOKEN_MULTIPLE = 32
+PAD_KEY = "pad"  # the dummy prompt's request id prefix; never one the runner uses (theirs are "<id>.<attempt>")
 
 
 @dataclass(frozen=True)
@@ -66,8 +83,8 @@ class EngineConfig:
 
     @property
     def vllm_blocks(self) -> int:
-        """vLLM keeps one block back as its null block."""
-        return self.kv_blocks + 1
+        """vLLM keeps one block back as its null block, and the padding prompt holds a few."""
+        return self.kv_blocks + 1 + _PAD_BLOCKS
 
     def engine_args(self) -> dict[str, Any]:
         args: dict[str, Any] = {
@@ -79,8 +96,8 @@ class EngineConfig:
             "block_size": BLOCK_TOKENS,
             "num_gpu_blocks_override": self.vllm_blocks,
             "kv_cache_memory_bytes": self.kv_cache_bytes,
-            "max_num_seqs": self.max_num_seqs,
-            "max_num_batched_tokens": self.max_batched_tokens,
+            "max_num_seqs": self.max_num_seqs + 1,  # + the padding prompt
+            "max_num_batched_tokens": self.max_batched_tokens + STEP_TOKEN_MULTIPLE - 1,
             "enable_prefix_caching": False,
             "enforce_eager": True,
             "disable_log_stats": True,
@@ -92,6 +109,14 @@ class EngineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_PAD_BLOCKS = -(-(STEP_TOKEN_MULTIPLE - 1) // BLOCK_TOKENS)  # the most blocks a padding prompt holds
+
+
+def padded_tokens(tokens: int) -> int:
+    """The token count a step that prefills runs at: `tokens` rounded up to `STEP_TOKEN_MULTIPLE`."""
+    return -(-tokens // STEP_TOKEN_MULTIPLE) * STEP_TOKEN_MULTIPLE
 
 
 def engine_config(spec: ModelSpec, model_dir: str | Path, *, max_batch: int, pool_blocks: int,
@@ -152,7 +177,8 @@ class StepOutput:
 
 
 class VLLMEngine:
-    """A thin wrapper over `vllm.LLMEngine`: add/abort by key, one `step()` = one forward pass."""
+    """A thin wrapper over `vllm.LLMEngine`: add/abort by key, one `step()` = one forward pass,
+    padded when it prefills (module docstring)."""
 
     def __init__(self, config: EngineConfig) -> None:
         for k, v in ENGINE_ENV.items():
@@ -168,18 +194,97 @@ class VLLMEngine:
         self._delta = RequestOutputKind.DELTA
         self.import_s = t1 - t0
         self.build_s = time.perf_counter() - t1
+        self.warm_s = 0.0
+        self._held: set[str] = set()  # requests the engine holds: they decode in the next step
+        self._new: dict[str, int] = {}  # requests added since the last step: their prompts prefill in the next
+        self._pads = 0
+        self.last_step_tokens = 0  # what the last step ran, padding included
 
     def add(self, key: str, token_ids: list[int], max_tokens: int) -> None:
         params = self._sampling(max_tokens=max_tokens, min_tokens=max_tokens, ignore_eos=True,
                                 temperature=0.0, output_kind=self._delta)
         self._engine.add_request(key, {"prompt_token_ids": token_ids}, params)
+        self._held.add(key)
+        self._new[key] = len(token_ids)
 
     def abort(self, keys: Iterable[str]) -> None:
-        self._engine.abort_request(list(keys))
+        keys = list(keys)
+        self._engine.abort_request(keys)
+        self._held.difference_update(keys)
+        for key in keys:
+            self._new.pop(key, None)
 
     def step(self) -> list[StepOutput]:
-        return [StepOutput(o.request_id, tuple(o.outputs[0].token_ids), o.finished)
-                for o in self._engine.step()]
+        """One forward pass. If it prefills, a dummy prompt pads its tokens (the held requests'
+        decodes plus the new prompts, all run in one step as the engine is sized) up to
+        `STEP_TOKEN_MULTIPLE`; the dummy finishes in the same step and its output is dropped."""
+        tokens = len(self._held) - len(self._new) + sum(self._new.values())
+        pad_key = None
+        if self._new and (pad := padded_tokens(tokens) - tokens):
+            self._pads += 1
+            pad_key = f"{PAD_KEY}-{self._pads}"
+            self.add(pad_key, synthetic_prompt(-self._pads, pad, self.config.vocab_size), 1)
+            tokens += pad
+        self.last_step_tokens = tokens
+        self._new.clear()
+        outputs = []
+        for o in self._engine.step():
+            if o.finished:
+                self._held.discard(o.request_id)
+            if o.request_id != pad_key:
+                outputs.append(StepOutput(o.request_id, tuple(o.outputs[0].token_ids), o.finished))
+        if pad_key in self._held:  # not run in this step after all: never let it pad a later one
+            self.abort([pad_key])
+        return outputs
 
     def has_work(self) -> bool:
         return self._engine.has_unfinished_requests()
+
+    def warm_shapes(self) -> None:
+        """Run each shape a served step can have once, so that serving builds no kernel (oneDNN keys
+        a kernel on the rows it multiplies, and the rows sampled in a step that prefills are
+        gathered, so keyed apart from a decode's):
+        - every padded prefill count up to the token budget (or the KV blocks, if fewer), as
+          prompts of the longest length;
+        - every count of sequences a step that prefills can sample, up to `max_num_seqs` + the
+          padding prompt: that many one-token prompts;
+        - every decode batch from `max_num_seqs` down to one: a full batch of one-token prompts
+          losing one request a step (begun afresh when their contexts reach the longest).
+        Seconds in `warm_s`."""
+        t0 = time.perf_counter()
+        cfg = self.config
+        longest = cfg.max_model_len - 1
+
+        def prefill(name: str, lengths: list[int]) -> None:
+            for i, n in enumerate(lengths):
+                self.add(f"warm-{name}-{i}", synthetic_prompt(i, n, cfg.vocab_size), 1)
+            while self.has_work():
+                self.step()
+
+        budget = min(cfg.max_batched_tokens, cfg.kv_blocks * BLOCK_TOKENS)
+        for tokens in range(STEP_TOKEN_MULTIPLE, budget + 1, STEP_TOKEN_MULTIPLE):
+            prompts = -(-tokens // longest)
+            if prompts > cfg.max_num_seqs:
+                break
+            prefill(f"t{tokens}", [tokens // prompts + (i < tokens % prompts) for i in range(prompts)])
+        self.warm_phases = {"prefill_counts": time.perf_counter() - t0}
+        for seqs in range(1, cfg.max_num_seqs + 1):
+            prefill(f"s{seqs}", [1] * seqs)
+        self.warm_phases["sequences"] = time.perf_counter() - t0 - sum(self.warm_phases.values())
+        held: list[str] = []
+        steps_left = 0
+        for batch in range(cfg.max_num_seqs, 0, -1):
+            if steps_left == 0:
+                self.abort(held)
+                held = [f"warm-b{batch}-{i}" for i in range(batch)]
+                for i, key in enumerate(held):
+                    self.add(key, synthetic_prompt(i, 1, cfg.vocab_size), longest - 1)
+                self.step()  # their prefill
+                steps_left = longest - 2
+            self.abort(held[batch:])
+            del held[batch:]
+            self.step()
+            steps_left -= 1
+        self.abort(held)
+        self.warm_phases["decodes"] = time.perf_counter() - t0 - sum(self.warm_phases.values())
+        self.warm_s = time.perf_counter() - t0

@@ -267,10 +267,10 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
                 for key, pcts in groups.items():
                     if device == "cpu":
                         mine = cores[:key]
-                        wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine), backend, device)
+                        wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine), backend, device, warm_shapes=False)
                     else:
                         wspec = WorkerSpec(f"profile-{key}pct", cfg, (), gpu_env(key, gpus, partition, mps), backend,
-                                           device)
+                                           device, warm_shapes=False)
                     samples, versions, again = _measure(wspec, grid, work, startup_timeout_s, cell_timeout_s,
                                                         progress)
                     retimed += again

@@ -69,7 +69,13 @@ from typing import Any
 
 import numpy as np
 
-from hwloop.engine import FIRST_TOKEN_ID, engine_config, synthetic_prompt, write_model_dir
+from hwloop.engine import (
+    FIRST_TOKEN_ID,
+    STEP_TOKEN_MULTIPLE,
+    engine_config,
+    synthetic_prompt,
+    write_model_dir,
+)
 from hwloop.kv_pool import PAD_TOKENS, BlockAllocator, KVPool
 from hwloop.partition import available_cores, cpu_env
 from hwloop.process import start_workers
@@ -105,7 +111,7 @@ class Pair:
     def __init__(self, spec: ModelSpec, cores: Sequence[int], work: Path, batch: int, context: int,
                  budget: int, env: dict[str, str] | None = None, workers: int = 2) -> None:
         self.prefill_tokens = 2048
-        self.pad_tokens = 1  # vLLM runs a prefill at its own token count
+        self.pad_tokens = STEP_TOKEN_MULTIPLE  # the engine pads a step that prefills (`hwloop.engine`)
         cfg = engine_config(spec, write_model_dir(spec, work / "models"), max_batch=max(16, batch, *BESIDE_BATCHES),
                             pool_blocks=10**6, chunk_blocks=blocks_per_chunk(spec), prefill_tokens=self.prefill_tokens)
         self.max_context = spec.max_context

@@ -44,6 +44,9 @@ class WorkerSpec:
     # yet), on `device` ("cpu" | "cuda"); a vLLM engine runs where its build runs.
     backend: str = "vllm"
     device: str = "cpu"
+    # vLLM: build every step shape before serving (`VLLMEngine.warm_shapes`). The profiler's workers
+    # do not: each cell warms its own shape, and their token budget covers its largest cell.
+    warm_shapes: bool = True
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,9 @@ def build_engine(spec: WorkerSpec) -> tuple[Any, Any]:
 
     engine = VLLMEngine(spec.engine)
     warm_up(engine)
+    if spec.warm_shapes:
+        engine.warm_shapes()
+        engine.build_s += engine.warm_s
     return engine, VLLMStepEngine(engine)
 
 

@@ -194,3 +194,62 @@ def test_profile_table_is_what_the_cost_model_reads(tmp_path: Path) -> None:
         assert read_profile(path).meta["command"]
         cost = TableCostModel.from_profile(path)
         assert cost.decode_time(TINY, 1, 100, 2, 48) > 0 and cost.prefill_time(TINY, 1, 50, 1, 32) > 0
+
+
+# Runs in its own process: a vLLM engine in the test process would keep its distributed state.
+PADDED_STEPS = r"""
+import json, os, sys
+from pathlib import Path
+from hwloop.engine import VLLMEngine, engine_config, synthetic_prompt, write_model_dir
+from policies.specs import ModelSpec
+
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+spec = ModelSpec("tiny", 2, 128, 2, 2, 344, 1024, max_context=128)
+engine = VLLMEngine(engine_config(spec, write_model_dir(spec, sys.argv[1]), max_batch=4, pool_blocks=10**6,
+                                  chunk_blocks=1, prefill_tokens=256))
+model = engine._engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.model
+ran = []  # the tokens each forward pass really embeds
+model.model.embed_tokens.register_forward_hook(lambda module, args, out: ran.append(int(args[0].shape[0])))
+
+def jit_mappings():  # oneDNN's built kernels live in anonymous writable and executable mappings
+    return sum(line.split()[1] == "rwxp" for line in Path("/proc/self/maps").read_text().splitlines())
+
+def step(prompts, max_tokens=3):
+    for key, n in prompts.items():
+        engine.add(key, synthetic_prompt(len(key) * 97 + n, n, spec.vocab_size), max_tokens)
+    outputs = engine.step()
+    return {"ran": ran[-1], "counted": engine.last_step_tokens, "keys": sorted(o.key for o in outputs)}
+
+out = {"prefill": step({"a": 45, "b": 7}), "decode": step({}), "mixed": step({"c": 30})}
+before = jit_mappings()
+step({"cold": 77}, 1)
+out["cold_builds"] = jit_mappings() - before
+engine.warm_shapes()
+before = jit_mappings()
+for n in (5, 33, 61, 90, 126, 17, 64, 99):
+    step({f"w{n}": n, f"v{n}": 127 - n // 2}, 2)
+    while engine.has_work():
+        engine.step()
+out["warm_builds"] = jit_mappings() - before
+print(json.dumps(out))
+"""
+
+
+def test_a_step_that_prefills_runs_padded_and_a_warmed_engine_builds_nothing(tmp_path: Path) -> None:
+    """`hwloop.engine`: a step that prefills runs a multiple of STEP_TOKEN_MULTIPLE tokens, as the
+    model itself sees them (a hook on its embedding), the padding prompt's output never returned;
+    a decode runs unpadded. A cold engine builds kernels for a token count it never ran (new
+    executable mappings), and after `warm_shapes` serving prompts of many lengths builds none."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", PADDED_STEPS, str(tmp_path)], capture_output=True, text=True,
+                          timeout=280, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["prefill"] == {"ran": 64, "counted": 64, "keys": ["a", "b"]}  # 45 + 7 tokens, padded
+    assert out["decode"] == {"ran": 2, "counted": 2, "keys": ["a", "b"]}
+    assert out["mixed"] == {"ran": 32, "counted": 32, "keys": ["a", "b", "c"]}  # 2 decodes + 30: no padding
+    assert out["cold_builds"] > 0
+    assert out["warm_builds"] == 0, out

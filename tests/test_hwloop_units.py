@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from hwloop.engine import engine_config, synthetic_prompt, write_model_dir
+from hwloop.engine import STEP_TOKEN_MULTIPLE, engine_config, synthetic_prompt, write_model_dir
 from hwloop.partition import (
     ALLOCATOR_ENV,
     MPSDaemon,
@@ -120,7 +120,11 @@ def test_engine_holds_what_the_pool_can_hand_out_and_a_whole_prompt_per_step(tmp
     small = engine_config(TINY, tmp_path, max_batch=4, pool_blocks=3 * chunk, chunk_blocks=chunk,
                           prefill_tokens=0)
     assert small.kv_blocks == TINY.max_context // BLOCK_TOKENS  # vLLM needs one full-length request
-    assert small.engine_args()["num_gpu_blocks_override"] == small.kv_blocks + 1
+    # vLLM's null block, and room for the prompt that pads a step (hwloop.engine.STEP_TOKEN_MULTIPLE):
+    # a sequence, its tokens and its blocks beyond what the policy may admit
+    args = small.engine_args()
+    assert args["num_gpu_blocks_override"] == small.kv_blocks + 1 + -(-(STEP_TOKEN_MULTIPLE - 1) // BLOCK_TOKENS)
+    assert args["max_num_seqs"] == 4 + 1 and args["max_num_batched_tokens"] == small.max_batched_tokens + 31
 
 
 def test_model_folder_holds_the_specs_config(tmp_path) -> None:
