@@ -124,9 +124,11 @@ class VLLMStepEngine:
 # prefill worker (tiny-l4-h512, one core, back to back, medians), 128 tokens took 12.5 ms, 129
 # 13.5 ms, 150 14.4 ms, 200 17.7 ms against 16.1 ms interpolated between 128 and 256; served prompts
 # replayed back to back came to 1.18-1.20x the profile of aligned lengths (`python -m
-# experiments.job_replay`). vLLM's cells keep their own lengths: with these offsets the mixed
-# validation test's saturated throughput fell from -8..-20% to -35..-46% against the simulator
-# (fresh-clone CI, 2026-12-03 21:00, both runs), a change not understood, so not made there.
+# experiments.job_replay`). vLLM's cells keep their own lengths: a vLLM step that prefills runs
+# padded to 32 tokens (`hwloop.engine.STEP_TOKEN_MULTIPLE`), the shape served steps run. (With
+# these offsets on vLLM's cells, the mixed validation test's saturated throughput once fell to
+# -35..-46% against the simulator; the official CI at beb0484 saw the same without them: the cause
+# was vLLM building kernels per new token count, which `hwloop.engine` now pads and builds ahead.)
 PREFILL_OFFSETS = (1, -1, 3, -3, 5, -5)
 
 
@@ -194,7 +196,7 @@ def profile_engine_config(spec: ModelSpec, model_dir: str | Path, grid: Grid, du
     return EngineConfig(
         model_dir=str(model_dir), dummy=dummy, dtype="float32" if spec.dtype_bytes == 4 else "bfloat16",
         max_model_len=max_len, kv_blocks=max(grid.batches) * per_seq, kv_bytes_per_token=spec.kv_bytes_per_token,
-        max_num_seqs=max(grid.batches), max_batched_tokens=max(max(grid.batches) * (max(grid.seq_lens) + max(PREFILL_OFFSETS)), max_len),
+        max_num_seqs=max(grid.batches), max_batched_tokens=max(max(grid.batches) * max(grid.seq_lens), max_len),
         vocab_size=spec.vocab_size)
 
 
