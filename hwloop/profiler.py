@@ -196,7 +196,7 @@ def profile_engine_config(spec: ModelSpec, model_dir: str | Path, grid: Grid, du
     return EngineConfig(
         model_dir=str(model_dir), dummy=dummy, dtype="float32" if spec.dtype_bytes == 4 else "bfloat16",
         max_model_len=max_len, kv_blocks=max(grid.batches) * per_seq, kv_bytes_per_token=spec.kv_bytes_per_token,
-        max_num_seqs=max(grid.batches), max_batched_tokens=max(max(grid.batches) * max(grid.seq_lens), max_len),
+        max_num_seqs=max(grid.batches), max_batched_tokens=max(max(grid.batches) * (max(grid.seq_lens) + max(PREFILL_OFFSETS)), max_len),
         vocab_size=spec.vocab_size)
 
 
