@@ -267,10 +267,8 @@ class VLLMEngine:
             if prompts > cfg.max_num_seqs:
                 break
             prefill(f"t{tokens}", [tokens // prompts + (i < tokens % prompts) for i in range(prompts)])
-        self.warm_phases = {"prefill_counts": time.perf_counter() - t0}
         for seqs in range(1, cfg.max_num_seqs + 1):
             prefill(f"s{seqs}", [1] * seqs)
-        self.warm_phases["sequences"] = time.perf_counter() - t0 - sum(self.warm_phases.values())
         held: list[str] = []
         steps_left = 0
         for batch in range(cfg.max_num_seqs, 0, -1):
@@ -286,5 +284,4 @@ class VLLMEngine:
             self.step()
             steps_left -= 1
         self.abort(held)
-        self.warm_phases["decodes"] = time.perf_counter() - t0 - sum(self.warm_phases.values())
         self.warm_s = time.perf_counter() - t0
