@@ -43,6 +43,10 @@ from typing import Any
 from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 
+# oneDNN's own cache of built kernels (1024 by default) must hold every shape a warm-up builds
+# (`VLLMEngine.warm_shapes`, `hwloop.split_worker.PhaseServer.warm_shapes`): about (prefill counts +
+# 2 × batch cap) × the model's weight shapes; evicted, one is built again. Set before torch first multiplies.
+KERNEL_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384"}
 # Set in every engine process before vLLM is imported.
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: one step() = one forward
@@ -50,9 +54,7 @@ ENGINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    # oneDNN's own cache of built kernels (1024 by default) must hold every shape `warm_shapes` builds:
-    # about (prefill counts + 2 × max_num_seqs) × the model's weight shapes; evicted, one is built again.
-    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384",
+    **KERNEL_CACHE_ENV,
 }
 FIRST_TOKEN_ID = 3  # synthetic prompts avoid the usual special ids 0..2
 # A step that prefills runs a multiple of this many tokens (module docstring). 32 rather than the
@@ -167,6 +169,12 @@ def synthetic_prompt(seed: int, length: int, vocab_size: int) -> list[int]:
     return [FIRST_TOKEN_ID + (seed * 7919 + i * 31) % span for i in range(length)]
 
 
+def prompt_lengths(tokens: int, longest: int) -> list[int]:
+    """Prompts of at most `longest` tokens that add up to `tokens`, as even as they can be."""
+    n = -(-tokens // longest)
+    return [tokens // n + (k < tokens % n) for k in range(n)]
+
+
 @dataclass(frozen=True)
 class StepOutput:
     """What one engine step produced for one request."""
@@ -263,10 +271,10 @@ class VLLMEngine:
 
         budget = min(cfg.max_batched_tokens, cfg.kv_blocks * BLOCK_TOKENS)
         for tokens in range(STEP_TOKEN_MULTIPLE, budget + 1, STEP_TOKEN_MULTIPLE):
-            prompts = -(-tokens // longest)
-            if prompts > cfg.max_num_seqs:
+            lengths = prompt_lengths(tokens, longest)
+            if len(lengths) > cfg.max_num_seqs:
                 break
-            prefill(f"t{tokens}", [tokens // prompts + (i < tokens % prompts) for i in range(prompts)])
+            prefill(f"t{tokens}", lengths)
         for seqs in range(1, cfg.max_num_seqs + 1):
             prefill(f"s{seqs}", [1] * seqs)
         held: list[str] = []

@@ -75,7 +75,6 @@ class Runner(ReplayRunner):
         return cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, self._mps)
 
     def _build(self, work: Path) -> None:
-        prefill_tokens = int(getattr(self.policy, "max_prefill_tokens", 0))
         if self.config.device == "cuda" and self.config.use_mps:
             self._mps = MPSDaemon(work / "mps")
             self._mps.start()
@@ -90,7 +89,7 @@ class Runner(ReplayRunner):
                 real = self.config.model_dirs.get(x.model)
                 folder = real or write_model_dir(spec, work / "models")
                 cfg = engine_config(spec, folder, max_batch=x.max_batch, pool_blocks=unit.kv_blocks,
-                                    chunk_blocks=chunks[x.model], prefill_tokens=prefill_tokens, dummy=real is None,
+                                    chunk_blocks=chunks[x.model], prefill_tokens=self.policy.max_prefill_tokens, dummy=real is None,
                                     max_model_len=self.config.max_model_len)
                 if self.config.device == "cuda":
                     share = self.config.cuda_memory_fraction or 0.9 / max(per_gpu[g] for g in unit.gpus)

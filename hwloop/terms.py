@@ -73,6 +73,7 @@ from hwloop.engine import (
     FIRST_TOKEN_ID,
     STEP_TOKEN_MULTIPLE,
     engine_config,
+    prompt_lengths,
     synthetic_prompt,
     write_model_dir,
 )
@@ -212,7 +213,9 @@ class SplitPair:
         self.handles = {
             (i, phase): SplitWorkerHandle(SplitWorkerSpec(f"terms-{i}/{phase}", f"terms-{i}", phase, spec,  # type: ignore[arg-type]
                                                           self.pool.handle(), dtype=DTYPE_OF_BYTES[spec.dtype_bytes],
-                                                          cores=self.cores, env=worker_env),
+                                                          cores=self.cores, env=worker_env,
+                                                          max_prefill_tokens=self.prefill_tokens,
+                                                          max_batch=max(16, batch, BESIDE_LOAD_BATCH, *BESIDE_BATCHES)),
                                           work / "logs" / f"terms-{i}-{phase}.log")
             for i in range(2) for phase in ("prefill", "decode")}
         self._next_id = 0
@@ -334,12 +337,6 @@ def measure_dispatch(pair: Workers, steps: int) -> dict[str, float]:
         admitting.append(done.t_start - t_send)
     return {"send_ms": _ms(send), "reply_ms": _ms(reply), "decode_ms": _ms(send) + _ms(reply),
             "admit_ms": _ms(admitting) - _ms(send), "steps": steps}
-
-
-def prompt_lengths(tokens: int, longest: int) -> list[int]:
-    """Prompts of at most `longest` tokens that add up to `tokens`, as even as they can be."""
-    n = -(-tokens // longest)
-    return [tokens // n + (k < tokens % n) for k in range(n)]
 
 
 def measure_shapes(pair: Workers, steps: int, near: Sequence[int] = SHAPE_TOKENS) -> dict[str, Any]:

@@ -150,6 +150,7 @@ class BatchingPolicy(Protocol):
     name: str
     exclusive: bool  # at most one job per unit at a time; otherwise quotas must partition the pool
     quota_period_s: float  # how often `quotas` is asked again; 0 = set once
+    max_prefill_tokens: int  # the most prompt tokens one launch admits (engines build their shapes up to it)
 
     def quotas(self, view: UnitView) -> dict[str, int]: ...
 

@@ -82,6 +82,73 @@ def maps_pool(pid: int) -> bool:
         return any("/memfd:muxsim-kv-pool" in line for line in f)
 
 
+WARMED_WORKERS = r"""
+import ctypes, json, os, sys
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+from hwloop.kv_pool import BlockAllocator, KVPool
+from hwloop.split_worker import DecodeCmd, DecodeItem, PhaseServer, PrefillCmd, PrefillItem, SplitWorkerSpec
+from policies.placement import blocks_for_tokens, blocks_per_chunk
+from policies.specs import ModelSpec
+
+spec = ModelSpec("tiny", 2, 128, 2, 2, 344, 1024, max_context=128)
+pool = KVPool(1024)
+blocks = BlockAllocator(pool.num_blocks)
+chunk = blocks_per_chunk(spec)
+libc = ctypes.CDLL(None)
+
+def mark(name):  # oneDNN prints to C's stdout: flush it before each marker, so the lines keep their order
+    libc.fflush(None)
+    print(f"MARK {name}", flush=True)
+
+def server(phase, warm):
+    return PhaseServer(SplitWorkerSpec(f"t/{phase}", "t", phase, spec, pool.handle(),
+                                       max_prefill_tokens=256 if warm else 0, max_batch=4 if warm else 0))
+
+def serve(pre, dec, lengths, first_id, steps):
+    items = tuple(PrefillItem(first_id + i, tuple(3 + (first_id + 13 * i + j) % 1000 for j in range(n)),
+                              tuple(blocks.allocate(blocks_for_tokens(n, chunk)))) for i, n in enumerate(lengths))
+    done = pre.prefill(PrefillCmd(items))
+    tables = {it.request_id: it.blocks + tuple(blocks.allocate(chunk)) for it in items}
+    if dec is not None:
+        dec.decode(DecodeCmd(tuple(DecodeItem(it.request_id, done.new_tokens[it.request_id][0], len(it.tokens),
+                                              tables[it.request_id], steps) for it in items), steps), lambda: False)
+    for t in tables.values():
+        blocks.deallocate(t)
+
+cold = server("prefill", False)
+mark("cold")
+serve(cold, None, [77], 1, 0)
+mark("build")
+pre, dec = server("prefill", True), server("decode", True)
+mark("warm")
+for k, lengths in enumerate(([5, 33], [61], [90, 20, 7, 1], [94], [17, 64], [99, 3, 50], [2], [40, 40, 40, 40])):
+    serve(pre, dec, lengths, 100 * (k + 1), 3)
+mark("end")
+"""
+
+
+def test_warmed_split_workers_build_no_kernel_while_serving() -> None:
+    """`PhaseServer.warm_shapes`: a cold prefill worker builds kernels (oneDNN primitives, one per
+    matrix product and row count) for a token count it never ran; prefill and decode workers warmed
+    up to their limits serve prompt mixes and decode batches within them building none. oneDNN's
+    own log says which primitives it built (`ONEDNN_VERBOSE=profile_create`: a cache_miss each)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", WARMED_WORKERS], capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ONEDNN_VERBOSE": "profile_create"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    built: dict[str, int] = {}
+    stage = ""
+    for line in done.stdout.splitlines():
+        if line.startswith("MARK "):
+            stage = line.split()[1]
+        elif "create:cache_miss" in line:
+            built[stage] = built.get(stage, 0) + 1
+    assert built.get("cold", 0) > 0 and built.get("build", 0) > 0, built
+    assert built.get("warm", 0) == 0, built  # 35 when the warm-up is skipped (checked)
+
+
 def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
     """Two shapes, each with a prefill and a decode process, on one pool; the decode process reads
     the blocks the prefill process wrote, through the block table, and gives the single-process
