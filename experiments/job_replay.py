@@ -40,7 +40,6 @@ import pandas as pd
 
 from experiments.config import ConfigError
 from experiments.job_report import job_ratios, run_config, run_table
-from experiments.systems import SYSTEMS
 from experiments.validate import build_setup, plan, terms_path
 from hwloop.engine import synthetic_prompt
 from hwloop.kv_pool import BlockAllocator, KVPool
@@ -56,7 +55,6 @@ from hwloop.split_worker import (
     SplitWorkerHandle,
     SplitWorkerSpec,
 )
-from policies.batching import make_batching
 from policies.cost import FirstSteps, RunnerTerms
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from policies.specs import ModelSpec
@@ -75,8 +73,6 @@ class Logged:
     cores: dict[str, tuple[int, ...]]  # by worker, "<llm>/<phase>"
     pool_blocks: int
     terms: RunnerTerms
-    max_prefill_tokens: int  # the run's limits, up to which its workers built every step shape before serving
-    max_batch: dict[str, int]  # by LLM
 
 
 def logged_run(run: Path, level: int, repeat: int) -> Logged:
@@ -104,9 +100,7 @@ def logged_run(run: Path, level: int, repeat: int) -> Logged:
     return Logged(prefills.reset_index(drop=True),
                   hw[hw["phase"] == "decode"].sort_values("start_s", kind="stable").reset_index(drop=True),
                   {spec.name: spec for spec in s.specs.values()}, planned.slices,
-                  planned.placement.units[0].kv_blocks, RunnerTerms.from_measured(measured, "the run's"),
-                  make_batching(SYSTEMS[system][1], **planned.common["batching_opts"]).max_prefill_tokens,
-                  {x.name: x.max_batch for x in planned.placement.units[0].llms})
+                  planned.placement.units[0].kv_blocks, RunnerTerms.from_measured(measured, "the run's"))
 
 
 def _lengths(prompts: tuple[int, ...] | None, admitted: int, context: int) -> tuple[int, ...]:
@@ -136,8 +130,7 @@ def replay(logged: Logged, condition: str) -> pd.DataFrame:
                 cores = logged.cores[f"{llm}/{phase}"]
                 handles[llm, phase] = SplitWorkerHandle(
                     SplitWorkerSpec(f"{llm}/{phase}", llm, phase, spec, pool.handle(),  # type: ignore[arg-type]
-                                    dtype=DTYPE_OF_BYTES[spec.dtype_bytes], cores=cores, env=cpu_env(cores),
-                                    max_prefill_tokens=logged.max_prefill_tokens, max_batch=logged.max_batch[llm]),
+                                    dtype=DTYPE_OF_BYTES[spec.dtype_bytes], cores=cores, env=cpu_env(cores)),
                     Path(tmp) / f"{llm}-{phase}.log")
         try:
             start_workers(list(handles.values()), timeout_s=600)

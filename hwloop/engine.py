@@ -43,10 +43,6 @@ from typing import Any
 from policies.placement import BLOCK_TOKENS
 from policies.specs import ModelSpec
 
-# oneDNN's own cache of built kernels (1024 by default) must hold every shape a warm-up builds
-# (`VLLMEngine.warm_shapes`, `hwloop.split_worker.PhaseServer.warm_shapes`): about (prefill counts +
-# 2 × batch cap) × the model's weight shapes; evicted, one is built again. Set before torch first multiplies.
-KERNEL_CACHE_ENV = {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384"}
 # Set in every engine process before vLLM is imported.
 ENGINE_ENV = {
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in this process: one step() = one forward
@@ -54,7 +50,9 @@ ENGINE_ENV = {
     "VLLM_NO_USAGE_STATS": "1",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
-    **KERNEL_CACHE_ENV,
+    # oneDNN's own cache of built kernels (1024 by default) must hold every shape `warm_shapes` builds:
+    # about (prefill counts + 2 × max_num_seqs) × the model's weight shapes; evicted, one is built again.
+    "ONEDNN_PRIMITIVE_CACHE_CAPACITY": "16384",
 }
 FIRST_TOKEN_ID = 3  # synthetic prompts avoid the usual special ids 0..2
 # A step that prefills runs a multiple of this many tokens (module docstring). 32 rather than the

@@ -127,8 +127,7 @@ class SplitRunner(ReplayRunner):
                 for phase, sl in zip(("prefill", "decode"), pair, strict=True):
                     wspec = SplitWorkerSpec(f"{x.name}/{phase}", x.name, phase, spec, pool.handle(),  # type: ignore[arg-type]
                                             dtype=DTYPE_OF_BYTES[spec.dtype_bytes], device=device,
-                                            max_len=self.config.max_model_len or 0, cores=sl.cores, env=sl.env,
-                                            max_prefill_tokens=self.policy.max_prefill_tokens, max_batch=x.max_batch)
+                                            max_len=self.config.max_model_len or 0, cores=sl.cores, env=sl.env)
                     handle = SplitWorkerHandle(wspec, work / "logs" / f"{x.name}-{phase}.log", unit=unit.unit_id)
                     self._procs[x.name, phase] = Proc(x.name, phase, unit.unit_id, sl, handle)
             ids = BlockIdPool(unit.kv_blocks, [x.name for x in unit.llms])

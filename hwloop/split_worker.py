@@ -26,8 +26,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from hwloop.engine import FIRST_TOKEN_ID, KERNEL_CACHE_ENV
-from hwloop.kv_pool import PAD_TOKENS, PoolHandle, storage_identity
+from hwloop.kv_pool import PoolHandle, storage_identity
 from hwloop.process import Answer, Ready, WorkerProcess, pinned_cores, worker_main
 from policies.specs import ModelSpec
 
@@ -48,10 +47,6 @@ class SplitWorkerSpec:
     seed: int = 0
     cores: tuple[int, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    # The most the runner will ever send (0: unknown): every step shape up to them is run once before
-    # Ready (`PhaseServer.warm_shapes`), prompt tokens a prefill launch admits and requests a launch holds.
-    max_prefill_tokens: int = 0
-    max_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -117,34 +112,16 @@ class PhaseServer:
                                   seed=spec.seed)
         self.pool = attach(spec.pool)
         self.engine.layout(spec.pool.block_bytes)  # refuses a model the pool cannot page, before Ready
-        t0 = time.perf_counter()
-        self.warm_shapes(spec)
-        self.warm_s = time.perf_counter() - t0
+        self._warm_up(spec.pool.block_bytes)
 
-    def warm_shapes(self, spec: SplitWorkerSpec) -> None:
-        """Build every matrix-product kernel this phase can serve before serving, so that no served step
-        builds one: on CPU, oneDNN builds a bf16 product's kernel per row count, at 5-60 ms each on
-        this kind of machine (`hwloop.engine.VLLMEngine.warm_shapes` does the same for vLLM).
-        - prefill: every packed token count up to `max_prefill_tokens` (padded to `PAD_TOKENS`, so one
-          per 16), and every count of prompts up to `max_batch` (the rows whose logits it computes);
-        - decode: every batch up to `max_batch`.
-        Each by `TorchEngine.run_products` (the products alone, not whole steps: 128 prefills up to
-        2048 tokens took 12 s a worker). Then one real step of the phase on a private scratch pool, so
-        that the first served step is not a cold one."""
-        engine = self.engine
-        rows = set(range(1, spec.max_batch + 1))
-        if spec.phase == "prefill":
-            rows |= set(range(PAD_TOKENS, spec.max_prefill_tokens + 1, PAD_TOKENS))
-        for n in sorted(rows):
-            engine.run_products(n)
-        per_chunk = engine.layout(spec.pool.block_bytes).chunk_blocks
-        scratch = self.torch.zeros(per_chunk, spec.pool.block_bytes, dtype=self.torch.uint8, device=engine.device)
-        table = [list(range(per_chunk))]
-        if spec.phase == "prefill":
-            engine.prefill_paged(scratch, table, [[FIRST_TOKEN_ID] * 8])
-        else:
-            engine.decode_paged(scratch, table, [8], self.torch.tensor([FIRST_TOKEN_ID]))
-        engine.sync()
+    def _warm_up(self, block_bytes: int) -> None:
+        """One prefill and one decode on a private scratch pool, so the first timed step is not a cold one."""
+        scratch = self.torch.zeros(self.engine.layout(block_bytes).chunk_blocks, block_bytes, dtype=self.torch.uint8,
+                                   device=self.engine.device)
+        table = [list(range(len(scratch)))]
+        logits = self.engine.prefill_paged(scratch, table, [[3] * 8])
+        self.engine.decode_paged(scratch, table, [8], logits.argmax(-1))
+        self.engine.sync()
 
     def _tokens(self, logits: Any) -> list[int]:
         return logits.argmax(dim=-1).cpu().tolist()  # the device-to-host copy synchronises the step
@@ -191,14 +168,13 @@ class PhaseServer:
 
 def _build(spec: SplitWorkerSpec) -> tuple[SplitReady, Answer]:
     """Build the phase's engine over the pool; answer the commands of that phase only."""
-    os.environ.update(KERNEL_CACHE_ENV)
     t0 = time.perf_counter()
     import torch
 
     t_import = time.perf_counter() - t0
     server = PhaseServer(spec)
     identity = storage_identity(spec.pool.fd) if spec.pool.device == "cpu" else (0, 0)
-    ready = SplitReady(os.getpid(), pinned_cores(), t_import, server.engine.build_s + server.warm_s, torch.get_num_threads(),
+    ready = SplitReady(os.getpid(), pinned_cores(), t_import, server.engine.build_s, torch.get_num_threads(),
                        dict(server.engine.info), pool_identity=identity)
 
     def answer(msg: object, interrupted: Any) -> object:

@@ -213,9 +213,7 @@ class SplitPair:
         self.handles = {
             (i, phase): SplitWorkerHandle(SplitWorkerSpec(f"terms-{i}/{phase}", f"terms-{i}", phase, spec,  # type: ignore[arg-type]
                                                           self.pool.handle(), dtype=DTYPE_OF_BYTES[spec.dtype_bytes],
-                                                          cores=self.cores, env=worker_env,
-                                                          max_prefill_tokens=self.prefill_tokens,
-                                                          max_batch=max(16, batch, BESIDE_LOAD_BATCH, *BESIDE_BATCHES)),
+                                                          cores=self.cores, env=worker_env),
                                           work / "logs" / f"terms-{i}-{phase}.log")
             for i in range(2) for phase in ("prefill", "decode")}
         self._next_id = 0

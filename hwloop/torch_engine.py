@@ -441,19 +441,6 @@ class TorchEngine:
         cache.lengths[rows] = [n + 1 for n in held]
         return logits
 
-    @torch.inference_mode()
-    def run_products(self, rows: int) -> None:
-        """Each of a step's matrix products once at `rows` rows, on zeros: a layer's four (every layer
-        has the same shapes) and the logits'. On CPU a bf16 product's kernel is built per row count
-        and cached (oneDNN), so this builds what a step of that many tokens (or logits rows) would,
-        at a fraction of the step's time."""
-        block = self.model.layers[0]
-        head = self.model.embed if self.model.lm_head is None else self.model.lm_head
-        with self.on_stream():
-            for weight, bias in ((block.qkv, block.qkv_bias), (block.o, None), (block.gate_up, None),
-                                 (block.down, None), (head, None)):
-                F.linear(torch.zeros(rows, weight.shape[1], dtype=self.dtype, device=self.device), weight, bias)
-
     def layout(self, block_bytes: int) -> PagedLayout:
         return PagedLayout.of(self.spec, self.dtype.itemsize, block_bytes)
 
