@@ -65,7 +65,7 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
     policy = make_batching(batching or SYSTEMS[system][1], **(batching_opts or {}))
     specs = type_specs(workload, extra_specs)
     if mode == "mixed":
-        check_memory(placement, specs, int(getattr(policy, "max_prefill_tokens", 0)))
+        check_memory(placement, specs, policy.max_prefill_tokens)
     config = RunnerConfig(records_path=records_path, work_dir=work_dir, device=device, gpu_cores=gpu_cores,
                           horizon_s=horizon_s, progress=progress, decode_runs=skip_steps,
                           log_jobs=log_jobs)

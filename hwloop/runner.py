@@ -89,7 +89,8 @@ class Runner(ReplayRunner):
                 real = self.config.model_dirs.get(x.model)
                 folder = real or write_model_dir(spec, work / "models")
                 cfg = engine_config(spec, folder, max_batch=x.max_batch, pool_blocks=unit.kv_blocks,
-                                    chunk_blocks=chunks[x.model], prefill_tokens=self.policy.max_prefill_tokens, dummy=real is None,
+                                    chunk_blocks=chunks[x.model], prefill_tokens=self.policy.max_prefill_tokens,
+                                    dummy=real is None,
                                     max_model_len=self.config.max_model_len)
                 if self.config.device == "cuda":
                     share = self.config.cuda_memory_fraction or 0.9 / max(per_gpu[g] for g in unit.gpus)
