@@ -204,8 +204,8 @@ def charges(jobs: pd.DataFrame, logged: Logged, busy: Sequence[tuple[float, floa
     """What the simulator charges each replayed prefill job under the conditions it was replayed in,
     derived from the replay's timeline as `sim.engine.Simulator._runner_extra` derives them: the
     profile, times the beside factor when a job on other cores ran at its send, plus the extras of
-    its first step (dispatch and admission, a token count its worker never ran, another worker last
-    on its cores, else how long its worker sat idle; `policies.cost.FirstSteps`, as the simulator)."""
+    its first step (dispatch and admission, a token count its worker never ran, how long its cores
+    sat idle and whether another worker ran there last; `policies.cost.FirstSteps`, as the simulator)."""
     first_steps = FirstSteps(logged.terms)
     charged = []
     for job in jobs.itertuples():
@@ -215,7 +215,7 @@ def charges(jobs: pd.DataFrame, logged: Logged, busy: Sequence[tuple[float, floa
         beside = any(a <= job.sent_s < b and set(cores).isdisjoint(c) for a, b, c in busy)
         factor = logged.terms.beside_factor(job.model, len(cores), tokens) if beside else 1.0
         charged.append(job.profiled_s * factor + extra)
-        first_steps.end(worker, job.ended_s)
+        first_steps.end(cores, job.ended_s)
     return np.array(charged)
 
 

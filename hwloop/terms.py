@@ -95,7 +95,9 @@ from policies.cost import mixed_step_time
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from policies.specs import ModelSpec
 
-IDLE_GAPS_S = (0.002, 0.02, 0.2)  # the idle times `idle` measures at
+# The idle times `idle` measures at: the simulator interpolates between them in log(gap)
+# (`RunnerTerms.idle_extra`), and the cold start grows most between 20 ms and 0.5 s.
+IDLE_GAPS_S = (0.002, 0.005, 0.02, 0.05, 0.2, 0.5)
 SHAPE_TOKENS = (8, 32, 128, 512, 1536)  # the token counts `shapes` measures near (capped by the engine's budget)
 BESIDE_BATCHES = (1, 8, 32, 96)  # the decode batches `beside` measures at (step tokens = batch)
 BESIDE_PROMPT_TOKENS = (256, 1024)  # and the prefills (more tokens than any decode batch above)

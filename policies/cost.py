@@ -685,8 +685,11 @@ class RunnerTerms:
     measured by its own command (`hwloop.terms`), per (model type, cores of the worker), in seconds:
 
     - `turn_s`: the step follows another engine's on the same cores (their data filled the caches);
-    - `idle_s`: ((gap, extra), …) by increasing gap: the engine sat idle at least `gap`, with no
-      other engine on its cores meanwhile; the extra of the largest gap not above the idle time;
+    - `idle_s`: ((gap, extra), …) by increasing gap: the step's cores sat idle that long before it
+      (`idle_extra`: between the measured gaps linear in the gap's logarithm, below the shortest
+      linear from none, beyond the longest that one's). After another engine's step the larger of
+      this and `turn_s` is charged: the core's caches then hold the other engine's data, and an
+      idle core also wakes cold;
     - `dispatch_s`: the runner's message to the worker until the step starts, every launch;
     - `admit_s`: more of it when the launch admits requests (the engine adding them);
     - `shape_s`: ((tokens, extra), …) by increasing tokens: the step's token count is one its
@@ -722,20 +725,34 @@ class RunnerTerms:
         curve = self.beside.get((model, cores))
         return along(curve, tokens) if curve else 1.0
 
+    def idle_extra(self, model: str, cores: int, idle_for: float) -> float:
+        """Extra seconds of a step whose cores sat idle `idle_for` seconds before it (0: not measured).
+        Linear in log(gap) between measured gaps: a step function of three gaps charged the 0.02 s
+        gap's 0.37 ms to prefills replayed after 0.02–0.2 s idle that measured about 3 ms more than
+        charged (`experiments.job_replay`, as-run, 2026-12-04)."""
+        points = self.idle_s.get((model, cores), ())
+        if not points or idle_for <= 0:
+            return 0.0
+        gaps, extras = [g for g, _ in points], [x for _, x in points]
+        if idle_for <= gaps[0]:
+            return extras[0] * idle_for / gaps[0]
+        return float(np.interp(math.log(idle_for), np.log(gaps), extras))
+
     def first_step_extra(self, model: str, cores: int, *, after_other: bool, idle_for: float,
                          admitting: bool, new_shape: int = 0) -> float:
         """Extra seconds for a job's first step: `after_other` (another engine ran on its cores since
-        this engine's last step), else `idle_for` seconds since its last step ended (inf: never ran);
-        `new_shape`: the step's token count when its engine never ran that count before, else 0."""
+        this engine's last step), `idle_for` seconds since the last step on its cores ended, whichever
+        engine ran it (inf: none ran there); `new_shape`: the step's token count when its engine never
+        ran that count before, else 0."""
         key = (model, cores)
         extra = self.dispatch_s.get(key, 0.0) + (self.admit_s.get(key, 0.0) if admitting else 0.0)
         shapes = self.shape_s.get(key)
         if new_shape and shapes:
             extra += along(shapes, new_shape)
+        cold = self.idle_extra(model, cores, idle_for)
         if after_other:
-            return extra + self.turn_s.get(key, 0.0)
-        idle = [x for gap, x in self.idle_s.get(key, ()) if gap <= idle_for]
-        return extra + (idle[-1] if idle else 0.0)
+            cold = max(cold, self.turn_s.get(key, 0.0))
+        return extra + cold
 
     @classmethod
     def from_measured(cls, measured: list[dict], label: str) -> RunnerTerms:
@@ -766,13 +783,13 @@ class RunnerTerms:
 @dataclass
 class FirstSteps:
     """What `RunnerTerms.first_step_extra` is keyed on, followed as jobs start and end on workers:
-    which worker started last on each core, when each worker's last job ended, and the (padded)
+    which worker started last on each core, when the last job on each core ended, and the (padded)
     token counts each worker has run. The simulator keeps one, and so does a replay that charges
     its jobs as the simulator would (`experiments.job_replay`)."""
 
     terms: RunnerTerms
     last_on_core: dict[int, str] = field(default_factory=dict)
-    last_end: dict[str, float] = field(default_factory=dict)
+    core_free_since: dict[int, float] = field(default_factory=dict)
     shapes_run: dict[str, set[int]] = field(default_factory=dict)
 
     def start(self, worker: str, cores: tuple[int, ...], now: float, model: str, tokens: int,
@@ -780,6 +797,7 @@ class FirstSteps:
         """A job of `worker` starts `now` with a first step of `tokens`: its extra seconds, and
         whether another worker ran on its cores since this one's last step (a turn)."""
         after_other = any(self.last_on_core.get(c, worker) != worker for c in cores)
+        idle_for = now - max(self.core_free_since.get(c, -math.inf) for c in cores)
         for c in cores:
             self.last_on_core[c] = worker
         if admitting:
@@ -787,10 +805,11 @@ class FirstSteps:
         shapes = self.shapes_run.setdefault(worker, set())
         new_shape = 0 if tokens in shapes else tokens
         shapes.add(tokens)
-        extra = self.terms.first_step_extra(model, len(cores), after_other=after_other,
-                                            idle_for=now - self.last_end.get(worker, -math.inf),
+        extra = self.terms.first_step_extra(model, len(cores), after_other=after_other, idle_for=idle_for,
                                             admitting=admitting, new_shape=new_shape)
         return extra, after_other
 
-    def end(self, worker: str, at: float) -> None:
-        self.last_end[worker] = at
+    def end(self, cores: tuple[int, ...], at: float) -> None:
+        """A job on `cores` ended `at`: from then on they sit idle until the next starts."""
+        for c in cores:
+            self.core_free_since[c] = max(at, self.core_free_since.get(c, -math.inf))

@@ -463,7 +463,7 @@ class Simulator:
         del unit.jobs[job.job_id]
         if self.core_slices is not None:
             if self._first_steps is not None:
-                self._first_steps.end(self._worker(job), job.end)
+                self._first_steps.end(tuple(self._cores(job)), job.end)
             self._release_cores(job)
         steps = job.steps or 1
         if job.steps is not None:

@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from policies.batching import make_batching
-from policies.cost import RunnerTerms
+from policies.cost import FirstSteps, RunnerTerms
 from policies.placement import blocks_for_tokens, blocks_per_chunk
 from sim import SimulationError, Simulator
 from tests.sim_helpers import SPECS, one_unit, table, workload
@@ -100,19 +100,37 @@ def test_runner_terms_charge_each_first_step_by_what_came_before_it_on_its_cores
         Simulator(wl, placement, make_batching("adbs"), table(), SPECS, mode="mixed", runner_terms=terms)
 
 
-def test_runner_terms_read_from_measurements_take_the_largest_idle_gap_not_above_the_idle_time():
+def test_runner_terms_read_from_measurements_interpolate_the_idle_extra_over_log_gap():
+    """Idle extras 0.5 ms at 2 ms and 3 ms at 0.2 s: linear from none up to the shortest gap, linear in
+    log(gap) between, the longest's beyond; after another engine, the larger of turn and idle."""
     measured = [{"model": "m", "cores": 1, "turns": {"extra_ms": 2.0},
                  "idle": {"gaps": [{"gap_s": 0.2, "extra_ms": 3.0}, {"gap_s": 0.002, "extra_ms": 0.5}]},
                  "dispatch": {"decode_ms": 0.3, "admit_ms": 1.0}}]
     terms = RunnerTerms.from_measured(measured, "test")
     extra = lambda **kw: terms.first_step_extra("m", 1, **kw)  # noqa: E731
-    assert extra(after_other=True, idle_for=10.0, admitting=False) == pytest.approx(0.0023)
-    assert extra(after_other=False, idle_for=0.001, admitting=False) == pytest.approx(0.0003)
-    assert extra(after_other=False, idle_for=0.1, admitting=True) == pytest.approx(0.0018)
+    assert extra(after_other=True, idle_for=0.0, admitting=False) == pytest.approx(0.0023)  # turn, back to back
+    assert extra(after_other=True, idle_for=10.0, admitting=False) == pytest.approx(0.0033)  # idle beats turn
+    assert extra(after_other=True, idle_for=0.02, admitting=False) == pytest.approx(0.0023)  # 1.75 ms idle < turn
+    assert extra(after_other=False, idle_for=0.001, admitting=False) == pytest.approx(0.00055)
+    assert extra(after_other=False, idle_for=0.02, admitting=False) == pytest.approx(0.00205)  # halfway in log
     assert extra(after_other=False, idle_for=float("inf"), admitting=False) == pytest.approx(0.0033)
     assert terms.first_step_extra("m", 2, after_other=True, idle_for=1.0, admitting=True) == 0.0  # not measured
     measured[0]["turns"]["extra_ms"] = -1.0  # a cost measured below zero is noise: charged as none
     assert RunnerTerms.from_measured(measured, "test").turn_s[("m", 1)] == 0.0
+
+
+def test_first_steps_time_idleness_by_the_cores_not_the_worker():
+    """A worker whose own last job ended long ago, but whose core another worker left just now, starts
+    after a turn with its core idle only since then."""
+    terms = RunnerTerms(turn_s={("m", 1): 0.001}, idle_s={("m", 1): ((0.01, 0.002), (1.0, 0.004))}, label="test")
+    steps = FirstSteps(terms)
+    assert steps.start("a", (0,), 0.0, "m", 1, admitting=False) == (pytest.approx(0.004), False)  # never ran
+    steps.end((0,), 0.1)
+    steps.start("b", (0,), 5.0, "m", 1, admitting=False)
+    steps.end((0,), 5.2)
+    assert steps.start("a", (0,), 5.2, "m", 1, admitting=False) == (pytest.approx(0.001), True)  # turn only
+    steps.end((0,), 5.3)
+    assert steps.start("a", (0,), 5.4, "m", 1, admitting=False) == (pytest.approx(0.003), False)  # 0.1 s idle
 
 
 def first_tokens_and_finishes(terms: RunnerTerms, rows: list[tuple[str, float, int, int]]):
