@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from experiments.config import (
     system_policies,
     validate,
 )
+from experiments.interrupt import raise_on_sigterm, signal_of
 from experiments.max_rate import find_max_rate
 from experiments.systems import check_baseline, place
 from policies.cost import InterferenceModel
@@ -84,18 +84,6 @@ class Results:
                 why = "; ".join(f"{n} × {reason or 'no reason recorded'}" for reason, n in reasons.items())
                 lines.append(f"{system}: all {len(records)} requests failed ({why})")
         return lines
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what Slurm and `timeout` send), raised where the run is, so it stops as on Ctrl-C."""
-
-
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated
-
-
-def _signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
-    return signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
 
 
 def workload_facts(cfg: DictConfig, workload: Any) -> dict[str, Any]:
@@ -221,8 +209,8 @@ def run(cfg: DictConfig, out_dir: Path, progress_bars: bool = True) -> Results:
                 rows[-1] |= find_max_rate(search, cfg, simulate, system)
     except KeyboardInterrupt as e:
         res.interrupted = True
-        res.exit_status = 128 + _signal_of(e)
-        log.warning("interrupted (%s): writing the %d system(s) that finished", _signal_of(e).name, len(rows))
+        res.exit_status = 128 + signal_of(e)
+        log.warning("interrupted (%s): writing the %d system(s) that finished", signal_of(e).name, len(rows))
     finally:
         for h in console_handlers():
             h.removeFilter(quiet)
@@ -411,7 +399,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     except KeyboardInterrupt as e:  # before the first system started: nothing to keep
         print("interrupted before any system ran", file=sys.stderr)
-        sys.exit(128 + _signal_of(e))
+        sys.exit(128 + signal_of(e))
     if multirun:
         overrides = " ".join(HydraConfig.get().overrides.task)
         for row in res.summary.itertuples():
@@ -438,7 +426,7 @@ def main() -> None:
     from experiments.precheck import exit_on, precheck
 
     exit_on(precheck(sys.argv[1:]))
-    signal.signal(signal.SIGTERM, _terminate)
+    raise_on_sigterm()
     _hydra_main()
 
 

@@ -69,6 +69,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from experiments import hardware
 from experiments.config import CONF_DIR, ConfigError, _check, _number, absolute, build_cluster
+from experiments.interrupt import raise_on_sigterm, signal_of
 from experiments.plots import SYSTEM_COLORS
 from experiments.systems import SYSTEMS, place, run_system, specs_of
 from hwloop.kv_pool import PAD_TOKENS
@@ -1258,6 +1259,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     except USER_ERRORS as e:
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:  # every worker is reaped by the runner or profiler it belonged to
+        print(f"interrupted ({signal_of(e).name}) before the report: {out} keeps the profiles, records and "
+              f"job logs that finished", file=sys.stderr)
+        sys.exit(128 + signal_of(e))
     report(v)
 
 
@@ -1265,6 +1270,7 @@ def main() -> None:
     from experiments.precheck import exit_on
 
     exit_on(config_error(sys.argv[1:]))
+    raise_on_sigterm()
     _hydra_main()
 
 

@@ -336,3 +336,39 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
     assert set(table.index.get_level_values("condition")) == {"the run (logged)", "back-to-back", "with-decodes"}
     with pytest.raises(ConfigError, match="no hardware run at level 5"):
         logged_run(tmp_path / "out", level=5, repeat=0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_validate_stops_on_a_signal_in_one_line_and_leaves_no_worker(tmp_path: Path, sig: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM while `experiments.validate` profiles on split workers: it exits with 128 + the
+    signal, says so in one line naming its folder (no traceback), and no worker process it started
+    is left."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "experiments.validate", "mode=split", "systems=[muxserve]",
+           f"profile.dir={tmp_path / 'profiles'}", "profile.batches=[1,4]", "profile.seq_lens=[8,64]",
+           "report.progress=false", f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        workers: list[psutil.Process] = []
+        while not workers and proc.poll() is None:  # a worker started: the profile is being measured
+            assert time.monotonic() < deadline
+            workers = psutil.Process(proc.pid).children(recursive=True)
+            time.sleep(0.05)
+        time.sleep(1.0)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + sig, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(f"interrupted ({sig.name})"), err[-2000:]
+    assert str(out) in err.strip().splitlines()[-1]
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert workers and not alive
