@@ -129,7 +129,7 @@ def test_horizon_reports_unfinished_and_later_requests_as_failed():
 
 def test_policy_overcommitting_sm_units_is_caught():
     class Greedy:
-        name, exclusive, quota_period_s = "greedy", False, 0.0
+        name, exclusive, quota_period_s, max_prefill_tokens = "greedy", False, 0.0, 2048
 
         def quotas(self, view):
             return {x.name: view.kv_blocks_total // len(view.llms) for x in view.llms}

@@ -360,6 +360,8 @@ def test_validate_stops_on_a_signal_in_one_line_and_leaves_no_worker(tmp_path: P
             assert time.monotonic() < deadline
             workers = psutil.Process(proc.pid).children(recursive=True)
             time.sleep(0.05)
+        if not workers:
+            pytest.fail(f"validate exited ({proc.returncode}) before starting a worker: {proc.stderr.read()[-2000:]}")
         time.sleep(1.0)
         workers = psutil.Process(proc.pid).children(recursive=True)
         proc.send_signal(sig)
