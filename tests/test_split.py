@@ -125,6 +125,31 @@ def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
     assert left_in_dev_shm(shm, [r.pid for r in readies]) == set()
 
 
+def test_workers_on_a_shared_core_start_one_after_another(tmp_path: Path) -> None:
+    """`start_workers`: a worker pinned to a core an earlier worker holds is started only once that
+    one is ready (two builds on one core spin their threads against each other); one on another
+    core starts at once."""
+    import psutil
+
+    from hwloop.process import start_workers
+
+    def handle(name: str, core: int) -> SplitWorkerHandle:
+        return SplitWorkerHandle(SplitWorkerSpec(name, WIDE.name, "decode", WIDE, pool.handle(), dtype="float32",  # type: ignore[arg-type]
+                                                 cores=(core,), env={"OMP_NUM_THREADS": "1"}), tmp_path / f"{name}.log")
+
+    with KVPool(64) as pool:
+        first, second, other = handle("first", CORES[0]), handle("second", CORES[0]), handle("other", CORES[-1])
+        try:
+            readies = start_workers([first, second, other], timeout_s=120)
+            created = [psutil.Process(r.pid).create_time() for r in readies]
+        finally:
+            for h in (first, second, other):
+                h.stop()
+    assert created[1] >= created[0] + readies[0].import_s  # after the first had imported torch at least
+    if len(CORES) > 1:
+        assert abs(created[2] - created[0]) < readies[0].import_s  # beside the first, not after it
+
+
 def test_kill_9_of_a_worker_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
     shm = dev_shm()
     with KVPool(64) as pool:
