@@ -30,7 +30,7 @@ from experiments.systems import (
     type_specs,
 )
 from hwloop.engine import engine_config
-from hwloop.partition import Device
+from hwloop.partition import Device, MPSDaemon
 from hwloop.runner import Runner, RunnerConfig, RunnerError
 from hwloop.split_runner import SplitRunner
 from policies.batching import make_batching
@@ -48,11 +48,12 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
                records_path: str | Path | None = None, extra_specs: dict[str, ModelSpec] | None = None,
                progress: Callable[[float], None] | None = None, placement: Placement | None = None,
                batching: str | None = None, device: Device = "cpu",
-               gpu_cores: dict[int, tuple[int, ...]] | None = None,
+               gpu_cores: dict[int, tuple[int, ...]] | None = None, mps: MPSDaemon | None = None,
                work_dir: str | Path | None = None, log_jobs: bool = False) -> SystemRun:
     """Place (unless given), replay on real engines, summarise; the cost model only places and sets SLOs.
 
     `gpu_cores` (CPU): the cores standing for each GPU index; None splits this process's cores.
+    `mps` (CUDA): a running MPS daemon the workers become clients of (None: the run starts its own).
     `log_jobs`: keep a row per job in `SystemRun.jobs`.
     """
     if mode not in ("mixed", "split"):
@@ -66,7 +67,7 @@ def run_system(system: str, workload: Workload, cluster: ClusterSpec, cost: Cost
     specs = type_specs(workload, extra_specs)
     if mode == "mixed":
         check_memory(placement, specs, policy.max_prefill_tokens)
-    config = RunnerConfig(records_path=records_path, work_dir=work_dir, device=device, gpu_cores=gpu_cores,
+    config = RunnerConfig(records_path=records_path, work_dir=work_dir, device=device, gpu_cores=gpu_cores, mps=mps,
                           horizon_s=horizon_s, progress=progress, decode_runs=skip_steps,
                           log_jobs=log_jobs)
     try:  # the split runner checks its pool and shares itself, before any process starts

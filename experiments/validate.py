@@ -5,12 +5,16 @@
     python -m experiments.validate profile.reuse=false   # measure the profiles again
     python -m experiments.validate mode=split systems=[muxserve]   # MuxServe's split execution
     python -m experiments.validate report.readme=README.md          # also rewrite README's results block
+    python -m experiments.validate device=cuda mode=split systems=[temporal,muxserve]   # on GPU 0, MPS shares
 
 `mode=mixed` (default): stock vLLM engines, one per LLM, prefill and decode in one step.
 `mode=split`: MuxServe's own execution, a prefill and a decode process per LLM on the torch engine,
 sharing one paged KV pool per unit (`hwloop.split_runner`), against the simulator in split mode; the
 profile is measured on the same paged engine path (`torch-paged`), and every share is at least one
 whole core (placement options `decode_shares` / `prefill_tiers` start there).
+`device=cuda` (split mode only: vLLM's mixed mode is not wired to GPUs here): the unit is GPU 0, every
+worker an MPS client at its share (`gpu.partition`), the profile measured at the shares `gpu.shares`
+that the placement may then give; no runner terms (they model the CPU runner's cores).
 
 1. Profile: every model shape's step latency, measured by `hwloop.profiler` at one share per core
    count, or a cached profile of the same model config, grid, CPU, cores and versions. A few of its
@@ -80,7 +84,7 @@ from hwloop.mirror import (
     profile_shares,
     split_core_slices,
 )
-from hwloop.partition import ALLOCATOR_ENV, available_cores
+from hwloop.partition import ALLOCATOR_ENV, MPS_CONTROL, MPSDaemon, available_cores
 from hwloop.profiler import (
     NOISY_SPREAD,
     PREFILL_OFFSETS,
@@ -160,6 +164,9 @@ class Setup:
     max_age_s: float = math.inf  # a cached profile or terms file older than this is measured again
     terms: tuple[str, ...] = TERMS  # the runner's measured extras the simulator charges (hwloop.terms)
     trace: dict[str, Any] = field(default_factory=dict)  # generate()'s arguments but the rates
+    device: str = "cpu"  # "cuda": the unit is GPU 0 and the shares are MPS percentages (`partition`)
+    partition: str = "cores"  # cpu: "cores"; cuda: "mps" or "none" (every worker has the whole GPU)
+    mps: MPSDaemon | None = None  # cuda with MPS: the daemon every profile and run uses (`validate` starts it)
 
     def workload_at(self, scale: float) -> Workload:
         """The configured workload with every LLM's rate times `scale` (same seed, lengths, CV)."""
@@ -181,6 +188,17 @@ class Setup:
     def engines(self) -> str:
         return "split prefill/decode torch engines" if self.mode == "split" else "real vLLM engines"
 
+    @property
+    def unit(self) -> str:
+        """What the unit is, for the report."""
+        return f"cores {list(self.cores)}" if self.device == "cpu" else f"GPU 0 ({self.partition} shares)"
+
+    def profile_args(self) -> dict[str, Any]:
+        """Where `hwloop.profiler.profile` measures: the unit's cores, or GPU 0 at its shares."""
+        if self.device == "cpu":
+            return {"cores": self.cores}
+        return {"device": "cuda", "partition": self.partition, "mps": self.mps}
+
 
 def build_setup(cfg: DictConfig) -> Setup:
     """Every check that needs no engine; each failure is one ConfigError line naming the key."""
@@ -196,13 +214,14 @@ def build_setup(cfg: DictConfig) -> Setup:
     if mode not in ("mixed", "split"):
         raise ConfigError(f"mode must be mixed (vLLM engines) or split (prefill/decode processes over one KV pool), "
                           f"got {mode!r}")
+    device, partition, shares = _device(cfg, mode, systems, len(cores))
     cluster = build_cluster(cfg)
     if (cluster.nnodes, cluster.gpus_per_node) != (1, 1):
         raise ConfigError(f"cluster: validation runs one unit, so 1 node × 1 GPU standing for the cores "
                           f"(got {cluster.nnodes} × {cluster.gpus_per_node}; use cluster=cpu)")
-    specs = [_model(i, m) for i, m in enumerate(cfg.models)]
+    specs = [_model(i, m) for i, m in enumerate(cfg.shapes)]
     if not specs:
-        raise ConfigError("models must list at least one model shape")
+        raise ConfigError("shapes must list at least one model shape")
     w = cfg.workload
     rates = list(w.rates) if isinstance(w.rates, ListConfig) else []
     if not rates or any(isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r) or r <= 0
@@ -210,11 +229,11 @@ def build_setup(cfg: DictConfig) -> Setup:
         raise ConfigError(f"workload.rates must be a non-empty list of rates > 0 req/s (got {w.rates})")
     rates = [float(r) for r in rates]
     check_numbers(cfg)
-    if "spatial" in systems and len(rates) > len(cores):
+    if "spatial" in systems and device == "cpu" and len(rates) > len(cores):
         raise ConfigError(f"systems: spatial gives each LLM its own cores: {len(rates)} LLMs need ≥ {len(rates)} "
                           f"cores, {len(cores)} given (drop spatial or add cores)")
     p = cfg.profile
-    grid = Grid(batches=tuple(p.batches), seq_lens=tuple(p.seq_lens), sm_pcts=profile_shares(len(cores)),
+    grid = Grid(batches=tuple(p.batches), seq_lens=tuple(p.seq_lens), sm_pcts=shares,
                 warmup=int(p.warmup), repeats=int(p.repeats),
                 max_prefill_tokens=int(p.max_prefill_tokens) if p.get("max_prefill_tokens") else None)
     for spec in specs:
@@ -249,7 +268,40 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, targets, bool(cfg.report.progress), mode, _pool_blocks(cfg), _sweep(cfg),
-                 recheck=_recheck(p, mode), max_age_s=_max_age_s(p), terms=_terms(p), trace=trace)
+                 recheck=_recheck(p, mode), max_age_s=_max_age_s(p), terms=_terms(p) if device == "cpu" else (),
+                 trace=trace, device=device, partition=partition)
+
+
+def _device(cfg: DictConfig, mode: str, systems: tuple[str, ...], ncores: int) -> tuple[str, str, tuple[int, ...]]:
+    """`device`, its partition and the shares profiled: one per core count on CPU, `gpu.shares` on CUDA."""
+    device = str(cfg.get("device", "cpu"))
+    if device == "cpu":
+        return device, "cores", profile_shares(ncores)
+    if device != "cuda":
+        raise ConfigError(f"device must be cpu or cuda, got {device!r}")
+    if mode != "split":
+        raise ConfigError("device=cuda runs split mode (the torch engine): vLLM's mixed mode is not wired to GPUs "
+                          "here (add mode=split)")
+    if "spatial" in systems:
+        raise ConfigError("systems: spatial gives each LLM its own GPU, and device=cuda validates one GPU "
+                          "(use systems=[temporal,muxserve])")
+    gpu = cfg.get("gpu") or {}
+    partition = str(gpu.get("partition", "mps"))
+    if partition not in ("mps", "none"):
+        raise ConfigError(f"gpu.partition must be mps or none, got {partition!r}")
+    shares = _integers(cfg, "gpu.shares", 1)
+    if max(shares) > 100 or any(x % SM_UNIT_PCT for x in shares) or 100 not in shares:
+        raise ConfigError(f"gpu.shares must be multiples of {SM_UNIT_PCT}% up to 100, 100 among them (got {list(shares)})")
+    if partition == "none" and shares != (100,):
+        raise ConfigError(f"gpu.partition=none gives every worker the whole GPU: gpu.shares must be [100] (got {list(shares)})")
+    import torch  # its CUDA build is known without touching the GPU (which must wait for the MPS daemon)
+
+    if torch.version.cuda is None:
+        raise ConfigError(f"device=cuda: this torch {torch.__version__} is a CPU build")
+    if partition == "mps" and shutil.which(MPS_CONTROL) is None:
+        raise ConfigError(f"gpu.partition=mps: {MPS_CONTROL} is not on PATH (the NVIDIA driver's MPS tools); "
+                          "gpu.partition=none gpu.shares=[100] runs without shares")
+    return device, partition, tuple(sorted(set(shares)))
 
 
 def _max_age_s(p: DictConfig) -> float:
@@ -356,9 +408,9 @@ def _model(i: int, m: Any) -> ModelSpec:
     try:
         return ModelSpec(**OmegaConf.to_container(m, resolve=True))  # type: ignore[arg-type]
     except SpecError as e:
-        raise ConfigError(f"models[{i}]: {e}") from None
+        raise ConfigError(f"shapes[{i}]: {e}") from None
     except TypeError as e:
-        raise ConfigError(f"models[{i}]: {e} (fields: {', '.join(f.name for f in dataclasses.fields(ModelSpec))})") from None
+        raise ConfigError(f"shapes[{i}]: {e} (fields: {', '.join(f.name for f in dataclasses.fields(ModelSpec))})") from None
 
 
 def batching_opts(s: Setup, batcher: str) -> dict[str, Any]:
@@ -375,6 +427,8 @@ def profile_path(spec: ModelSpec, s: Setup) -> Path:
              "cpu": host_info()["cpu_model"], "versions": engine_versions(), "allocator": ALLOCATOR_ENV}
     if s.backend != "vllm":
         ident["engine"], ident["pad_tokens"], ident["prefill_offsets"] = s.backend, PAD_TOKENS, PREFILL_OFFSETS
+    if s.device != "cpu":
+        ident["unit"] = s.unit
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return s.profile_dir / f"{spec.name}-{digest}.parquet"
 
@@ -403,10 +457,10 @@ def profiled_cost(s: Setup, out: Path) -> tuple[TableCostModel, list[Path]]:
         if reusable(path, s):
             log.info("profile of %s: reusing %s", spec.name, path)
         else:
-            cells = len(s.grid.cells()) * len(share_groups(s.grid.sm_pcts, "cpu", len(s.cores)))
+            cells = len(s.grid.cells()) * len(share_groups(s.grid.sm_pcts, s.device, len(s.cores)))  # type: ignore[arg-type]
             with _bar(f"profile {spec.name}", cells, "cell", s.progress) as bar:
-                result = profile(spec, s.grid, cores=s.cores, work_dir=out / "profile", backend=s.backend,
-                                 progress=_count(bar))
+                result = profile(spec, s.grid, work_dir=out / "profile", backend=s.backend, progress=_count(bar),
+                                 **s.profile_args())
             write_profile(result, path)
             log.info("profile of %s: measured, written to %s", spec.name, path)
         paths.append(path)
@@ -510,7 +564,7 @@ def recheck(s: Setup, known: pd.DataFrame, work: Path) -> pd.DataFrame:
                    seq_lens=(s.grid.seq_lens[len(s.grid.seq_lens) // 2],))
     parts = []
     for spec in s.specs.values():
-        now = profile(spec, grid, cores=s.cores, work_dir=work, backend=s.backend).table
+        now = profile(spec, grid, work_dir=work, backend=s.backend, **s.profile_args()).table
         parts.append(now.rename(columns={"latency_ms": "now_ms"})[[*CELL_KEYS, "now_ms"]])
     checked = pd.concat(parts, ignore_index=True)
     known = known.rename(columns={"latency_ms": "profile_ms"})[[*CELL_KEYS, "profile_ms"]]
@@ -592,8 +646,10 @@ def at_speed(c: Comparison, yardstick: Yardstick, terms: RunnerTerms | None) -> 
             continue
         first, second = yardstick.checks[before], yardstick.checks[before + 1]
         factors = speed_factors(first, second)
-        cost = replace(p.cost, inner=scaled_cost(yardstick.profile, factors))
-        sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=p.slices, runner_terms=terms, **p.common)
+        scaled = scaled_cost(yardstick.profile, factors)
+        cost = replace(p.cost, inner=scaled) if isinstance(p.cost, CoreShareCost) else scaled
+        sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=p.slices or None, runner_terms=terms,
+                         **p.common)
         moved = first.merge(second, on=list(CELL_KEYS), suffixes=("_before", "_after"))
         c.speed.append({"repeat": r, "factor": float(factors["factor"].median()),
                         "over_repeat": float((moved["now_ms_after"] / moved["now_ms_before"]).median()) - 1,
@@ -652,6 +708,8 @@ def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int
     Spatial partitioning gives every LLM its own GPU; here that is its own share of the unit's cores,
     so spatial is placed on as many "GPUs" as LLMs, the cores split evenly between them.
     """
+    if s.device == "cuda":
+        return s.cluster, {}
     cluster = replace(s.cluster, gpus_per_node=len(s.workload.models)) if system == "spatial" else s.cluster
     return cluster, gpu_core_table(range(cluster.gpus_per_node), s.cores)
 
@@ -661,8 +719,8 @@ class Planned:
     """One system's placement on one workload, and everything both executors are given."""
 
     cluster: ClusterSpec
-    cost: CoreShareCost
-    gpu_cores: dict[int, tuple[int, ...]]
+    cost: CostModel  # CPU: `CoreShareCost` over the table; CUDA: the table, read at each MPS share
+    gpu_cores: dict[int, tuple[int, ...]]  # CPU: the cores behind each GPU index; CUDA: empty
     placement: Placement
     slices: dict[str, tuple[int, ...]]
     common: dict[str, Any]
@@ -670,8 +728,12 @@ class Planned:
 
 def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Planned:
     cluster, gpu_cores = system_unit(system, s)
-    cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
-    opts = whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None
+    if s.device == "cuda":
+        cost: CostModel = table
+        opts = placement_shares(s.grid.sm_pcts)
+    else:
+        cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
+        opts = whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None
     try:
         placement = place(system, workload, cluster, cost, extra_specs=s.specs, placement_opts=opts)
     except PlacementError as e:
@@ -686,7 +748,7 @@ def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Pl
                                                    for u in placement.units))
     batcher = SYSTEMS[system][1]
     slicer = split_core_slices if s.mode == "split" else core_slices
-    slices = slicer(placement, BATCHING_POLICIES[batcher].exclusive, gpu_cores)
+    slices = slicer(placement, BATCHING_POLICIES[batcher].exclusive, gpu_cores) if gpu_cores else {}
     common = {"batching_opts": batching_opts(s, batcher), "mode": s.mode, "extra_specs": s.specs,
               "placement": placement}
     return Planned(cluster, cost, gpu_cores, placement, slices, common)
@@ -694,7 +756,8 @@ def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Pl
 
 def simulate(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None, workload: Workload) -> Any:
     p = plan(system, s, table, workload)
-    return run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms, **p.common)
+    return run_system(system, workload, p.cluster, p.cost, core_slices=p.slices or None, runner_terms=terms,
+                      **p.common)
 
 
 def simulated(system: str, level: int, workload: Workload, s: Setup, table: TableCostModel,
@@ -707,7 +770,7 @@ def simulated(system: str, level: int, workload: Workload, s: Setup, table: Tabl
     end = float(workload.df["arrival_s"].max())
     with _bar(f"L{level} {system:>9} sim", end, "s", s.progress) as bar, \
             records_file(out / f"records_{tag}_sim.parquet") as records:
-        sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms,
+        sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices or None, runner_terms=terms,
                          progress=_to(bar), records_path=records, log_jobs=True, **p.common)
     write_jobs(sim.jobs, out / f"jobs_{tag}_sim.parquet")
     offered = sum(workload.rates().values())
@@ -724,8 +787,9 @@ def run_repeat(c: Comparison, s: Setup, out: Path, yardstick: Yardstick | None) 
     end = float(c.workload.df["arrival_s"].max())
     with _bar(f"L{c.level} {c.system:>9} hw {r + 1}/{s.sweep.repeats}", end, "s", s.progress) as bar, \
             records_file(out / f"records_{tag}_hw{r}.parquet") as records:
-        hw = hardware.run_system(c.system, c.workload, p.cluster, p.cost, gpu_cores=p.gpu_cores, progress=_to(bar),
-                                 records_path=records, log_jobs=True, work_dir=out / "hw" / f"{tag}_{r}", **p.common)
+        hw = hardware.run_system(c.system, c.workload, p.cluster, p.cost, gpu_cores=p.gpu_cores or None,
+                                 device=s.device, mps=s.mps, progress=_to(bar), records_path=records,  # type: ignore[arg-type]
+                                 log_jobs=True, work_dir=out / "hw" / f"{tag}_{r}", **p.common)
     hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
     write_jobs(hw.jobs, out / f"jobs_{tag}_hw{r}.parquet")
     c.hw.append(hw.records)
@@ -776,15 +840,22 @@ def whole_core_shares(ncores: int) -> dict[str, Any]:
     which would keep a prefill and a decode from running side by side for no compute. So MuxServe's
     prefill tiers (80% and 90%) become the whole-core share at or below them.
     """
-    shares = sorted({min(100, -(-100 * k // ncores // SM_UNIT_PCT) * SM_UNIT_PCT) for k in range(1, ncores + 1)})
+    return placement_shares(sorted({min(100, -(-100 * k // ncores // SM_UNIT_PCT) * SM_UNIT_PCT)
+                                    for k in range(1, ncores + 1)}))
+
+
+def placement_shares(shares: Sequence[int]) -> dict[str, Any]:
+    """Placement options giving only `shares` (the profiled ones): decodes any of them, and each of
+    MuxServe's prefill tiers the share at or below it."""
+    shares = sorted(shares)
     tiers = PlacerOptions().prefill_tiers
     return {"decode_shares": tuple(shares),
             "prefill_tiers": tuple((below, max([x for x in shares if x <= pct] or shares[:1])) for below, pct in tiers)}
 
 
 def baseline(records: pd.DataFrame, s: Setup, table: TableCostModel, workload: Workload) -> np.ndarray:
-    """Each request's latency alone on the whole unit (all cores): one SLO unit for every system."""
-    unit = CoreShareCost(table, len(s.cores), len(s.cores))
+    """Each request's latency alone on the whole unit (all cores, or the whole GPU): one SLO unit for every system."""
+    unit = table if s.device == "cuda" else CoreShareCost(table, len(s.cores), len(s.cores))
     specs = specs_of(workload, s.specs)
     return standalone_latency(records, specs, dict.fromkeys(specs, 1), unit)
 
@@ -944,7 +1015,7 @@ def markdown(rows: pd.DataFrame, comparisons: list[Comparison], s: Setup, drift:
     wl = s.workload
     lines = [f"{len(wl.models)} LLMs ({', '.join(s.specs)}), rates in the ratio "
              f"{' : '.join(f'{r:g}' for r in (x.rate for x in s.trace['llms']))}, {s.trace['duration_s']:g} s of "
-             f"trace per level, cores {list(s.cores)}, {s.mode} mode, simulator vs {s.engines}, "
+             f"trace per level, {s.unit}, {s.mode} mode, simulator vs {s.engines}, "
              f"{s.sweep.repeats} hardware run(s) per level and system.", "",
              "Saturation predicted by the simulator (the throughput, req/s, at which doubling the offered rate "
              f"adds less than {1 - s.sweep.keep_up:.0%}): "
@@ -1065,7 +1136,7 @@ def report(v: Validation) -> None:
     for c in v.comparisons:
         hw = c.stats["hw"]
         problems = [p for rec in [c.sim, *c.hw] for p in incomplete(rec, c.workload)]
-        console.print(f"L{c.level + 1} {c.system}: cores {dict(c.slices)}; hw steps "
+        console.print(f"L{c.level + 1} {c.system}: {f'cores {dict(c.slices)}' if c.slices else v.setup.unit}; hw steps "
                       f"{[h['steps'] for h in hw]}, deferred launches {[h['deferred_launches'] for h in hw]} "
                       f"(sim {c.stats['sim'].get('deferred_launches', 0)}), load average "
                       f"{[round(h['loadavg_before'], 1) for h in hw]}; records "
@@ -1080,7 +1151,7 @@ def write_summary(v: Validation, cfg: DictConfig) -> None:
     out = v.out
     write_atomically(out / "summary.csv", lambda p: v.rows.to_csv(p, index=False))
     doc = {"config": OmegaConf.to_container(cfg, resolve=True), "command": " ".join(sys.argv),
-           "cores": list(v.setup.cores), "host": host_info(),
+           "cores": list(v.setup.cores), "unit": v.setup.unit, "host": host_info(),
            "profiles": {str(p): profile_noise(p) for p in v.profiles}, "profile_drift": v.drift,
            "saturation_rps": v.saturation_rps, "runner_terms": terms_table(v.terms), "rankings": rankings(v.rows, v.setup.targets["throughput"]).to_dict(orient="records"),
            "stats": {f"L{c.level}/{c.system}": c.stats for c in v.comparisons},
@@ -1178,6 +1249,26 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
     if readme is not None and not readme.exists():
         raise ConfigError(f"report.readme: {readme} not found")
     out.mkdir(parents=True, exist_ok=True)
+    if s.partition != "mps":
+        return _validate(s, cfg, out, readme)
+    # One MPS daemon for the whole run, this process its client before it touches CUDA (the split
+    # runner allocates the pool here, and CUDA IPC works between clients of one server).
+    with MPSDaemon() as daemon:
+        os.environ.update(daemon.env)
+        return _validate(replace(s, mps=daemon), cfg, out, readme)
+
+
+def _check_gpu() -> None:
+    """device=cuda: a GPU this process sees (checked once any MPS daemon is its server)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES, driver)")
+
+
+def _validate(s: Setup, cfg: DictConfig, out: Path, readme: Path | None) -> Validation:
+    if s.device == "cuda":
+        _check_gpu()
     table, paths = profiled_cost(s, out)
     terms = runner_terms(s, paths, out)
     keep_profiles(paths, out / "profiles")

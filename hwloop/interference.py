@@ -53,7 +53,8 @@ def concurrent_part(samples: Sequence[float], other_total_s: float) -> tuple[flo
 
 def measure_interference(spec: ModelSpec, coruns: Sequence[CoRun], *, device: Device = "cpu",
                          partition: Partition = "mps", gpus: Sequence[int] = (0,), mps: MPSDaemon | None = None,
-                         cores: Sequence[int] | None = None, window_s: float = 2.0, repeats: int = 5,
+                         cores: Sequence[int] | None = None, backend: str = "torch", window_s: float = 2.0,
+                         repeats: int = 5,
                          max_steps: int = 256, work_dir: str | Path | None = None,
                          startup_timeout_s: float = 600.0, cell_timeout_s: float = 600.0,
                          progress: Callable[[str], None] | None = None) -> pd.DataFrame:
@@ -61,7 +62,8 @@ def measure_interference(spec: ModelSpec, coruns: Sequence[CoRun], *, device: De
 
     Co-runs with the same pair of shares share one pair of workers. `mps`: a running MPS daemon to
     use, stopped by its owner; without one, partition="mps" starts its own. `max_steps` caps a together
-    run's steps (the engine's context must hold a decode cell's context plus them).
+    run's steps (the engine's context must hold a decode cell's context plus them). `backend`: "torch"
+    (contiguous caches) or "torch-paged" (the split workers' path, `hwloop.profiler.STEP_TIMING`).
     """
     cores = tuple(cores or available_cores())
     grid = Grid(batches=tuple({b for c in coruns for b in (c.prefill[0], c.decode[0])}),
@@ -84,7 +86,7 @@ def measure_interference(spec: ModelSpec, coruns: Sequence[CoRun], *, device: De
                     envs = [(c, cpu_env(c)) for c in assign_cores([p_pct, d_pct], cores)]
                 else:
                     envs = [((), gpu_env(pct, gpus, partition, mps)) for pct in (p_pct, d_pct)]
-                specs = [WorkerSpec(f"{phase}-{pct}pct", cfg, c, env, "torch", device)
+                specs = [WorkerSpec(f"{phase}-{pct}pct", cfg, c, env, backend, device)
                          for phase, pct, (c, env) in zip(("prefill", "decode"), (p_pct, d_pct), envs, strict=True)]
                 workers = [WorkerHandle(s, work / "logs" / f"{s.name}.log") for s in specs]
                 try:

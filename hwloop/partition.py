@@ -16,6 +16,7 @@ Everything here is pure except `MPSDaemon`, so the env a worker gets is unit-tes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -171,26 +172,30 @@ def split_cpu_slices(llms: Sequence[LLMPlacement], exclusive: bool, cores: Seque
 
 
 def split_cuda_slices(llms: Sequence[LLMPlacement], exclusive: bool, gpus: Sequence[int],
-                      daemon: MPSDaemon) -> list[tuple[Slice, Slice]]:
-    """(prefill, decode) MPS clients per LLM, each at its own thread percentage."""
+                      daemon: MPSDaemon | None) -> list[tuple[Slice, Slice]]:
+    """(prefill, decode) MPS clients per LLM, each at its own thread percentage (without a daemon,
+    each has the whole GPU)."""
     out = []
     for x in llms:
         pre, dec = split_shares(x, exclusive)
-        out.append(tuple(Slice(s, gpus=tuple(gpus), env=mps_env(s, gpus, daemon.pipe_dir, daemon.log_dir))
-                         for s in (pre, dec)))
-    return out  # type: ignore[return-value]
+        out.append((gpu_slice(pre, gpus, daemon), gpu_slice(dec, gpus, daemon)))
+    return out
 
 
 def cuda_slices(llms: Sequence[LLMPlacement], exclusive: bool, gpus: Sequence[int],
                 daemon: MPSDaemon | None) -> list[Slice]:
     """Without a daemon the workers share the GPUs unpartitioned (e.g. the spatial baseline)."""
-    out = []
-    for x in llms:
-        share = worker_share_pct(x, exclusive)
-        env = (mps_env(share, gpus, daemon.pipe_dir, daemon.log_dir) if daemon
-               else {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)})
-        out.append(Slice(share, gpus=tuple(gpus), env=env))
-    return out
+    return [gpu_slice(worker_share_pct(x, exclusive), gpus, daemon) for x in llms]
+
+
+def gpu_slice(share_pct: int, gpus: Sequence[int], daemon: MPSDaemon | None) -> Slice:
+    """One GPU worker: an MPS client at `share_pct` of the daemon, or (no daemon) the whole GPUs."""
+    env = (mps_env(share_pct, gpus, daemon.pipe_dir, daemon.log_dir) if daemon
+           else {"CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in gpus)})
+    return Slice(share_pct, gpus=tuple(gpus), env=env)
+
+
+MPS_CONTROL = "nvidia-cuda-mps-control"  # the driver's MPS control program
 
 
 class MPSDaemon:
@@ -200,7 +205,7 @@ class MPSDaemon:
     and safe to call from cleanup paths after a crash.
     """
 
-    def __init__(self, root: str | Path | None = None, control: str = "nvidia-cuda-mps-control") -> None:
+    def __init__(self, root: str | Path | None = None, control: str = MPS_CONTROL) -> None:
         self.control = control
         self._own_root = root is None
         self.root = Path(root) if root else Path(tempfile.mkdtemp(prefix="muxsim-mps-"))
@@ -224,11 +229,21 @@ class MPSDaemon:
                                  f"{(done.stderr or done.stdout).strip()[-500:]}")
         self.running = True
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float = 3.0) -> None:
+        """Ask the daemon to quit. It stops taking clients at once, but exits only once its clients
+        have: a process that is itself a client (the split runner allocates the pool) would wait on
+        itself for ever, so after `wait_s` the request is left to finish when this process exits
+        (seen on an H200: a `quit` from a client process never returned)."""
         if self.running:
             self.running = False
-            subprocess.run([self.control], input="quit\n", env={**os.environ, **self.env},
-                           capture_output=True, text=True, timeout=30, check=False)
+            quit_ = subprocess.Popen([self.control], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL, env={**os.environ, **self.env},
+                                     start_new_session=True)
+            assert quit_.stdin is not None
+            quit_.stdin.write(b"quit\n")
+            quit_.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                quit_.wait(timeout=wait_s)
         if self._own_root:
             shutil.rmtree(self.root, ignore_errors=True)
 

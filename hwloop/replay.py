@@ -86,7 +86,8 @@ class RunnerConfig:
     startup_timeout_s: float = 600.0
     step_timeout_s: float = 600.0
     strict: bool = True  # an engine step that deviates from its launch stops the run
-    use_mps: bool = True  # CUDA only
+    use_mps: bool = True  # CUDA only: workers are MPS clients at their shares (False: each has the whole GPU)
+    mps: MPSDaemon | None = None  # CUDA: a running daemon of the caller's, which the run neither starts nor stops
     cuda_memory_fraction: float | None = None  # CUDA only: per engine; None = 0.9 / engines per GPU
     flush_every_s: float = 5.0
     progress: Callable[[float], None] | None = None  # called with the replay time about once a second
@@ -276,6 +277,16 @@ class ReplayRunner:
             finally:
                 self._shutdown()
         return self._result()
+
+    def _mps_daemon(self, work: Path) -> MPSDaemon | None:
+        """CUDA with MPS: the caller's daemon, else one of this run's own (stopped at its end)."""
+        if self.config.device != "cuda" or not self.config.use_mps:
+            return None
+        if self.config.mps is not None:
+            return self.config.mps
+        self._mps = MPSDaemon(work / "mps")
+        self._mps.start()
+        return self._mps
 
     def _shutdown(self) -> None:
         """Every child reaped, the MPS daemon stopped and the records file closed, whatever happened."""

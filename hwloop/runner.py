@@ -62,6 +62,7 @@ class Runner(ReplayRunner):
 
     mode = "mixed"
     decide_beside_runs = False
+    _daemon: MPSDaemon | None = None  # CUDA with MPS: the daemon the workers are clients of
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -72,12 +73,10 @@ class Runner(ReplayRunner):
     def _slices(self, unit: Unit) -> list[Slice]:
         if self.config.device == "cpu":
             return cpu_slices(unit.llms, self.policy.exclusive, self._unit_cores(unit))
-        return cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, self._mps)
+        return cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, self._daemon)
 
     def _build(self, work: Path) -> None:
-        if self.config.device == "cuda" and self.config.use_mps:
-            self._mps = MPSDaemon(work / "mps")
-            self._mps.start()
+        self._daemon = self._mps_daemon(work)
         per_gpu: dict[int, int] = {}
         for u in self.placement.units:
             for g in u.gpus:

@@ -45,7 +45,7 @@ from typing import Any
 
 from hwloop.engine import synthetic_prompt
 from hwloop.kv_pool import BlockIdPool, KVPool, PoolError, check_fits
-from hwloop.partition import MPSDaemon, PartitionError, Slice, split_cpu_slices, split_cuda_slices
+from hwloop.partition import PartitionError, Slice, split_cpu_slices, split_cuda_slices
 from hwloop.replay import (
     Job,
     Proc,
@@ -111,17 +111,16 @@ class SplitRunner(ReplayRunner):
 
     def _build(self, work: Path) -> None:
         device = self.config.device
-        if device == "cuda":
-            # The runner allocates the pools, so it is an MPS client of the same daemon as its workers:
-            # CUDA IPC works between MPS clients of one server.
-            self._mps = MPSDaemon(work / "mps")
-            self._mps.start()
-            os.environ.update(self._mps.env)
+        daemon = self._mps_daemon(work)
+        if daemon is not None:
+            # The runner allocates the pools, so it is an MPS client of the same daemon as its workers
+            # (CUDA IPC works between MPS clients of one server): set before this process touches CUDA.
+            os.environ.update(daemon.env)
         chunks = {m: blocks_per_chunk(spec) for m, spec in self.specs.items()}
         for unit in self.placement.units:
             pool = self.pools[unit.unit_id] = KVPool(unit.kv_blocks, device)
             slices = (self._slices[unit.unit_id] if device == "cpu"
-                      else split_cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, self._mps))  # type: ignore[arg-type]
+                      else split_cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, daemon))
             for x, pair in zip(unit.llms, slices, strict=True):
                 spec = self.specs[x.model]
                 for phase, sl in zip(("prefill", "decode"), pair, strict=True):

@@ -276,7 +276,8 @@ def test_place_out_a_directory_is_one_line(tmp_path: Path, capsys: pytest.Captur
     ("profile.repeats=0", "ConfigError: profile.repeats must be an integer ≥ 1 (got 0)"),
     ("workload.rates=[a]", "ConfigError: workload.rates must be a non-empty list of rates > 0 req/s (got ['a'])"),
     ("batching.max_prefill_tokens=0", "ConfigError: batching.max_prefill_tokens must be an integer ≥ 1 (got 0)"),
-    ("models.0.num_layers=-1", "ConfigError: models[0]: model tiny-l4-h512: num_layers must be an integer ≥ 1 (got -1)"),
+    ("shapes.0.num_layers=-1", "ConfigError: shapes[0]: model tiny-l4-h512: num_layers must be an integer ≥ 1 (got -1)"),
+    ("shapes=[]", "ConfigError: shapes must list at least one model shape"),  # the list is replaceable
 ])
 def test_validate_checks_its_config_before_any_engine(override: str, expected: str) -> None:
     assert validate_app.config_error([override]) == expected

@@ -82,13 +82,40 @@ def maps_pool(pid: int) -> bool:
         return any("/memfd:muxsim-kv-pool" in line for line in f)
 
 
+def hand_off(spec: ModelSpec, tokens: tuple[int, ...], pre: SplitWorkerHandle, dec: SplitWorkerHandle, pool: KVPool,
+             alloc: BlockAllocator, steps: int = 20) -> list[int]:
+    """One request prefilled by `pre` into pool blocks, then decoded `steps` tokens by `dec` from the
+    same blocks: the prefill writes only its blocks, in the runner's own view of the pool; the
+    decode command is a table and a token, not the KV; the prompt's K and V stay as written. Returns
+    the request's tokens, the prefill's first."""
+    view = pool.tensor()
+    chunk = blocks_per_chunk(spec)
+    table = alloc.allocate(blocks_for_tokens(len(tokens), chunk))
+    before = view.clone()
+    pre.send(PrefillCmd((PrefillItem(7, tokens, tuple(table)),)))
+    done: PhaseDone = pre.recv(120)
+    changed = (view != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed and set(changed) <= set(table)  # the prefill wrote its blocks, in place, only those
+    written = view[table].clone()
+    # The handoff: the block table and one token, not the KV.
+    table += alloc.allocate(blocks_for_tokens(len(tokens) + steps, chunk) - len(table))
+    cmd = DecodeCmd((DecodeItem(7, done.new_tokens[7][0], len(tokens), tuple(table), steps),), max_steps=steps)
+    assert len(pickle.dumps(cmd)) < blocks_for_tokens(len(tokens), chunk) * pool.block_bytes / 20
+    dec.send(cmd)
+    out: PhaseDone = dec.recv(120)
+    assert out.steps == steps and out.finished == (7,)
+    # Decode appended after the prompt; the prompt's K and V are untouched in the same blocks.
+    prompt_blocks = table[: blocks_for_tokens(32, chunk)]  # the first, full chunk
+    assert torch.equal(view[prompt_blocks], written[: len(prompt_blocks)])
+    return [*done.new_tokens[7], *out.new_tokens[7]]
+
+
 def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
     """Two shapes, each with a prefill and a decode process, on one pool; the decode process reads
     the blocks the prefill process wrote, through the block table, and gives the single-process
     engine's tokens."""
     shm = dev_shm()
     with KVPool(400) as pool:
-        view = pool.tensor()
         alloc = BlockAllocator(400)
         handles = [start(pool, spec, phase, CORES[i % len(CORES)], tmp_path)
                    for i, (spec, phase) in enumerate((s, p) for s in (WIDE, DEEP) for p in ("prefill", "decode"))]
@@ -98,27 +125,8 @@ def test_two_llms_share_one_pool_with_zero_copy_handoff(tmp_path: Path) -> None:
             assert {r.pool_identity for r in readies} == {pool.identity()}
             assert all(maps_pool(r.pid) for r in readies)
             for spec, (pre, dec) in zip((WIDE, DEEP), (handles[:2], handles[2:]), strict=True):
-                chunk = blocks_per_chunk(spec)
                 tokens = prompt(45, seed=len(spec.name), vocab=spec.vocab_size)
-                table = alloc.allocate(blocks_for_tokens(len(tokens), chunk))
-                before = view.clone()
-                pre.send(PrefillCmd((PrefillItem(7, tokens, tuple(table)),)))
-                done: PhaseDone = pre.recv(60)
-                changed = (view != before).any(dim=1).nonzero().flatten().tolist()
-                assert changed and set(changed) <= set(table)  # the prefill wrote its blocks, in place, only those
-                written = view[table].clone()
-                # The handoff: the block table and one token, not the KV.
-                table += alloc.allocate(blocks_for_tokens(len(tokens) + 20, chunk) - len(table))
-                cmd = DecodeCmd((DecodeItem(7, done.new_tokens[7][0], len(tokens), tuple(table), 20),), max_steps=20)
-                kv_bytes = blocks_for_tokens(len(tokens), chunk) * pool.block_bytes
-                assert len(pickle.dumps(cmd)) < kv_bytes / 20
-                dec.send(cmd)
-                out: PhaseDone = dec.recv(60)
-                assert out.steps == 20 and out.finished == (7,)
-                assert [*done.new_tokens[7], *out.new_tokens[7]] == greedy_alone(spec, tokens, 20)
-                # Decode appended after the prompt; the prompt's K and V are untouched in the same blocks.
-                prompt_blocks = table[: blocks_for_tokens(32, chunk)]  # the first, full chunk
-                assert torch.equal(view[prompt_blocks], written[: len(prompt_blocks)])
+                assert hand_off(spec, tokens, pre, dec, pool, alloc) == greedy_alone(spec, tokens, 20)
         finally:
             for h in handles:
                 h.stop()
@@ -299,7 +307,7 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
             "report.progress=false",
             "report.plot=false", "report.slo_scales=[2,5]", "load.levels=2", "load.lowest=0.3", "load.highest=0.5",
             "load.repeats=2"])
-    cfg.models = cfg.models[:1]  # profile batches up to 64: the run's decodes reach 30-60, and a line through
+    cfg.shapes = cfg.shapes[:1]  # profile batches up to 64: the run's decodes reach 30-60, and a line through
     # batches 1 and 4 alone, extended that far, once came out at zero time (a noisy batch-4 cell), so
     # the job report's ratios were infinite (fresh-clone CI, 2026-12-03 21:39)
     v = validate(cfg, tmp_path / "out")
@@ -322,7 +330,7 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
     # measured profile made a whole-unit decode share the better placement (it depends on the timings).
     assert c.slices["llm-0/prefill"] == (cores[0],) and set(c.slices) == {"llm-0/prefill", "llm-0/decode"}
     assert c.slices["llm-0/decode"][0] == cores[1] and set(c.slices["llm-0/decode"]) <= set(cores)
-    model = cfg.models[0].name  # its turns measured on the split workers (hwloop.terms.SplitPair), at 1 and 2 cores
+    model = cfg.shapes[0].name  # its turns measured on the split workers (hwloop.terms.SplitPair), at 1 and 2 cores
     assert v.terms is not None and set(v.terms.turn_s) == {(model, 1), (model, 2)}
     assert c.placement.units[0].kv_blocks == 64 * 2**20 // 16384
     assert set(v.rows["metric"]) >= {"throughput_rps", "ttft_p50_s", "tpot_p50_s"}

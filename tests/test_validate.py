@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -33,7 +34,7 @@ def config(tmp_path: Path, core: int):
             "profile.batches=[1,4,16,64]", "profile.seq_lens=[8,64,192]", "profile.warmup=2", "profile.repeats=8",
             "load.levels=2", "load.lowest=0.3", "load.highest=1.3", "load.repeats=1",
             "report.progress=false", "report.slo_scales=[2,5]"])
-    cfg.models = OmegaConf.create([TINY])
+    cfg.shapes = OmegaConf.create([TINY])
     return cfg
 
 
@@ -136,3 +137,19 @@ def test_bad_config_is_one_line() -> None:
     assert config_error(["workload.rates=[3.0,0.01]"]) == (
         "ConfigError: workload.rates[1] = 0.01 req/s: llm-1 gets no request in 15 s of trace (seed 0); raise its "
         "rate or workload.duration_s")
+
+
+def test_bad_gpu_config_is_one_line() -> None:
+    """device=cuda is checked before any work: split mode only, one GPU (no spatial), profiled shares
+    in whole SM units with 100% among them, and a CUDA build of torch."""
+    split = ["device=cuda", "mode=split", "systems=[muxserve]"]
+    assert config_error(["device=cuda"]).startswith("ConfigError: device=cuda runs split mode")
+    assert config_error(["device=tpu"]) == "ConfigError: device must be cpu or cuda, got 'tpu'"
+    assert config_error(["device=cuda", "mode=split"]).startswith("ConfigError: systems: spatial gives each LLM its own GPU")
+    assert config_error([*split, "gpu.shares=[30,55]"]) == (
+        "ConfigError: gpu.shares must be multiples of 10% up to 100, 100 among them (got [30, 55])")
+    assert config_error([*split, "gpu.partition=none"]).startswith(
+        "ConfigError: gpu.partition=none gives every worker the whole GPU: gpu.shares must be [100]")
+    if torch.version.cuda is None:
+        assert config_error([*split, "gpu.partition=none", "gpu.shares=[100]"]) == (
+            f"ConfigError: device=cuda: this torch {torch.__version__} is a CPU build")
