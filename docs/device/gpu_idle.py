@@ -18,7 +18,7 @@ print(f"built in {time.time() - t:.1f} s", flush=True)
 def clock() -> str:
     try:
         return f"{torch.cuda.clock_rate()} MHz"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"? ({type(e).__name__})"
 
 
