@@ -9,7 +9,8 @@ the same `SystemRun`, so `experiments.run` reports a hardware run like a simulat
 MuxServe's own execution, a prefill and a decode process per LLM on the torch engine sharing one KV
 pool per unit (`hwloop.split_runner`). `skip_steps`
 maps to the runner's decode runs, its exact counterpart. The engines run on this machine's CPU
-cores; a placement whose engines would not fit in its memory (the preset models are 7B and up,
+cores, or with `device="cuda"` (split mode) on its GPUs as MPS clients; a mixed-mode placement whose
+engines would not fit in its memory (the preset models are 7B and up,
 with KV caches sized from the cluster config) is refused in one line before any engine starts.
 """
 
