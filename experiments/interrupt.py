@@ -21,4 +21,7 @@ def raise_on_sigterm() -> None:
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
-    return signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+    """SIGTERM for ours, or for a real-engine runner's (which raises its own while it runs)."""
+    from hwloop.replay import Interrupted
+
+    return signal.SIGTERM if isinstance(interrupt, Terminated | Interrupted) else signal.SIGINT

@@ -1154,7 +1154,7 @@ def write_summary(v: Validation, cfg: DictConfig) -> None:
            "cores": list(v.setup.cores), "unit": v.setup.unit, "host": host_info(),
            "profiles": {str(p): profile_noise(p) for p in v.profiles}, "profile_drift": v.drift,
            "saturation_rps": v.saturation_rps, "runner_terms": terms_table(v.terms), "rankings": rankings(v.rows, v.setup.targets["throughput"]).to_dict(orient="records"),
-           "stats": {f"L{c.level}/{c.system}": c.stats for c in v.comparisons},
+           "interrupted": v.partial or None, "stats": {f"L{c.level}/{c.system}": c.stats for c in v.comparisons},
            "speed": {f"L{c.level}/{c.system}": c.speed for c in v.comparisons if c.speed},
            "rows": v.rows.to_dict(orient="records")}
     text = json.dumps(doc, indent=1, default=_json_default)
@@ -1239,6 +1239,10 @@ class Validation:
     saturation_rps: dict[str, float]
     drift: dict[str, Any] | None
     terms: RunnerTerms | None
+    # Ctrl-C or SIGTERM during the hardware runs: the signal, after the report of the runs that
+    # finished was written (`partial`: what it says of them); None for a whole run.
+    interrupted: KeyboardInterrupt | None = None
+    partial: str = ""  # "after N of M hardware runs"
 
 
 def validate(cfg: DictConfig, out: Path) -> Validation:
@@ -1286,11 +1290,22 @@ def _validate(s: Setup, cfg: DictConfig, out: Path, readme: Path | None) -> Vali
     # Repeat by repeat over every level and system, not a point's repeats back to back: a slow
     # period of the machine (minutes, up to 80% slower) then lands on one repeat of several points,
     # where the repeats' spread shows it, rather than on every repeat of one point, where it hides.
-    for _ in range(s.sweep.repeats):
+    interrupted, partial = None, ""
+    try:
+        for _ in range(s.sweep.repeats):
+            for c in comparisons:
+                run_repeat(c, s, out, yardstick)
+    except KeyboardInterrupt as e:  # keep what finished: report the runs done, then stop
+        interrupted = e
+        finished = sum(len(c.hw) for c in comparisons)
+        if not finished:
+            raise
+        partial = f"after {finished} of {s.sweep.repeats * len(comparisons)} hardware runs"
+        comparisons = [c for c in comparisons if c.hw]
         for c in comparisons:
-            run_repeat(c, s, out, yardstick)
+            c.brackets = [None] * len(c.hw)  # no check after the last repeat: no judgement at the measured speed
     drift = None
-    if yardstick is not None:
+    if yardstick is not None and interrupted is None:
         yardstick.check()
         for c in comparisons:
             at_speed(c, yardstick, terms)
@@ -1299,12 +1314,15 @@ def _validate(s: Setup, cfg: DictConfig, out: Path, readme: Path | None) -> Vali
             drift["terms"] = terms_drift(s, table, comparisons, out / "terms_end")
     rows = summarise(comparisons, s, table, profile_probe_ms(paths))
     plot = load_plot(rows, s, out / "validate_load.png") if cfg.report.plot else None
-    v = Validation(rows, comparisons, s, paths, plot, out, sat, drift, terms)
+    v = Validation(rows, comparisons, s, paths, plot, out, sat, drift, terms, interrupted, partial)
     write_summary(v, cfg)
     img = Path("docs/img") / plot.name if plot else None
     text = markdown(rows, comparisons, s, drift, sat, str(img) if img else None, terms)
+    if interrupted is not None:
+        text = (f"**Interrupted** ({signal_of(interrupted).name}) {partial}: the points below are those with a "
+                f"finished run, judged without the end's rechecks.\n\n{text}")
     (out / "validation.md").write_text(text)
-    if readme is not None and plot is not None:
+    if readme is not None and plot is not None and not partial:
         update_readme(readme, text, plot, readme.parent / "docs" / "img")
     return v
 
@@ -1355,6 +1373,10 @@ def _hydra_main(cfg: DictConfig) -> None:
               f"job logs that finished", file=sys.stderr)
         sys.exit(128 + signal_of(e))
     report(v)
+    if v.interrupted is not None:
+        print(f"interrupted ({signal_of(v.interrupted).name}) {v.partial}: {out / 'validation.md'} reports the "
+              "runs that finished", file=sys.stderr)
+        sys.exit(128 + signal_of(v.interrupted))
 
 
 def main() -> None:

@@ -68,8 +68,9 @@ class RunnerError(RuntimeError):
     """A run that cannot go on: bad set-up, a policy breaking the hardware's rules, engine deviation."""
 
 
-class Interrupted(RuntimeError):
-    """The run was stopped from outside (SIGTERM); Ctrl-C arrives as KeyboardInterrupt."""
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped from outside by SIGTERM. A KeyboardInterrupt, as Ctrl-C arrives: a caller
+    that keeps what finished on Ctrl-C (`experiments.validate`, `experiments.run`) does so here too."""
 
 
 @dataclass
@@ -261,11 +262,11 @@ class ReplayRunner:
         except WorkerError as e:
             failure = f"worker failed: {str(e).splitlines()[0]}"
             raise
-        except KeyboardInterrupt:
-            failure = "run interrupted (SIGINT)"
-            raise
         except Interrupted:
             failure = "run interrupted (SIGTERM)"
+            raise
+        except KeyboardInterrupt:
+            failure = "run interrupted (SIGINT)"
             raise
         except Exception as e:
             failure = f"runner error: {e}"

@@ -284,6 +284,22 @@ def test_sigterm_and_ctrl_c_reap_every_worker_and_keep_the_records(tmp_path: Pat
     interrupt_replay(__file__, "replay_until_stopped", tmp_path, sig, workers=4, requests=60)  # 2 processes per LLM
 
 
+def short_split_validation(tmp_path: Path, recheck: str) -> list[str]:
+    """`experiments.validate` overrides for a short split run: one tiny LLM on two cores, two loads,
+    two repeats. Profile batches reach 64: the run's decodes reach 30-60, and a line through batches
+    1 and 4 alone, extended that far, once came out at zero time (a noisy batch-4 cell), so the job
+    report's ratios were infinite (fresh-clone CI, 2026-12-03 21:39)."""
+    cores = two_cores()[0]
+    return ["mode=split", f"cores=[{cores[0]},{cores[1]}]", "systems=[muxserve]", "workload.rates=[6.0]",
+            "shapes=[{name:tiny-l4-h512,num_layers:4,hidden_size:512,num_heads:8,num_kv_heads:8,"
+            "intermediate_size:1376,vocab_size:1024,max_context:512}]",
+            "workload.duration_s=4", "workload.prompt_mean=32", "workload.output_mean=12", "split_pool_mib=64",
+            f"profile.dir={tmp_path / 'profiles'}", "profile.batches=[1,4,64]", "profile.seq_lens=[8,64]",
+            "profile.warmup=1", "profile.repeats=2", f"profile.recheck={recheck}", "profile.terms=[turns]",
+            "report.progress=false", "report.plot=false", "report.slo_scales=[2,5]", "load.levels=2",
+            "load.lowest=0.3", "load.highest=0.5", "load.repeats=2"]
+
+
 def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Path) -> None:
     """`python -m experiments.validate mode=split`, short: one LLM on two cores (its prefill and its
     decode process one core each), a profile of the paged engine at one and two cores, MuxServe's
@@ -299,17 +315,7 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
 
     cores = two_cores()[0]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="validate", overrides=[
-            "mode=split", f"cores=[{cores[0]},{cores[1]}]", "systems=[muxserve]", "workload.rates=[6.0]",
-            "workload.duration_s=4", "workload.prompt_mean=32", "workload.output_mean=12", "split_pool_mib=64",
-            f"profile.dir={tmp_path / 'profiles'}", "profile.batches=[1,4,64]", "profile.seq_lens=[8,64]",
-            "profile.warmup=1", "profile.repeats=2", "profile.recheck=each_repeat", "profile.terms=[turns]",
-            "report.progress=false",
-            "report.plot=false", "report.slo_scales=[2,5]", "load.levels=2", "load.lowest=0.3", "load.highest=0.5",
-            "load.repeats=2"])
-    cfg.shapes = cfg.shapes[:1]  # profile batches up to 64: the run's decodes reach 30-60, and a line through
-    # batches 1 and 4 alone, extended that far, once came out at zero time (a noisy batch-4 cell), so
-    # the job report's ratios were infinite (fresh-clone CI, 2026-12-03 21:39)
+        cfg = compose(config_name="validate", overrides=short_split_validation(tmp_path, "each_repeat"))
     v = validate(cfg, tmp_path / "out")
     light, c = v.comparisons
     for comparison in v.comparisons:
@@ -407,3 +413,46 @@ def test_validate_stops_on_a_signal_in_one_line_and_leaves_no_worker(tmp_path: P
     assert str(out) in err.strip().splitlines()[-1]
     _, alive = psutil.wait_procs(workers, timeout=10)
     assert workers and not alive
+
+
+def test_validate_stopped_after_a_hardware_run_reports_the_runs_that_finished(tmp_path: Path) -> None:
+    """SIGTERM once a hardware run has finished: `experiments.validate` writes the report of the
+    finished runs (validation.md marked interrupted, summary.csv and summary.json), says so in one
+    line, exits with 143 and leaves no worker."""
+    import json
+    import re
+    import subprocess
+    import sys
+
+    import psutil
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "experiments.validate", *short_split_validation(tmp_path, "ends"), f"hydra.run.dir={out}"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not (out / "jobs_muxserve_L0_hw0.parquet").exists() and proc.poll() is None:  # written last
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        time.sleep(0.5)  # the run counted; the next one starting
+        if proc.poll() is not None:
+            pytest.fail(f"validate exited ({proc.returncode}) before a hardware run finished: {proc.stderr.read()[-2000:]}")
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    done = re.fullmatch(r"interrupted \(SIGTERM\) after (\d) of 4 hardware runs: (.+) reports the runs that finished", last)
+    assert done and "Traceback" not in err and done[2] == str(out / "validation.md"), err[-2000:]
+    runs = int(done[1])
+    assert 1 <= runs < 4
+    assert (out / "validation.md").read_text().startswith(f"**Interrupted** (SIGTERM) after {runs} of 4 hardware runs")
+    rows = pd.read_csv(out / "summary.csv")
+    assert 0 in set(rows["level"]) and (rows["repeats"] >= 1).all()
+    assert rows.groupby(["level", "system"])["repeats"].first().sum() == runs  # each finished run counted once
+    assert json.loads((out / "summary.json").read_text())["interrupted"] == f"after {runs} of 4 hardware runs"
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive
