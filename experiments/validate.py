@@ -646,10 +646,8 @@ def at_speed(c: Comparison, yardstick: Yardstick, terms: RunnerTerms | None) -> 
             continue
         first, second = yardstick.checks[before], yardstick.checks[before + 1]
         factors = speed_factors(first, second)
-        scaled = scaled_cost(yardstick.profile, factors)
-        cost = replace(p.cost, inner=scaled) if isinstance(p.cost, CoreShareCost) else scaled
-        sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=p.slices or None, runner_terms=terms,
-                         **p.common)
+        cost = unit_cost(yardstick.s, scaled_cost(yardstick.profile, factors), p.cluster.gpus_per_node)
+        sim = run_system(c.system, c.workload, p.cluster, cost, core_slices=p.slices, runner_terms=terms, **p.common)
         moved = first.merge(second, on=list(CELL_KEYS), suffixes=("_before", "_after"))
         c.speed.append({"repeat": r, "factor": float(factors["factor"].median()),
                         "over_repeat": float((moved["now_ms_after"] / moved["now_ms_before"]).median()) - 1,
@@ -698,18 +696,18 @@ class Comparison:
         return self.planned.placement
 
     @property
-    def slices(self) -> dict[str, tuple[int, ...]]:
+    def slices(self) -> dict[str, tuple[int, ...]] | None:
         return self.planned.slices
 
 
-def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int, ...]]]:
-    """The cluster a system is placed on and the cores behind each of its GPU indices.
+def system_unit(system: str, s: Setup) -> tuple[ClusterSpec, dict[int, tuple[int, ...]] | None]:
+    """The cluster a system is placed on and the cores behind each of its GPU indices (None on CUDA).
 
     Spatial partitioning gives every LLM its own GPU; here that is its own share of the unit's cores,
     so spatial is placed on as many "GPUs" as LLMs, the cores split evenly between them.
     """
     if s.device == "cuda":
-        return s.cluster, {}
+        return s.cluster, None
     cluster = replace(s.cluster, gpus_per_node=len(s.workload.models)) if system == "spatial" else s.cluster
     return cluster, gpu_core_table(range(cluster.gpus_per_node), s.cores)
 
@@ -719,20 +717,25 @@ class Planned:
     """One system's placement on one workload, and everything both executors are given."""
 
     cluster: ClusterSpec
-    cost: CostModel  # CPU: `CoreShareCost` over the table; CUDA: the table, read at each MPS share
-    gpu_cores: dict[int, tuple[int, ...]]  # CPU: the cores behind each GPU index; CUDA: empty
+    cost: CostModel  # `unit_cost`: CPU, `CoreShareCost` over the table; CUDA, the table at each MPS share
+    gpu_cores: dict[int, tuple[int, ...]] | None  # CPU: the cores behind each GPU index; CUDA: None
     placement: Placement
-    slices: dict[str, tuple[int, ...]]
+    slices: dict[str, tuple[int, ...]] | None  # CPU: each worker's cores (`Simulator(core_slices=…)`); CUDA: None
     common: dict[str, Any]
+
+
+def unit_cost(s: Setup, table: TableCostModel, gpus: int = 1) -> CostModel:
+    """The table read at a share of the unit split `gpus` ways: on CPU, the whole cores the share
+    gets (`CoreShareCost`); on CUDA, the table itself, profiled at the MPS shares."""
+    return table if s.device == "cuda" else CoreShareCost(table, len(s.cores) // gpus, len(s.cores))
 
 
 def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Planned:
     cluster, gpu_cores = system_unit(system, s)
+    cost = unit_cost(s, table, cluster.gpus_per_node)
     if s.device == "cuda":
-        cost: CostModel = table
         opts = placement_shares(s.grid.sm_pcts)
     else:
-        cost = CoreShareCost(table, len(s.cores) // cluster.gpus_per_node, len(s.cores))
         opts = whole_core_shares(len(s.cores) // cluster.gpus_per_node) if s.mode == "split" else None
     try:
         placement = place(system, workload, cluster, cost, extra_specs=s.specs, placement_opts=opts)
@@ -748,7 +751,7 @@ def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Pl
                                                    for u in placement.units))
     batcher = SYSTEMS[system][1]
     slicer = split_core_slices if s.mode == "split" else core_slices
-    slices = slicer(placement, BATCHING_POLICIES[batcher].exclusive, gpu_cores) if gpu_cores else {}
+    slices = slicer(placement, BATCHING_POLICIES[batcher].exclusive, gpu_cores) if gpu_cores is not None else None
     common = {"batching_opts": batching_opts(s, batcher), "mode": s.mode, "extra_specs": s.specs,
               "placement": placement}
     return Planned(cluster, cost, gpu_cores, placement, slices, common)
@@ -756,8 +759,7 @@ def plan(system: str, s: Setup, table: TableCostModel, workload: Workload) -> Pl
 
 def simulate(system: str, s: Setup, table: TableCostModel, terms: RunnerTerms | None, workload: Workload) -> Any:
     p = plan(system, s, table, workload)
-    return run_system(system, workload, p.cluster, p.cost, core_slices=p.slices or None, runner_terms=terms,
-                      **p.common)
+    return run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms, **p.common)
 
 
 def simulated(system: str, level: int, workload: Workload, s: Setup, table: TableCostModel,
@@ -770,7 +772,7 @@ def simulated(system: str, level: int, workload: Workload, s: Setup, table: Tabl
     end = float(workload.df["arrival_s"].max())
     with _bar(f"L{level} {system:>9} sim", end, "s", s.progress) as bar, \
             records_file(out / f"records_{tag}_sim.parquet") as records:
-        sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices or None, runner_terms=terms,
+        sim = run_system(system, workload, p.cluster, p.cost, core_slices=p.slices, runner_terms=terms,
                          progress=_to(bar), records_path=records, log_jobs=True, **p.common)
     write_jobs(sim.jobs, out / f"jobs_{tag}_sim.parquet")
     offered = sum(workload.rates().values())
@@ -787,7 +789,7 @@ def run_repeat(c: Comparison, s: Setup, out: Path, yardstick: Yardstick | None) 
     end = float(c.workload.df["arrival_s"].max())
     with _bar(f"L{c.level} {c.system:>9} hw {r + 1}/{s.sweep.repeats}", end, "s", s.progress) as bar, \
             records_file(out / f"records_{tag}_hw{r}.parquet") as records:
-        hw = hardware.run_system(c.system, c.workload, p.cluster, p.cost, gpu_cores=p.gpu_cores or None,
+        hw = hardware.run_system(c.system, c.workload, p.cluster, p.cost, gpu_cores=p.gpu_cores,
                                  device=s.device, mps=s.mps, progress=_to(bar), records_path=records,  # type: ignore[arg-type]
                                  log_jobs=True, work_dir=out / "hw" / f"{tag}_{r}", **p.common)
     hw.stats["loadavg_before"], hw.stats["loadavg_after"] = load, os.getloadavg()[0]
@@ -855,7 +857,7 @@ def placement_shares(shares: Sequence[int]) -> dict[str, Any]:
 
 def baseline(records: pd.DataFrame, s: Setup, table: TableCostModel, workload: Workload) -> np.ndarray:
     """Each request's latency alone on the whole unit (all cores, or the whole GPU): one SLO unit for every system."""
-    unit = table if s.device == "cuda" else CoreShareCost(table, len(s.cores), len(s.cores))
+    unit = unit_cost(s, table)
     specs = specs_of(workload, s.specs)
     return standalone_latency(records, specs, dict.fromkeys(specs, 1), unit)
 

@@ -62,7 +62,6 @@ class Runner(ReplayRunner):
 
     mode = "mixed"
     decide_beside_runs = False
-    _daemon: MPSDaemon | None = None  # CUDA with MPS: the daemon the workers are clients of
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -70,20 +69,21 @@ class Runner(ReplayRunner):
         if self.config.device == "cpu" and any(x.tp > 1 for u in self.placement.units for x in u.llms):
             raise RunnerError("tensor parallelism > 1 is not supported by the CPU runner (one process per LLM)")
 
-    def _slices(self, unit: Unit) -> list[Slice]:
+    def _slices(self, unit: Unit, daemon: MPSDaemon | None) -> list[Slice]:
+        """Each LLM's worker slice: its cores, or on CUDA its MPS share of `daemon` (None: whole GPUs)."""
         if self.config.device == "cpu":
             return cpu_slices(unit.llms, self.policy.exclusive, self._unit_cores(unit))
-        return cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, self._daemon)
+        return cuda_slices(unit.llms, self.policy.exclusive, unit.gpus, daemon)
 
     def _build(self, work: Path) -> None:
-        self._daemon = self._mps_daemon(work)
+        daemon = self._mps_daemon(work)
         per_gpu: dict[int, int] = {}
         for u in self.placement.units:
             for g in u.gpus:
                 per_gpu[g] = per_gpu.get(g, 0) + len(u.llms)
         chunks = {m: blocks_per_chunk(spec) for m, spec in self.specs.items()}
         for unit in self.placement.units:
-            for x, sl in zip(unit.llms, self._slices(unit), strict=True):
+            for x, sl in zip(unit.llms, self._slices(unit, daemon), strict=True):
                 spec = self.specs[x.model]
                 real = self.config.model_dirs.get(x.model)
                 folder = real or write_model_dir(spec, work / "models")
