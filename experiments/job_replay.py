@@ -80,6 +80,9 @@ def logged_run(run: Path, level: int, repeat: int) -> Logged:
     if config.get("mode") != "split":
         raise ConfigError(f"{run}: a {config.get('mode')}-mode run; only split-mode runs replay (their workers "
                           f"take one phase's jobs each)")
+    if config.get("device", "cpu") != "cpu":
+        raise ConfigError(f"{run}: a device={config.get('device')} run; job_replay replays on this machine's "
+                          "CPU cores, as the run's core slices say (CPU runs only)")
     jobs = job_ratios(run)
     hw = jobs[(jobs["executor"] == "hw") & (jobs["level"] == level) & (jobs["repeat"] == repeat)]
     if hw.empty:

@@ -38,7 +38,10 @@ def run_config(run: Path) -> DictConfig:
     summary = run / "summary.json"
     if not summary.exists():
         raise ConfigError(f"{run}: no summary.json (not a finished `experiments.validate` run folder)")
-    return OmegaConf.create(json.loads(summary.read_text())["config"])
+    config = json.loads(summary.read_text())["config"]
+    if "models" in config and "shapes" not in config:  # a folder from before the list was renamed
+        config["shapes"] = config.pop("models")
+    return OmegaConf.create(config)
 
 
 def run_table(run: Path) -> TableCostModel:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from omegaconf import OmegaConf
 
 from experiments.config import ConfigError
 from experiments.validate import (
@@ -157,3 +158,28 @@ def test_the_profile_bar_counts_cells_timed_again_past_its_total(capsys: pytest.
             tick(message)
         assert (bar.n, bar.total) == (3, 3)
     assert "3/3 cell" in capsys.readouterr().err
+
+
+def test_a_run_folder_from_before_the_shapes_rename_still_reads(tmp_path: Path):
+    """`experiments.validate` called its model list `models` until 61fb27b; the job tools read such
+    folders' config with the list under its new name, and refuse a GPU run job_replay cannot replay."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from experiments.job_replay import logged_run
+    from experiments.job_report import run_config
+    from experiments.validate import CONF_DIR, build_setup
+
+    shape = {"name": "tiny", "num_layers": 2, "hidden_size": 128, "num_heads": 4, "num_kv_heads": 4,
+             "intermediate_size": 344, "vocab_size": 512, "max_context": 512}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        config = OmegaConf.to_container(compose(config_name="validate", overrides=["mode=split"]), resolve=True)
+    config.pop("shapes")
+    config["models"] = [shape]
+    (tmp_path / "summary.json").write_text(json.dumps({"config": config}))
+    assert [s.name for s in build_setup(run_config(tmp_path)).specs.values()] == ["tiny"]
+    config["device"] = "cuda"
+    (tmp_path / "summary.json").write_text(json.dumps({"config": config}))
+    with pytest.raises(ConfigError, match="a device=cuda run; job_replay replays on this machine's CPU cores"):
+        logged_run(tmp_path, level=0, repeat=0)
