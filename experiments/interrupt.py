@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import signal
 
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (what Slurm and `timeout` send), raised where the run is, so it stops as on Ctrl-C."""
+from hwloop.process import Terminated
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -21,7 +19,6 @@ def raise_on_sigterm() -> None:
 
 
 def signal_of(interrupt: KeyboardInterrupt) -> signal.Signals:
-    """SIGTERM for ours, or for a real-engine runner's (which raises its own while it runs)."""
-    from hwloop.replay import Interrupted
-
-    return signal.SIGTERM if isinstance(interrupt, Terminated | Interrupted) else signal.SIGINT
+    """SIGTERM for `Terminated` (ours, or a real-engine runner's, which sets its own handler while it
+    runs), else SIGINT."""
+    return signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT

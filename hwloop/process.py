@@ -63,6 +63,12 @@ class Failed:
     error: str  # formatted traceback from the worker
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what Slurm and `timeout` send), raised where a run is, so it stops as on Ctrl-C: a
+    caller that keeps what finished on Ctrl-C does so here too. The one such class of every command
+    (`experiments.interrupt`) and runner (`hwloop.replay`)."""
+
+
 class WorkerError(RuntimeError):
     """A worker died or failed; the message names it, its pid and exit status, and its last log lines."""
 

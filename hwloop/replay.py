@@ -45,7 +45,7 @@ import pandas as pd
 from hwloop.kv_pool import PoolError
 from hwloop.mirror import gpu_core_table
 from hwloop.partition import Device, MPSDaemon, PartitionError, Slice, overlapping
-from hwloop.process import WorkerError, WorkerProcess, Yield, start_workers
+from hwloop.process import Terminated, WorkerError, WorkerProcess, Yield, start_workers
 from hwloop.speed import SpeedMonitor
 from policies.ledger import (
     STUCK,
@@ -66,11 +66,6 @@ from traces.schema import Workload
 
 class RunnerError(RuntimeError):
     """A run that cannot go on: bad set-up, a policy breaking the hardware's rules, engine deviation."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """The run was stopped from outside by SIGTERM. A KeyboardInterrupt, as Ctrl-C arrives: a caller
-    that keeps what finished on Ctrl-C (`experiments.validate`, `experiments.run`) does so here too."""
 
 
 @dataclass
@@ -262,7 +257,7 @@ class ReplayRunner:
         except WorkerError as e:
             failure = f"worker failed: {str(e).splitlines()[0]}"
             raise
-        except Interrupted:
+        except Terminated:
             failure = "run interrupted (SIGTERM)"
             raise
         except KeyboardInterrupt:
@@ -578,7 +573,7 @@ def _sigterm_raises() -> Iterator[None]:
         return
 
     def handler(signum: int, frame: object) -> None:
-        raise Interrupted("SIGTERM")
+        raise Terminated("SIGTERM")
 
     previous = signal.signal(signal.SIGTERM, handler)
     try:
