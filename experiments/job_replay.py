@@ -1,26 +1,36 @@
-"""One hardware split run's prefill jobs replayed on fresh workers, one condition of the run at a time.
+"""One hardware run's jobs replayed on fresh workers, one condition of the run at a time.
 
     python -m experiments.job_replay RUN_FOLDER --level 3 --repeat 0
     python -m experiments.job_replay RUN_FOLDER --level 3 --conditions back-to-back as-run
 
-`experiments.job_report` reads a run's jobs against the profile; where the hardware's prefill jobs
-take longer than the profile plus what the simulator's runner terms (`hwloop.terms`) charge, it
-cannot say which of the run's conditions costs the difference. This replays the prefill jobs of one
-hardware run of a split-mode `experiments.validate` folder, the same prompt lengths in the same
-order, on new prefill workers pinned to the cores the run gave them, under each condition:
+`experiments.job_report` reads a run's jobs against the profile; where the hardware's jobs take
+longer than the profile plus what the simulator's runner terms (`hwloop.terms`) charge, it cannot
+say which of the run's conditions costs the difference. This replays the jobs of one hardware run
+of an `experiments.validate` folder, the same launches in the same order, on new workers pinned to
+the cores the run gave them, under each condition:
 
-- `back-to-back`: each job sent when the one before it ended: the served shapes and their order only;
-- `as-run`: each job sent at its logged start: also the idle gaps, and the LLMs taking turns on cores;
-- `with-decodes`: as-run, and the run's decode jobs replayed at their logged starts on decode workers
-  on the run's decode cores: also the engines working beside.
+- `back-to-back`: each job sent when the one before it ended, one worker at a time: the served
+  shapes and their order only;
+- `as-run`: each job sent at its logged start, every worker at once: also the idle gaps, the LLMs
+  taking turns on shared cores and the engines working beside each other;
+- `with-decodes` (split mode): as-run, and the run's decode jobs replayed at their logged starts on
+  decode workers on the run's decode cores.
 
-Every replayed job is read against the profile (`measured`, send to step end as the runner logs it)
-and against what the simulator charges that job under the conditions it was replayed in
-(`charged`: `policies.cost.profiled_job_time` times the beside factor, plus the first-step extras of
-`policies.cost.RunnerTerms`, from the replay's own timeline as `sim.engine` derives them). A condition
-whose measured exceeds its charged holds a cost that no term charges. The profile and terms are the
-run's own (its `profiles/` copies); the replay runs on this machine now, so compare conditions
-within one replay, and against the run's own figures (printed beside) only as a check.
+A split-mode run replays its prefill jobs (its decode jobs only beside them, in `with-decodes`). A
+mixed-mode run (vLLM) replays every job of each LLM's engine: the requests each job admitted are
+rebuilt from the run's records (those whose first token its first step produced), each with its
+prompt and output length, so every engine holds the same requests at every step as in the run and
+each job runs the same mixed steps; a run with preempted requests cannot be rebuilt so (their
+recomputes are in no record) and is refused.
+
+Every replayed job is read against the profile (`measured`, send to the end of its last step as the
+runner logs it) and against what the simulator charges that job under the conditions it was
+replayed in (`charged`: `policies.cost.profiled_job_time` times the beside factor, plus the
+first-step extras of `policies.cost.RunnerTerms`, from the replay's own timeline as `sim.engine`
+derives them); the run itself is charged the same way from its logged timeline. A condition whose
+measured exceeds its charged holds a cost that no term charges. The profile and terms are the run's
+own (its `profiles/` copies); the replay runs on this machine now, so compare conditions within one
+replay, and against the run's own figures (printed beside) only as a check.
 """
 
 from __future__ import annotations
@@ -40,11 +50,13 @@ import pandas as pd
 
 from experiments.config import ConfigError
 from experiments.job_report import job_ratios, run_config, run_table
+from experiments.systems import SYSTEMS
 from experiments.validate import build_setup, plan, terms_path
 from hwloop.engine import synthetic_prompt
 from hwloop.kv_pool import BlockAllocator, KVPool
 from hwloop.partition import cpu_env
-from hwloop.process import start_workers
+from hwloop.process import WorkerProcess, start_workers
+from hwloop.runner import placed_engine
 from hwloop.split_worker import (
     DTYPE_OF_BYTES,
     DecodeCmd,
@@ -55,31 +67,41 @@ from hwloop.split_worker import (
     SplitWorkerHandle,
     SplitWorkerSpec,
 )
+from hwloop.worker import Admit, StepCmd, StepDone, WorkerHandle, WorkerSpec
+from policies.batching import make_batching
 from policies.cost import FirstSteps, RunnerTerms
-from policies.placement import blocks_for_tokens, blocks_per_chunk
+from policies.placement import Placement, blocks_for_tokens, blocks_per_chunk
 from policies.specs import ModelSpec
 from traces.schema import Workload
 
 CONDITIONS = ("back-to-back", "as-run", "with-decodes")
+MODE_CONDITIONS = {"split": CONDITIONS, "mixed": ("back-to-back", "as-run")}
 
 
 @dataclass
 class Logged:
     """What one hardware run logged, and what its replays need."""
 
-    prefills: pd.DataFrame  # its prefill jobs in start order, with `lengths` (each prompt's tokens) and `profiled_s`
-    decodes: pd.DataFrame  # its decode jobs in start order
+    mode: str  # "split" or "mixed"
+    # The jobs replayed, in start order, with `worker` (the process that ran each: "<llm>/prefill" in
+    # split mode, "<llm>" in mixed mode) and `profiled_s`; split: the prefill jobs, with `lengths`
+    # (each prompt's tokens); mixed: every job, with `admits` (the `Admit`s of the requests it admitted).
+    jobs: pd.DataFrame
+    decodes: pd.DataFrame  # split: its decode jobs in start order (replayed beside, `with-decodes`); mixed: none
     specs: dict[str, ModelSpec]  # by model name
-    cores: dict[str, tuple[int, ...]]  # by worker, "<llm>/<phase>"
-    pool_blocks: int
+    cores: dict[str, tuple[int, ...]]  # by worker: "<llm>/<phase>" (split) or "<llm>" (mixed)
+    placement: Placement
+    max_prefill_tokens: int  # the batching policy's token budget (a mixed engine is sized by it)
     terms: RunnerTerms
+
+    @property
+    def pool_blocks(self) -> int:
+        return self.placement.units[0].kv_blocks
 
 
 def logged_run(run: Path, level: int, repeat: int) -> Logged:
     config = run_config(run)
-    if config.get("mode") != "split":
-        raise ConfigError(f"{run}: a {config.get('mode')}-mode run; only split-mode runs replay (their workers "
-                          f"take one phase's jobs each)")
+    mode = str(config.get("mode", "mixed"))
     if config.get("device", "cpu") != "cpu":
         raise ConfigError(f"{run}: a device={config.get('device')} run; job_replay replays on this machine's "
                           "CPU cores, as the run's core slices say (CPU runs only)")
@@ -94,16 +116,23 @@ def logged_run(run: Path, level: int, repeat: int) -> Logged:
     tag = f"{system}_L{level}"
     planned = plan(system, s, run_table(run), Workload.read(run / f"workload_{tag}.parquet"))
     records = pd.read_parquet(run / f"records_{tag}_hw{repeat}.parquet")
-    prompts = records.groupby(["model", "first_token_s"])["prompt_tokens"].apply(tuple).to_dict()
-    prefills = hw[hw["phase"] == "prefill"].sort_values("start_s", kind="stable").copy()
-    prefills["lengths"] = [_lengths(prompts.get((j.llm, j.first_end_s)), j.admitted, j.admitted_context)
-                           for j in prefills.itertuples()]
+    hw = hw.sort_values("start_s", kind="stable").reset_index(drop=True)
+    if mode == "split":
+        replayed = hw[hw["phase"] == "prefill"].reset_index(drop=True)
+        prompts = records.groupby(["model", "first_token_s"])["prompt_tokens"].apply(tuple).to_dict()
+        replayed["lengths"] = [_lengths(prompts.get((j.llm, j.first_end_s)), j.admitted, j.admitted_context)
+                               for j in replayed.itertuples()]
+        replayed["worker"] = replayed["llm"] + "/prefill"
+        decodes = hw[hw["phase"] == "decode"].reset_index(drop=True)
+    else:
+        replayed = hw.assign(admits=_admits(hw, records, f"{run}: level {level}, repeat {repeat}"), worker=hw["llm"])
+        decodes = hw.iloc[:0]
     measured = [m for p in sorted((run / "profiles").glob("*.parquet")) if terms_path(p).exists()
                 for m in json.loads(terms_path(p).read_text())]
-    return Logged(prefills.reset_index(drop=True),
-                  hw[hw["phase"] == "decode"].sort_values("start_s", kind="stable").reset_index(drop=True),
-                  {spec.name: spec for spec in s.specs.values()}, planned.slices,
-                  planned.placement.units[0].kv_blocks, RunnerTerms.from_measured(measured, "the run's"))
+    assert planned.slices is not None  # a CPU run
+    batching = make_batching(SYSTEMS[system][1], **planned.common["batching_opts"])
+    return Logged(mode, replayed, decodes, {spec.name: spec for spec in s.specs.values()}, planned.slices,
+                  planned.placement, batching.max_prefill_tokens, RunnerTerms.from_measured(measured, "the run's"))
 
 
 def _lengths(prompts: tuple[int, ...] | None, admitted: int, context: int) -> tuple[int, ...]:
@@ -114,58 +143,148 @@ def _lengths(prompts: tuple[int, ...] | None, admitted: int, context: int) -> tu
     return tuple(context // admitted + (k < context % admitted) for k in range(admitted))
 
 
+def _admits(jobs: pd.DataFrame, records: pd.DataFrame, where: str) -> list[tuple[Admit, ...]]:
+    """Each mixed job's admitted requests, as the runner sent them: the records whose first token
+    its first step produced (same LLM, first-token time its first step's end), whole prompt and
+    output each. Refused, in one line, where a job's admissions are not all in the records."""
+    preempted = int(records["preemptions"].sum())
+    if preempted:
+        raise ConfigError(f"{where}: {preempted} preemption(s); a preempted request's recompute is in no record, "
+                          f"so this run's launches cannot be rebuilt (replay a run without preemptions)")
+    by_first = {key: list(g.itertuples()) for key, g in records.groupby(["model", "first_token_s"])}
+    out = []
+    for j in jobs.itertuples():
+        got = by_first.get((j.llm, j.first_end_s), []) if j.admitted else []
+        if len(got) != j.admitted or sum(r.prompt_tokens for r in got) != j.admitted_context:
+            raise ConfigError(f"{where}: the job of {j.llm} at {j.start_s:.3f} s admitted {j.admitted} request(s) of "
+                              f"{j.admitted_context} tokens; the records name {len(got)} with that first token")
+        out.append(tuple(Admit(int(r.request_id), int(r.prompt_tokens), int(r.prompt_tokens), int(r.output_tokens))
+                         for r in got))
+    return out
+
+
 def replay(logged: Logged, condition: str) -> pd.DataFrame:
-    """The prefill jobs under `condition`: the logged columns plus `sent_s`, `started_s` (the worker's
+    """The jobs under `condition`: the logged columns plus `sent_s`, `started_s` (the worker's first
     step) and `ended_s`, from the replay's start; `measured_s` (send to end), `charged_s`."""
-    if condition not in CONDITIONS:
-        raise ConfigError(f"condition {condition!r}: must be one of {', '.join(CONDITIONS)}")
+    if condition not in MODE_CONDITIONS[logged.mode]:
+        raise ConfigError(f"condition {condition!r}: a {logged.mode}-mode run replays under "
+                          f"{', '.join(MODE_CONDITIONS[logged.mode])}")
+    with tempfile.TemporaryDirectory(prefix="muxsim-replay-") as tmp:
+        timeline, busy = (_replay_split if logged.mode == "split" else _replay_mixed)(logged, condition, Path(tmp))
+    out = logged.jobs.assign(sent_s=[a for a, _, _ in timeline], started_s=[b for _, b, _ in timeline],
+                             ended_s=[c for _, _, c in timeline])
+    out["measured_s"] = out["ended_s"] - out["sent_s"]
+    if logged.mode == "mixed" and condition == "as-run":
+        busy = [(j.sent_s, j.ended_s, logged.cores[j.worker]) for j in out.itertuples()]
+    out["charged_s"] = charges(out, logged, busy, "sent_s", "ended_s")
+    out.attrs["decode_spans"] = busy if logged.mode == "split" else []
+    return out
+
+
+Timeline = list[tuple[float, float, float]]  # per job: sent, first step started, ended (s from the replay's start)
+Spans = list[tuple[float, float, tuple[int, ...]]]  # jobs working beside: start, end, cores
+
+
+def _replay_split(logged: Logged, condition: str, tmp: Path) -> tuple[Timeline, Spans]:
     pool = KVPool(logged.pool_blocks)
     blocks, lock = BlockAllocator(pool.num_blocks), threading.Lock()
     phases = ("prefill", "decode") if condition == "with-decodes" else ("prefill",)
-    llms = sorted(set(logged.prefills["llm"]) | (set(logged.decodes["llm"]) if "decode" in phases else set()))
-    model_of = dict(zip(logged.prefills["llm"], logged.prefills["model"], strict=False)) | \
+    llms = sorted(set(logged.jobs["llm"]) | (set(logged.decodes["llm"]) if "decode" in phases else set()))
+    model_of = dict(zip(logged.jobs["llm"], logged.jobs["model"], strict=False)) | \
         dict(zip(logged.decodes["llm"], logged.decodes["model"], strict=False))
-    with tempfile.TemporaryDirectory(prefix="muxsim-replay-") as tmp:
-        handles = {}
-        for llm in llms:
-            spec = logged.specs[model_of[llm]]
-            for phase in phases:
-                cores = logged.cores[f"{llm}/{phase}"]
-                handles[llm, phase] = SplitWorkerHandle(
-                    SplitWorkerSpec(f"{llm}/{phase}", llm, phase, spec, pool.handle(),  # type: ignore[arg-type]
-                                    dtype=DTYPE_OF_BYTES[spec.dtype_bytes], cores=cores, env=cpu_env(cores)),
-                    Path(tmp) / f"{llm}-{phase}.log")
-        try:
-            start_workers(list(handles.values()), timeout_s=600)
-            t0 = time.monotonic()
-            decodes = _DecodeReplay(logged, handles, blocks, lock, t0) if "decode" in phases else None
-            timeline = []
-            for k, job in enumerate(logged.prefills.itertuples()):
-                spec = logged.specs[job.model]
-                with lock:
-                    items = tuple(PrefillItem(k * 1000 + i, tuple(synthetic_prompt(k * 1000 + i, n, spec.vocab_size)),
-                                              tuple(blocks.allocate(blocks_for_tokens(n, blocks_per_chunk(spec)))))
-                                  for i, n in enumerate(job.lengths))
-                if condition != "back-to-back":
+    handles = {}
+    for llm in llms:
+        spec = logged.specs[model_of[llm]]
+        for phase in phases:
+            cores = logged.cores[f"{llm}/{phase}"]
+            handles[llm, phase] = SplitWorkerHandle(
+                SplitWorkerSpec(f"{llm}/{phase}", llm, phase, spec, pool.handle(),  # type: ignore[arg-type]
+                                dtype=DTYPE_OF_BYTES[spec.dtype_bytes], cores=cores, env=cpu_env(cores)),
+                tmp / f"{llm}-{phase}.log")
+    try:
+        start_workers(list(handles.values()), timeout_s=600)
+        t0 = time.monotonic()
+        decodes = _DecodeReplay(logged, handles, blocks, lock, t0) if "decode" in phases else None
+        timeline = []
+        for k, job in enumerate(logged.jobs.itertuples()):
+            spec = logged.specs[job.model]
+            with lock:
+                items = tuple(PrefillItem(k * 1000 + i, tuple(synthetic_prompt(k * 1000 + i, n, spec.vocab_size)),
+                                          tuple(blocks.allocate(blocks_for_tokens(n, blocks_per_chunk(spec)))))
+                              for i, n in enumerate(job.lengths))
+            if condition != "back-to-back":
+                time.sleep(max(0.0, job.start_s - (time.monotonic() - t0)))
+            done, sent = _send(handles[job.llm, "prefill"], PrefillCmd(items))
+            timeline.append((sent - t0, done.t_start - t0, done.t_end - t0))
+            with lock:
+                for it in items:
+                    blocks.deallocate(it.blocks)
+        if decodes is not None:
+            decodes.join()
+    finally:
+        for h in handles.values():
+            h.stop()
+        pool.close()
+    return timeline, decodes.spans if decodes is not None else []
+
+
+def _replay_mixed(logged: Logged, condition: str, tmp: Path) -> tuple[Timeline, Spans]:
+    """Each LLM's jobs on a fresh vLLM worker built as the run built it (`hwloop.runner.placed_engine`).
+    Back to back: one worker at a time. As run: one thread per group of workers sharing cores, each
+    sending its group's jobs in logged order, none before its logged start."""
+    handles: dict[str, WorkerProcess] = {}
+    for unit in logged.placement.units:
+        for x in unit.llms:
+            cores = logged.cores[x.name]
+            engine = placed_engine(x, unit, logged.specs[x.model], logged.max_prefill_tokens, tmp / "models")
+            handles[x.name] = WorkerHandle(WorkerSpec(x.name, engine, cores, cpu_env(cores)), tmp / f"{x.name}.log")
+    jobs = logged.jobs
+    groups = (list(jobs.groupby("worker", sort=True).groups.values()) if condition == "back-to-back"
+              else _core_groups(jobs, logged.cores))
+    timeline: Timeline = [(np.nan, np.nan, np.nan)] * len(jobs)
+    diverged: list[str] = []
+    try:
+        start_workers(list(handles.values()), timeout_s=900)
+        t0 = time.monotonic()
+
+        def run_group(rows: Sequence[int]) -> None:
+            for k in rows:
+                job = jobs.iloc[k]
+                if condition == "as-run":
                     time.sleep(max(0.0, job.start_s - (time.monotonic() - t0)))
-                done, sent = _send(handles[job.llm, "prefill"], PrefillCmd(items))
-                timeline.append((sent - t0, done.t_start - t0, done.t_end - t0))
-                with lock:
-                    for it in items:
-                        blocks.deallocate(it.blocks)
-            if decodes is not None:
-                decodes.join()
-        finally:
-            for h in handles.values():
-                h.stop()
-            pool.close()
-    out = logged.prefills.assign(sent_s=[a for a, _, _ in timeline], started_s=[b for _, b, _ in timeline],
-                                 ended_s=[c for _, _, c in timeline])
-    out["measured_s"] = out["ended_s"] - out["sent_s"]
-    busy = decodes.spans if decodes is not None else []
-    out["charged_s"] = charges(out, logged, busy)
-    out.attrs["decode_spans"] = busy
-    return out
+                done, sent = _send(handles[job.worker], StepCmd(job.admits, max_steps=int(job.steps)))
+                timeline[k] = (sent - t0, done.t_start - t0, done.t_end - t0)
+                if done.steps != job.steps or len(done.tokens) != job.admitted + job.decoding:
+                    diverged.append(f"the job of {job.llm} at {job.start_s:.3f} s ran {done.steps} step(s) of "
+                                    f"{len(done.tokens)} request(s), logged {job.steps} of {job.admitted + job.decoding}")
+
+        if condition == "back-to-back":
+            for rows in groups:
+                run_group(list(rows))
+        else:
+            threads = [threading.Thread(target=run_group, args=(list(rows),), daemon=True) for rows in groups]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    finally:
+        for h in handles.values():
+            h.stop()
+    if diverged:
+        raise ConfigError(f"the replay did not run the logged jobs ({len(diverged)} differ): {diverged[0]}")
+    return timeline, []
+
+
+def _core_groups(jobs: pd.DataFrame, cores: dict[str, tuple[int, ...]]) -> list[list[int]]:
+    """The jobs' row numbers, one list per group of workers whose cores overlap (they take turns),
+    in logged start order."""
+    groups: list[tuple[set[int], set[str]]] = []
+    for worker in sorted(set(jobs["worker"])):
+        mine = set(cores[worker])
+        joined = [g for g in groups if g[0] & mine]
+        merged = (mine.union(*(g[0] for g in joined)), {worker}.union(*(g[1] for g in joined)))
+        groups = [g for g in groups if g not in joined] + [merged]
+    return [list(np.flatnonzero(jobs["worker"].isin(workers))) for _, workers in groups]
 
 
 class _DecodeReplay:
@@ -174,7 +293,7 @@ class _DecodeReplay:
 
     def __init__(self, logged: Logged, handles: dict, blocks: BlockAllocator, lock: threading.Lock, t0: float) -> None:
         self.logged, self.handles, self.blocks, self.lock, self.t0 = logged, handles, blocks, lock, t0
-        self.spans: list[tuple[float, float, tuple[int, ...]]] = []  # (start, end, cores) from the replay's start
+        self.spans: Spans = []  # (start, end, cores) from the replay's start
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -197,60 +316,75 @@ class _DecodeReplay:
         self._thread.join()
 
 
-def _send(handle: SplitWorkerHandle, cmd: PrefillCmd | DecodeCmd) -> tuple[PhaseDone, float]:
+def _send(handle: WorkerProcess, cmd: PrefillCmd | DecodeCmd | StepCmd) -> tuple[PhaseDone | StepDone, float]:
     sent = time.monotonic()
     handle.send(cmd)
     return handle.recv(120), sent
 
 
-def charges(jobs: pd.DataFrame, logged: Logged, busy: Sequence[tuple[float, float, tuple[int, ...]]]) -> np.ndarray:
-    """What the simulator charges each replayed prefill job under the conditions it was replayed in,
-    derived from the replay's timeline as `sim.engine.Simulator._runner_extra` derives them: the
-    profile, times the beside factor when a job on other cores ran at its send, plus the extras of
-    its first step (dispatch and admission, a token count its worker never ran, how long its cores
-    sat idle and whether another worker ran there last; `policies.cost.FirstSteps`, as the simulator)."""
+def charges(jobs: pd.DataFrame, logged: Logged, busy: Spans, sent: str, ended: str) -> np.ndarray:
+    """What the simulator charges each job under the conditions it ran in, from a timeline (columns
+    `sent` and `ended`), as `sim.engine.Simulator._runner_extra` derives them: the profile, times the
+    beside factor when a job on other cores ran at its send, plus the extras of its first step
+    (dispatch and admission, a token count its worker never ran, how long its cores sat idle and
+    whether another worker ran there last; `policies.cost.FirstSteps`, as the simulator)."""
     first_steps = FirstSteps(logged.terms)
     charged = []
-    for job in jobs.itertuples():
-        worker, cores = f"{job.llm}/prefill", logged.cores[f"{job.llm}/prefill"]
-        tokens = int(job.admitted_context)
-        extra, _ = first_steps.start(worker, cores, job.sent_s, job.model, tokens, admitting=True)
-        beside = any(a <= job.sent_s < b and set(cores).isdisjoint(c) for a, b, c in busy)
+    for job in jobs.sort_values(sent, kind="stable").itertuples():
+        cores = logged.cores[job.worker]
+        tokens = int(job.admitted_context + job.decoding)  # `policies.ledger.Batch.step_tokens`
+        at = getattr(job, sent)
+        extra, _ = first_steps.start(job.worker, cores, at, job.model, tokens, admitting=job.admitted > 0)
+        beside = any(a <= at < b and set(cores).isdisjoint(c) for a, b, c in busy)
         factor = logged.terms.beside_factor(job.model, len(cores), tokens) if beside else 1.0
-        charged.append(job.profiled_s * factor + extra)
-        first_steps.end(cores, job.ended_s)
-    return np.array(charged)
+        charged.append((job.Index, job.profiled_s * factor + extra))
+        first_steps.end(cores, getattr(job, ended))
+    return pd.Series(dict(charged)).reindex(jobs.index).to_numpy()
 
 
 def summary(replays: dict[str, pd.DataFrame], logged: Logged) -> pd.DataFrame:
-    """Per condition (and the run itself, measured only): summed time over the summed profile,
-    measured and charged, and the median of measured over charged, for jobs whose token count their
-    worker had run before (`seen`) and the others."""
+    """Per condition (and the run itself, charged from its logged timeline): summed time over the
+    summed profile, measured and charged, and the median of measured over charged, for jobs that
+    admit prompts and (mixed mode) pure decodes, all and split by whether their worker had run the
+    job's token count before (`seen`)."""
+    logged_busy = [(j.start_s, j.end_s, logged.cores[w]) for j, w in
+                   zip(_all_jobs(logged).itertuples(), _all_jobs(logged)["worker"], strict=True)]
+    run = logged.jobs.assign(measured_s=logged.jobs["took_s"],
+                             charged_s=charges(logged.jobs, logged, logged_busy, "start_s", "end_s"))
     rows = []
-    run = logged.prefills.assign(measured_s=logged.prefills["took_s"], charged_s=np.nan)
     for name, jobs in {"the run (logged)": run, **replays}.items():
-        for seen, part in [("all", jobs), *((f"seen={flag}", g) for flag, g in jobs.groupby("seen"))]:
-            rows.append({"condition": name, "jobs": seen, "n": len(part),
-                         "measured ÷ profile": part["measured_s"].sum() / part["profiled_s"].sum(),
-                         "charged ÷ profile": part["charged_s"].sum(min_count=1) / part["profiled_s"].sum(),
-                         "measured ÷ charged (median)": float((part["measured_s"] / part["charged_s"]).median())})
-    return pd.DataFrame(rows).set_index(["condition", "jobs"])
+        kinds = jobs.groupby(np.where(jobs["admitted"] > 0, "admitting", "decoding"))
+        for kind, of_kind in kinds:
+            for seen, part in [("all", of_kind), *((f"seen={flag}", g) for flag, g in of_kind.groupby("seen"))]:
+                rows.append({"condition": name, "jobs": kind, "seen": seen, "n": len(part),
+                             "measured ÷ profile": part["measured_s"].sum() / part["profiled_s"].sum(),
+                             "charged ÷ profile": part["charged_s"].sum(min_count=1) / part["profiled_s"].sum(),
+                             "measured ÷ charged (median)": float((part["measured_s"] / part["charged_s"]).median())})
+    return pd.DataFrame(rows).set_index(["condition", "jobs", "seen"])
+
+
+def _all_jobs(logged: Logged) -> pd.DataFrame:
+    """Every job the run logged that worked on some cores: the replayed ones and (split) its decodes."""
+    if logged.decodes.empty:
+        return logged.jobs
+    return pd.concat([logged.jobs, logged.decodes.assign(worker=logged.decodes["llm"] + "/decode")], ignore_index=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("run", type=Path, help="a split-mode folder `python -m experiments.validate` wrote")
+    ap.add_argument("run", type=Path, help="a folder `python -m experiments.validate` wrote")
     ap.add_argument("--level", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=0)
-    ap.add_argument("--conditions", nargs="+", default=list(CONDITIONS), choices=CONDITIONS)
+    ap.add_argument("--conditions", nargs="+", choices=CONDITIONS,
+                    help="default: every condition of the run's mode")
     args = ap.parse_args()
     try:
         logged = logged_run(args.run, args.level, args.repeat)
-        replays = {c: replay(logged, c) for c in args.conditions}
+        replays = {c: replay(logged, c) for c in args.conditions or MODE_CONDITIONS[logged.mode]}
     except ConfigError as e:
         sys.exit(f"ConfigError: {e}")
-    print(f"{args.run}: level {args.level}, repeat {args.repeat}: {len(logged.prefills)} prefill jobs, "
-          f"{len(logged.decodes)} decode jobs; terms {logged.terms.label}")
+    print(f"{args.run}: level {args.level}, repeat {args.repeat}, {logged.mode} mode: {len(logged.jobs)} jobs "
+          f"replayed, {len(logged.decodes)} decode jobs beside; terms {logged.terms.label}")
     with pd.option_context("display.width", 200):
         print(summary(replays, logged).round(3).to_string())
 

@@ -38,7 +38,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from hwloop.engine import engine_config, write_model_dir
+from hwloop.engine import EngineConfig, engine_config, write_model_dir
 from hwloop.partition import MPSDaemon, Slice, cpu_slices, cuda_slices
 from hwloop.replay import (
     Job,
@@ -51,7 +51,7 @@ from hwloop.replay import (
 )
 from hwloop.worker import Admit, StepCmd, StepDone, WorkerHandle, WorkerSpec
 from policies.ledger import UnitLedger
-from policies.placement import Placement, Unit, blocks_per_chunk
+from policies.placement import LLMPlacement, Placement, Unit, blocks_per_chunk
 from policies.specs import ModelSpec
 from policies.view import BatchingPolicy, Launch, Request
 from traces.schema import Workload
@@ -84,13 +84,9 @@ class Runner(ReplayRunner):
         chunks = {m: blocks_per_chunk(spec) for m, spec in self.specs.items()}
         for unit in self.placement.units:
             for x, sl in zip(unit.llms, self._slices(unit, daemon), strict=True):
-                spec = self.specs[x.model]
                 real = self.config.model_dirs.get(x.model)
-                folder = real or write_model_dir(spec, work / "models")
-                cfg = engine_config(spec, folder, max_batch=x.max_batch, pool_blocks=unit.kv_blocks,
-                                    chunk_blocks=chunks[x.model], prefill_tokens=self.policy.max_prefill_tokens,
-                                    dummy=real is None,
-                                    max_model_len=self.config.max_model_len)
+                cfg = placed_engine(x, unit, self.specs[x.model], self.policy.max_prefill_tokens, work / "models", real,
+                                    self.config.max_model_len)
                 if self.config.device == "cuda":
                     share = self.config.cuda_memory_fraction or 0.9 / max(per_gpu[g] for g in unit.gpus)
                     cfg = replace(cfg, gpu_memory_utilization=share)
@@ -150,6 +146,17 @@ class Runner(ReplayRunner):
         self.stats["decode_runs"] += steps > 1
         unit.ledger.hold_for_steps(job.batch, steps)
         unit.ledger.end(job.batch, steps, reply.t_first_end - self._t0, reply.t_end - self._t0, job.t_sent - self._t0)
+
+
+def placed_engine(x: LLMPlacement, unit: Unit, spec: ModelSpec, prefill_tokens: int, models: Path,
+                  real: str | Path | None = None, max_model_len: int | None = None) -> EngineConfig:
+    """The vLLM engine a placed LLM's worker runs: its batch limit, the unit's KV pool, the batching
+    policy's token budget (`prefill_tokens`); the model's weights from `real`, or random ones written
+    under `models`. A replay of a run's jobs (`experiments.job_replay`) builds its workers with this too."""
+    folder = real or write_model_dir(spec, models)
+    return engine_config(spec, folder, max_batch=x.max_batch, pool_blocks=unit.kv_blocks,
+                         chunk_blocks=blocks_per_chunk(spec), prefill_tokens=prefill_tokens,
+                         dummy=real is None, max_model_len=max_model_len)
 
 
 def run(workload: Workload, placement: Placement, policy: BatchingPolicy, specs: dict[str, ModelSpec],

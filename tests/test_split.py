@@ -360,12 +360,12 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
     from experiments.job_replay import logged_run, replay, summary
 
     logged = logged_run(tmp_path / "out", level=1, repeat=0)
-    assert len(logged.prefills) == int(((jobs["executor"] == "hw") & (jobs["level"] == 1) & (jobs["repeat"] == 0)
+    assert len(logged.jobs) == int(((jobs["executor"] == "hw") & (jobs["level"] == 1) & (jobs["repeat"] == 0)
                                         & (jobs["phase"] == "prefill")).sum()) > 0
-    assert all(sum(x.lengths) == x.admitted_context and len(x.lengths) == x.admitted for x in logged.prefills.itertuples())
+    assert all(sum(x.lengths) == x.admitted_context and len(x.lengths) == x.admitted for x in logged.jobs.itertuples())
     replays = {c: replay(logged, c) for c in ("back-to-back", "with-decodes")}
     for jobs_replayed in replays.values():
-        assert list(jobs_replayed["start_s"]) == list(logged.prefills["start_s"])
+        assert list(jobs_replayed["start_s"]) == list(logged.jobs["start_s"])
         assert (jobs_replayed["measured_s"] > 0).all() and (jobs_replayed["charged_s"] >= jobs_replayed["profiled_s"]).all()
         assert (jobs_replayed["sent_s"].diff().dropna() > 0).all()  # one after another, as the worker takes them
     assert len(replays["with-decodes"].attrs["decode_spans"]) == len(logged.decodes) > 0
@@ -373,6 +373,10 @@ def test_validate_runs_muxserve_in_split_mode_against_the_simulator(tmp_path: Pa
     assert (back_to_back["sent_s"].iloc[1:].to_numpy() >= back_to_back["ended_s"].iloc[:-1].to_numpy()).all()
     table = summary(replays, logged)
     assert set(table.index.get_level_values("condition")) == {"the run (logged)", "back-to-back", "with-decodes"}
+    assert set(table.index.get_level_values("jobs")) == {"admitting"}
+    assert (table["charged ÷ profile"] >= 1).all()  # the run itself too, charged from its logged timeline
+    with pytest.raises(ConfigError, match="a split-mode run replays under"):
+        replay(logged, "bogus")
     with pytest.raises(ConfigError, match="no hardware run at level 5"):
         logged_run(tmp_path / "out", level=5, repeat=0)
 
