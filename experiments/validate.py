@@ -90,6 +90,7 @@ from hwloop.profiler import (
     PREFILL_OFFSETS,
     Grid,
     ProfileError,
+    ProfileWorkers,
     host_info,
     profile,
     read_profile,
@@ -268,7 +269,7 @@ def build_setup(cfg: DictConfig) -> Setup:
     return Setup(systems, cores, cluster, {s.name: s for s in specs}, workload, grid, absolute(p.dir),
                  bool(p.reuse), dict(OmegaConf.to_container(cfg.batching, resolve=True) or {}),  # type: ignore[arg-type]
                  scales, targets, bool(cfg.report.progress), mode, _pool_blocks(cfg), _sweep(cfg),
-                 recheck=_recheck(p, mode), max_age_s=_max_age_s(p), terms=_terms(p) if device == "cpu" else (),
+                 recheck=_recheck(p), max_age_s=_max_age_s(p), terms=_terms(p) if device == "cpu" else (),
                  trace=trace, device=device, partition=partition)
 
 
@@ -317,13 +318,13 @@ def _max_age_s(p: DictConfig) -> float:
 RECHECKS = ("each_repeat", "ends", "off")
 
 
-def _recheck(p: DictConfig, mode: str) -> str:
-    """`profile.recheck`: one of RECHECKS, or auto (the default, also `true`): each_repeat in split
-    mode, where a recheck takes about 12 s on 2 cores, ends in mixed mode, where it takes about 50 s
-    (it starts vLLM engines); `false` is off."""
+def _recheck(p: DictConfig) -> str:
+    """`profile.recheck`: one of RECHECKS, or auto (the default, also `true`): each_repeat (the
+    recheck workers stay up for the run, so a check costs its cells, not engines' start-ups); `false`
+    is off."""
     value = p.get("recheck", "auto")
     if value is True or value == "auto":
-        return "each_repeat" if mode == "split" else "ends"
+        return "each_repeat"
     if value is False:
         return "off"
     if value not in RECHECKS:
@@ -554,19 +555,21 @@ def profile_noise(path: Path, spread: float = NOISY_SPREAD) -> dict[str, Any]:
             "load_average": p.meta.get("load_average"), "date": p.meta.get("date")}
 
 
-def recheck(s: Setup, known: pd.DataFrame, work: Path) -> pd.DataFrame:
-    """A few of the profile's cells timed again now (the smallest batch and one near the middle, at
-    the middle sequence length, both phases, every core count): `model, sm_pct, phase, batch,
-    seq_len, profile_ms, now_ms`. Run at the start and at the end of a validation, they say how far
-    the step times the simulator is given moved while it was judged."""
+def recheck_grid(s: Setup) -> Grid:
+    """The profile's cells a validation times again (`Yardstick`): the smallest batch and one near
+    the middle, at the middle sequence length, both phases, every core count."""
     b = s.grid.batches
-    grid = replace(s.grid, batches=tuple(sorted({b[0], b[(len(b) - 1) // 2]})),
+    return replace(s.grid, batches=tuple(sorted({b[0], b[(len(b) - 1) // 2]})),
                    seq_lens=(s.grid.seq_lens[len(s.grid.seq_lens) // 2],))
-    parts = []
-    for spec in s.specs.values():
-        now = profile(spec, grid, work_dir=work, backend=s.backend, **s.profile_args()).table
-        parts.append(now.rename(columns={"latency_ms": "now_ms"})[[*CELL_KEYS, "now_ms"]])
-    checked = pd.concat(parts, ignore_index=True)
+
+
+def recheck(timers: Sequence[ProfileWorkers], known: pd.DataFrame) -> pd.DataFrame:
+    """The recheck grid timed again now on every model's workers: `model, sm_pct, phase, batch,
+    seq_len, profile_ms, now_ms`. Taken at the start and at the end of a validation (and between
+    its repeats), they say how far the step times the simulator is given moved while it was judged."""
+    parts = [t.measure().table for t in timers]
+    checked = pd.concat([p.rename(columns={"latency_ms": "now_ms"})[[*CELL_KEYS, "now_ms"]] for p in parts],
+                        ignore_index=True)
     known = known.rename(columns={"latency_ms": "profile_ms"})[[*CELL_KEYS, "profile_ms"]]
     return checked.merge(known, on=list(CELL_KEYS), how="left")
 
@@ -601,12 +604,26 @@ class Yardstick:
     work: Path
     checks: list[pd.DataFrame] = field(default_factory=list)
     _stale: bool = True  # a hardware run since the last check
+    # Per model, the recheck grid's workers, started at the first check and kept (idle between
+    # checks) until `close`: a check then costs its cells, not engines' start-ups.
+    _timers: list[ProfileWorkers] = field(default_factory=list)
+    _open: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
 
     def check(self) -> int:
         """Time the cells now; the index of this check."""
-        self.checks.append(recheck(self.s, self.profile, self.work))
+        if not self._timers:
+            grid = recheck_grid(self.s)
+            for spec in self.s.specs.values():
+                self._timers.append(self._open.enter_context(ProfileWorkers(
+                    spec, grid, work_dir=self.work / spec.name, backend=self.s.backend, **self.s.profile_args())))
+        self.checks.append(recheck(self._timers, self.profile))
         self._stale = False
         return len(self.checks) - 1
+
+    def close(self) -> None:
+        """Stop the recheck workers."""
+        self._timers.clear()
+        self._open.close()
 
     def before_run(self) -> int | None:
         """The check a hardware repeat starts after (taken now unless no run came since the last one);
@@ -1264,25 +1281,14 @@ def validate(cfg: DictConfig, out: Path) -> Validation:
         return _validate(replace(s, mps=daemon), cfg, out, readme)
 
 
-def _check_gpu() -> None:
-    """device=cuda: a GPU this process sees (checked once any MPS daemon is its server)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError("device=cuda: no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES, driver)")
-
-
-def _validate(s: Setup, cfg: DictConfig, out: Path, readme: Path | None) -> Validation:
-    if s.device == "cuda":
-        _check_gpu()
-    table, paths = profiled_cost(s, out)
-    terms = runner_terms(s, paths, out)
-    keep_profiles(paths, out / "profiles")
-    yardstick = Yardstick(s, profile_frame(paths), out / "recheck") if s.recheck != "off" else None
+def sweep(s: Setup, table: TableCostModel, terms: RunnerTerms | None, sat: dict[str, float], out: Path,
+          yardstick: Yardstick | None) -> tuple[list[Comparison], KeyboardInterrupt | None, str, dict[str, Any] | None]:
+    """Every level (fractions of each system's saturation point, `sat`) and system simulated, then
+    run on the engines repeat by repeat, the profile's cells rechecked around them: the comparisons,
+    the interrupt that cut the runs short (if any) and which runs finished, and how far the
+    yardstick moved (None without rechecks)."""
     if yardstick is not None:
         yardstick.check()
-    sat = {system: saturation(system, s, table, terms) for system in s.systems}
-    log.info("saturation predicted by the simulator (req/s): %s", sat)
     comparisons = []
     for level, fraction in enumerate(s.sweep.fractions()):
         for system in s.systems:
@@ -1314,6 +1320,31 @@ def _validate(s: Setup, cfg: DictConfig, out: Path, readme: Path | None) -> Vali
         drift = profile_drift(yardstick.checks[0], yardstick.checks[-1], s.targets["p50"])
         if terms is not None:
             drift["terms"] = terms_drift(s, table, comparisons, out / "terms_end")
+    return comparisons, interrupted, partial, drift
+
+
+def _check_gpu() -> None:
+    """device=cuda: a GPU this process sees (checked once any MPS daemon is its server)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError("device=cuda: no CUDA device is visible to this process (CUDA_VISIBLE_DEVICES, driver)")
+
+
+def _validate(s: Setup, cfg: DictConfig, out: Path, readme: Path | None) -> Validation:
+    if s.device == "cuda":
+        _check_gpu()
+    table, paths = profiled_cost(s, out)
+    terms = runner_terms(s, paths, out)
+    keep_profiles(paths, out / "profiles")
+    sat = {system: saturation(system, s, table, terms) for system in s.systems}
+    log.info("saturation predicted by the simulator (req/s): %s", sat)
+    yardstick = Yardstick(s, profile_frame(paths), out / "recheck") if s.recheck != "off" else None
+    try:
+        comparisons, interrupted, partial, drift = sweep(s, table, terms, sat, out, yardstick)
+    finally:
+        if yardstick is not None:
+            yardstick.close()
     rows = summarise(comparisons, s, table, profile_probe_ms(paths))
     plot = load_plot(rows, s, out / "validate_load.png") if cfg.report.plot else None
     v = Validation(rows, comparisons, s, paths, plot, out, sat, drift, terms, interrupted, partial)

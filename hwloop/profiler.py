@@ -241,73 +241,129 @@ def profile(spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str
     `backend`: "vllm", "torch" or "torch-paged" (the split workers' path); `partition` (CUDA only): "mps", "green" (torch only) or "none".
     `mps`: a running MPS daemon to use, stopped by its owner; without one, "mps" starts its own.
     """
-    if backend not in STEP_TIMING:
-        raise ProfileError(f"unknown engine {backend!r} ({' | '.join(STEP_TIMING)})")
-    if backend.startswith("torch") and not dummy:
-        raise ProfileError("the torch engine runs random weights only (dummy=True)")
-    if device == "cuda" and partition == "green" and not backend.startswith("torch"):
-        raise ProfileError("green-context shares need the torch engine")
-    if device == "cuda" and partition == "none" and set(grid.sm_pcts) != {100}:
-        raise ProfileError(f"without a partition every worker has the whole GPU: measure sm_pcts=[100], "
-                           f"not {list(grid.sm_pcts)}")
-    cores = tuple(cores or available_cores())
-    with tempfile.TemporaryDirectory(prefix="muxsim-profile-") as tmp:
-        work = Path(work_dir or tmp)
-        folder = Path(model_dir) if model_dir else write_model_dir(spec, work / "models")
-        cfg = profile_engine_config(spec, folder, grid, dummy=dummy or model_dir is None)
-        groups = share_groups(grid.sm_pcts, device, len(cores))
-        own_mps = MPSDaemon(work / "mps") if device == "cuda" and partition == "mps" and mps is None else None
-        mps = mps or own_mps
-        rows: list[tuple[Any, ...]] = []
-        versions: dict[str, str] = {}
-        retimed = 0
-        speed = SpeedMonitor(cores)  # how fast the machine ran while measured (hwloop.speed)
+    with ProfileWorkers(spec, grid, device=device, backend=backend, partition=partition, cores=cores, gpus=gpus,
+                        mps=mps, model_dir=model_dir, dummy=dummy, work_dir=work_dir,
+                        startup_timeout_s=startup_timeout_s, cell_timeout_s=cell_timeout_s,
+                        progress=progress) as workers:
+        return workers.measure(keep=False)
+
+
+class ProfileWorkers:
+    """`profile`'s workers for one model and grid, one per share group, each started the first time
+    `measure` needs it and kept until `close`: `measure` times the grid again on the same engines as
+    often as asked. A validation times a few cells between its hardware runs this way
+    (`experiments.validate.Yardstick`) without a worker's start-up each time (a vLLM engine's: about
+    10 s on 2 cores); between calls the workers wait on their pipes, using no CPU. Arguments as
+    `profile`'s."""
+
+    def __init__(self, spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str = "vllm",
+                 partition: Partition = "mps", cores: Sequence[int] | None = None,
+                 gpus: Sequence[int] = (0,), mps: MPSDaemon | None = None, model_dir: str | Path | None = None,
+                 dummy: bool = True, work_dir: str | Path | None = None,
+                 startup_timeout_s: float = 600.0, cell_timeout_s: float = 600.0,
+                 progress: Callable[[str], None] | None = None) -> None:
+        if backend not in STEP_TIMING:
+            raise ProfileError(f"unknown engine {backend!r} ({' | '.join(STEP_TIMING)})")
+        if backend.startswith("torch") and not dummy:
+            raise ProfileError("the torch engine runs random weights only (dummy=True)")
+        if device == "cuda" and partition == "green" and not backend.startswith("torch"):
+            raise ProfileError("green-context shares need the torch engine")
+        if device == "cuda" and partition == "none" and set(grid.sm_pcts) != {100}:
+            raise ProfileError(f"without a partition every worker has the whole GPU: measure sm_pcts=[100], "
+                               f"not {list(grid.sm_pcts)}")
+        self.spec, self.grid, self.device, self.backend, self.partition = spec, grid, device, backend, partition
+        self.cores, self.gpus = tuple(cores or available_cores()), tuple(gpus)
+        self.startup_timeout_s, self.cell_timeout_s, self.progress = startup_timeout_s, cell_timeout_s, progress
+        self._tmp = tempfile.TemporaryDirectory(prefix="muxsim-profile-") if work_dir is None else None
+        self.work = Path(work_dir or self._tmp.name)  # type: ignore[union-attr]
+        folder = Path(model_dir) if model_dir else write_model_dir(spec, self.work / "models")
+        self.cfg = profile_engine_config(spec, folder, grid, dummy=dummy or model_dir is None)
+        self.groups = share_groups(grid.sm_pcts, device, len(self.cores))
+        self._own_mps = MPSDaemon(self.work / "mps") if device == "cuda" and partition == "mps" and mps is None else None
+        self.mps = mps or self._own_mps
+        self._workers: dict[int, WorkerHandle] = {}
+        self.versions: dict[str, str] = {}
+
+    def __enter__(self) -> ProfileWorkers:
+        if self._own_mps:
+            self._own_mps.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop every worker (and an MPS daemon of our own)."""
         try:
-            if own_mps:
-                own_mps.start()
-            with speed:
-                for key, pcts in groups.items():
-                    if device == "cpu":
-                        mine = cores[:key]
-                        wspec = WorkerSpec(f"profile-{key}cores", cfg, mine, cpu_env(mine), backend, device, warm_shapes=False)
-                    else:
-                        wspec = WorkerSpec(f"profile-{key}pct", cfg, (), gpu_env(key, gpus, partition, mps), backend,
-                                           device, warm_shapes=False)
-                    samples, versions, again = _measure(wspec, grid, work, startup_timeout_s, cell_timeout_s,
-                                                        progress)
-                    retimed += again
-                    for pct in pcts:
-                        rows += [(spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
+            for worker in self._workers.values():
+                worker.stop()
+            self._workers.clear()
         finally:
-            if own_mps:
-                own_mps.stop()
-    table = pd.DataFrame(rows, columns=list(PROFILE_COLUMNS))
-    meta = {
-        "kind": "measured",
-        "engine": backend,
-        "device": device,
-        "partition": "cores" if device == "cpu" else partition,
-        "host": host_info(),
-        "cores_used": list(cores),
-        "share_groups": {str(k): v for k, v in groups.items()},
-        "share_unit": "cores" if device == "cpu" else f"{partition}_pct",
-        "versions": versions,
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "model_spec": asdict(spec),
-        "grid": asdict(grid),
-        "engine_config": cfg.to_dict(),
-        "decode_context": "timed decode steps are consecutive: contexts seq_len - repeats//2 .. + repeats",
-        "prefill_lengths": (f"timed repeats at seq_len + {list(PREFILL_OFFSETS)} (cycled), each length run once "
-                            "untimed just before" if backend != "vllm" else "timed repeats at seq_len"),
-        "step_timing": STEP_TIMING[backend],
-        "latency_ms": f"median of the timed repeats; a cell whose repeats spread by more than {NOISY_SPREAD:.0%} "
-                      "is timed again at the end of its share group, the quieter timing kept",
-        "retimed_cells": retimed,
-        "load_average": list(os.getloadavg()),
-        "speed_probe_ms": speed.summary(),
-    }
-    return ProfileResult(table, meta)
+            if self._own_mps:
+                self._own_mps.stop()
+            if self._tmp is not None:
+                self._tmp.cleanup()
+
+    def _worker(self, key: int) -> WorkerHandle:
+        """The worker of a share group (`key`: its cores on CPU, its percentage on a GPU), started now
+        if it is not yet."""
+        if key not in self._workers:
+            if self.device == "cpu":
+                mine = self.cores[:key]
+                wspec = WorkerSpec(f"profile-{key}cores", self.cfg, mine, cpu_env(mine), self.backend, self.device,
+                                   warm_shapes=False)
+            else:
+                wspec = WorkerSpec(f"profile-{key}pct", self.cfg, (), gpu_env(key, self.gpus, self.partition, self.mps),
+                                   self.backend, self.device, warm_shapes=False)
+            worker = WorkerHandle(wspec, self.work / "logs" / f"{wspec.name}.log")
+            self._workers[key] = worker
+            (ready,) = start_workers([worker], self.startup_timeout_s)
+            self.versions = ready.versions
+        return self._workers[key]
+
+    def measure(self, keep: bool = True) -> ProfileResult:
+        """Every cell of the grid, one share group at a time, the machine's speed probed meanwhile.
+        `keep=False`: stop each group's worker once its cells are timed (one at a time on the cores)."""
+        rows: list[tuple[Any, ...]] = []
+        retimed = 0
+        speed = SpeedMonitor(self.cores)  # how fast the machine ran while measured (hwloop.speed)
+        with speed:
+            for key, pcts in self.groups.items():
+                samples, again = _time_grid(self._worker(key), self.grid, self.cell_timeout_s, self.progress)
+                if not keep:
+                    self._workers.pop(key).stop()
+                retimed += again
+                for pct in pcts:
+                    rows += [(self.spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
+        return ProfileResult(pd.DataFrame(rows, columns=list(PROFILE_COLUMNS)), self._meta(retimed, speed))
+
+    def _meta(self, retimed: int, speed: SpeedMonitor) -> dict[str, Any]:
+        backend = self.backend
+        return {
+            "kind": "measured",
+            "engine": backend,
+            "device": self.device,
+            "partition": "cores" if self.device == "cpu" else self.partition,
+            "host": host_info(),
+            "cores_used": list(self.cores),
+            "share_groups": {str(k): v for k, v in self.groups.items()},
+            "share_unit": "cores" if self.device == "cpu" else f"{self.partition}_pct",
+            "versions": self.versions,
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "command": shlex.join([sys.executable, *sys.argv]),
+            "model_spec": asdict(self.spec),
+            "grid": asdict(self.grid),
+            "engine_config": self.cfg.to_dict(),
+            "decode_context": "timed decode steps are consecutive: contexts seq_len - repeats//2 .. + repeats",
+            "prefill_lengths": (f"timed repeats at seq_len + {list(PREFILL_OFFSETS)} (cycled), each length run once "
+                                "untimed just before" if backend != "vllm" else "timed repeats at seq_len"),
+            "step_timing": STEP_TIMING[backend],
+            "latency_ms": f"median of the timed repeats; a cell whose repeats spread by more than {NOISY_SPREAD:.0%} "
+                          "is timed again at the end of its share group, the quieter timing kept",
+            "retimed_cells": retimed,
+            "load_average": list(os.getloadavg()),
+            "speed_probe_ms": speed.summary(),
+        }
 
 
 # A cell whose repeats spread by more than this (their std over their median) was disturbed while it
@@ -328,31 +384,26 @@ def quieter(first: Sequence[float], again: Sequence[float]) -> Sequence[float]:
     return again if spread(again) < spread(first) else first
 
 
-def _measure(wspec: WorkerSpec, grid: Grid, work: Path, startup_timeout_s: float, cell_timeout_s: float,
-             progress: Callable[[str], None] | None
-             ) -> tuple[list[tuple[ProfileCmd, tuple[float, ...]]], dict[str, str], int]:
-    """Every cell of the grid on one worker, then the noisy ones (`NOISY_SPREAD`) once more, the
-    quieter timing kept: the samples per cell, the worker's versions, and how many were timed again."""
-    worker = WorkerHandle(wspec, work / "logs" / f"{wspec.name}.log")
+def _time_grid(worker: WorkerHandle, grid: Grid, cell_timeout_s: float, progress: Callable[[str], None] | None
+               ) -> tuple[list[tuple[ProfileCmd, tuple[float, ...]]], int]:
+    """Every cell of the grid on one started worker, then the noisy ones (`NOISY_SPREAD`) once more,
+    the quieter timing kept: the samples per cell, and how many were timed again."""
+    name = worker.spec.name
 
     def timed(cell: ProfileCmd) -> tuple[float, ...]:
         worker.send(cell)
         done: ProfileDone = worker.recv(cell_timeout_s, what=f"{cell.phase} b={cell.batch} s={cell.seq_len}")
         if progress:
-            progress(f"{wspec.name} {cell.phase} batch={cell.batch} seq={cell.seq_len}: "
+            progress(f"{name} {cell.phase} batch={cell.batch} seq={cell.seq_len}: "
                      f"{1e3 * float(np.mean(done.samples_s)):.2f} ms")
         return done.samples_s
 
-    try:
-        (ready,) = start_workers([worker], startup_timeout_s)
-        out = [(cell, timed(cell)) for cell in grid.cells()]
-        noisy = [i for i, (_, samples) in enumerate(out) if spread(samples) > NOISY_SPREAD]
-        for i in noisy:
-            cell, samples = out[i]
-            out[i] = (cell, tuple(quieter(samples, timed(cell))))
-        return out, ready.versions, len(noisy)
-    finally:
-        worker.stop()
+    out = [(cell, timed(cell)) for cell in grid.cells()]
+    noisy = [i for i, (_, samples) in enumerate(out) if spread(samples) > NOISY_SPREAD]
+    for i in noisy:
+        cell, samples = out[i]
+        out[i] = (cell, tuple(quieter(samples, timed(cell))))
+    return out, len(noisy)
 
 
 def _stats(samples: Sequence[float]) -> tuple[float, float, int, float, float]:

@@ -146,6 +146,25 @@ def test_profile_command_with_the_torch_engine(tmp_path: Path) -> None:
     assert '"engine": "torch"' in meta and '"torch":' in meta
 
 
+def test_profile_workers_time_the_grid_again_on_the_same_processes(tmp_path: Path) -> None:
+    """`ProfileWorkers` (a validation's rechecks): the first `measure` starts one worker per share
+    group, later ones reuse them (same processes, same cells), and `close` stops every one."""
+    from hwloop.profiler import ProfileWorkers
+
+    spec = ModelSpec("tiny-llama", 2, 64, 4, 4, 172, 1024)
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    grid = Grid(batches=(1, 2), seq_lens=(16,), sm_pcts=(50, 100) if len(cores) == 2 else (100,), warmup=1, repeats=2)
+    with ProfileWorkers(spec, grid, backend="torch", cores=cores, work_dir=tmp_path) as workers:
+        first = workers.measure().table
+        procs = [w.proc for w in workers._workers.values()]
+        assert len(procs) == len(cores) and all(p is not None and p.poll() is None for p in procs)
+        again = workers.measure().table
+        assert [w.proc for w in workers._workers.values()] == procs
+        keys = ["sm_pct", "phase", "batch", "seq_len"]
+        assert first[keys].equals(again[keys]) and (again["latency_ms"] > 0).all()
+    assert all(p.poll() is not None for p in procs) and not workers._workers
+
+
 def test_a_prefill_cell_times_lengths_around_its_own_each_once_built(engine: TorchEngine) -> None:
     """Served prompts are rarely a multiple of 16 tokens, where the CPU kernels' row blocks fit
     exactly: a prefill cell's timed repeats run at odd offsets around its length (centred on it),
