@@ -604,7 +604,7 @@ class Yardstick:
     work: Path
     checks: list[pd.DataFrame] = field(default_factory=list)
     _stale: bool = True  # a hardware run since the last check
-    # Per model, the recheck grid's workers, started at the first check and kept (idle between
+    # Per model, the recheck grid's workers, started at the first check and kept (paused between
     # checks) until `close`: a check then costs its cells, not engines' start-ups.
     _timers: list[ProfileWorkers] = field(default_factory=list)
     _open: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)

@@ -253,8 +253,8 @@ class ProfileWorkers:
     `measure` needs it and kept until `close`: `measure` times the grid again on the same engines as
     often as asked. A validation times a few cells between its hardware runs this way
     (`experiments.validate.Yardstick`) without a worker's start-up each time (a vLLM engine's: about
-    10 s on 2 cores); between calls the workers wait on their pipes, using no CPU. Arguments as
-    `profile`'s."""
+    10 s on 2 cores); between calls the workers are paused (`WorkerProcess.pause`), so they take no
+    CPU from the engines being timed. Arguments as `profile`'s."""
 
     def __init__(self, spec: ModelSpec, grid: Grid, *, device: Device = "cpu", backend: str = "vllm",
                  partition: Partition = "mps", cores: Sequence[int] | None = None,
@@ -323,9 +323,12 @@ class ProfileWorkers:
 
     def measure(self, keep: bool = True) -> ProfileResult:
         """Every cell of the grid, one share group at a time, the machine's speed probed meanwhile.
-        `keep=False`: stop each group's worker once its cells are timed (one at a time on the cores)."""
+        `keep=False`: stop each group's worker once its cells are timed (one at a time on the cores);
+        else they are paused until the next call."""
         rows: list[tuple[Any, ...]] = []
         retimed = 0
+        for worker in self._workers.values():
+            worker.resume()
         speed = SpeedMonitor(self.cores)  # how fast the machine ran while measured (hwloop.speed)
         with speed:
             for key, pcts in self.groups.items():
@@ -335,6 +338,8 @@ class ProfileWorkers:
                 retimed += again
                 for pct in pcts:
                     rows += [(self.spec.name, 1, pct, c.batch, c.seq_len, c.phase, *_stats(s)) for c, s in samples]
+        for worker in self._workers.values():
+            worker.pause()
         return ProfileResult(pd.DataFrame(rows, columns=list(PROFILE_COLUMNS)), self._meta(retimed, speed))
 
     def _meta(self, retimed: int, speed: SpeedMonitor) -> dict[str, Any]:

@@ -148,7 +148,8 @@ def test_profile_command_with_the_torch_engine(tmp_path: Path) -> None:
 
 def test_profile_workers_time_the_grid_again_on_the_same_processes(tmp_path: Path) -> None:
     """`ProfileWorkers` (a validation's rechecks): the first `measure` starts one worker per share
-    group, later ones reuse them (same processes, same cells), and `close` stops every one."""
+    group, later ones reuse them (same processes, same cells), paused in between (SIGSTOP: no CPU
+    taken from the engines a validation times), and `close` stops every one, paused or not."""
     from hwloop.profiler import ProfileWorkers
 
     spec = ModelSpec("tiny-llama", 2, 64, 4, 4, 172, 1024)
@@ -158,6 +159,7 @@ def test_profile_workers_time_the_grid_again_on_the_same_processes(tmp_path: Pat
         first = workers.measure().table
         procs = [w.proc for w in workers._workers.values()]
         assert len(procs) == len(cores) and all(p is not None and p.poll() is None for p in procs)
+        assert all(Path(f"/proc/{p.pid}/stat").read_text().split(")")[1].split()[0] == "T" for p in procs)  # paused
         again = workers.measure().table
         assert [w.proc for w in workers._workers.values()] == procs
         keys = ["sm_pct", "phase", "batch", "seq_len"]
