@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,16 @@ def test_profile_command_with_the_torch_engine(tmp_path: Path) -> None:
     assert '"engine": "torch"' in meta and '"torch":' in meta
 
 
+def paused(pid: int, within_s: float = 5.0) -> bool:
+    """Is the process stopped (state T)? SIGSTOP is delivered asynchronously, so wait for it a little."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T":
+            return True
+        time.sleep(0.01)
+    return False
+
+
 def test_profile_workers_time_the_grid_again_on_the_same_processes(tmp_path: Path) -> None:
     """`ProfileWorkers` (a validation's rechecks): the first `measure` starts one worker per share
     group, later ones reuse them (same processes, same cells), paused in between (SIGSTOP: no CPU
@@ -159,7 +170,7 @@ def test_profile_workers_time_the_grid_again_on_the_same_processes(tmp_path: Pat
         first = workers.measure().table
         procs = [w.proc for w in workers._workers.values()]
         assert len(procs) == len(cores) and all(p is not None and p.poll() is None for p in procs)
-        assert all(Path(f"/proc/{p.pid}/stat").read_text().split(")")[1].split()[0] == "T" for p in procs)  # paused
+        assert all(paused(p.pid) for p in procs)
         again = workers.measure().table
         assert [w.proc for w in workers._workers.values()] == procs
         keys = ["sm_pct", "phase", "batch", "seq_len"]
