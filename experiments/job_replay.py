@@ -87,7 +87,7 @@ class Logged:
     # split mode, "<llm>" in mixed mode) and `profiled_s`; split: the prefill jobs, with `lengths`
     # (each prompt's tokens); mixed: every job, with `admits` (the `Admit`s of the requests it admitted).
     jobs: pd.DataFrame
-    decodes: pd.DataFrame  # split: its decode jobs in start order (replayed beside, `with-decodes`); mixed: none
+    decodes: pd.DataFrame  # split: its decode jobs in start order, with `worker` (replayed beside, `with-decodes`); mixed: none
     specs: dict[str, ModelSpec]  # by model name
     cores: dict[str, tuple[int, ...]]  # by worker: "<llm>/<phase>" (split) or "<llm>" (mixed)
     placement: Placement
@@ -124,6 +124,7 @@ def logged_run(run: Path, level: int, repeat: int) -> Logged:
                                for j in replayed.itertuples()]
         replayed["worker"] = replayed["llm"] + "/prefill"
         decodes = hw[hw["phase"] == "decode"].reset_index(drop=True)
+        decodes["worker"] = decodes["llm"] + "/decode"
     else:
         replayed = hw.assign(admits=_admits(hw, records, f"{run}: level {level}, repeat {repeat}"), worker=hw["llm"])
         decodes = hw.iloc[:0]
@@ -347,8 +348,8 @@ def summary(replays: dict[str, pd.DataFrame], logged: Logged) -> pd.DataFrame:
     summed profile, measured and charged, and the median of measured over charged, for jobs that
     admit prompts and (mixed mode) pure decodes, all and split by whether their worker had run the
     job's token count before (`seen`)."""
-    logged_busy = [(j.start_s, j.end_s, logged.cores[w]) for j, w in
-                   zip(_all_jobs(logged).itertuples(), _all_jobs(logged)["worker"], strict=True)]
+    every = pd.concat([logged.jobs, logged.decodes], ignore_index=True)  # every job the run logged, on its cores
+    logged_busy = [(j.start_s, j.end_s, logged.cores[j.worker]) for j in every.itertuples()]
     run = logged.jobs.assign(measured_s=logged.jobs["took_s"],
                              charged_s=charges(logged.jobs, logged, logged_busy, "start_s", "end_s"))
     rows = []
@@ -361,13 +362,6 @@ def summary(replays: dict[str, pd.DataFrame], logged: Logged) -> pd.DataFrame:
                              "charged ÷ profile": part["charged_s"].sum(min_count=1) / part["profiled_s"].sum(),
                              "measured ÷ charged (median)": float((part["measured_s"] / part["charged_s"]).median())})
     return pd.DataFrame(rows).set_index(["condition", "jobs", "seen"])
-
-
-def _all_jobs(logged: Logged) -> pd.DataFrame:
-    """Every job the run logged that worked on some cores: the replayed ones and (split) its decodes."""
-    if logged.decodes.empty:
-        return logged.jobs
-    return pd.concat([logged.jobs, logged.decodes.assign(worker=logged.decodes["llm"] + "/decode")], ignore_index=True)
 
 
 def main() -> None:
